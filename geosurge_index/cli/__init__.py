@@ -1,0 +1,84 @@
+"""The `geosurge` command line: one subcommand per stage.
+
+Each stage's flags live in its own module under `geosurge_index.cli`, which exposes
+`register(subparsers)` and optionally `register_bench(bench_subparsers)`. Those modules import
+heavy libraries (torch, faiss, ray) only inside their handlers, so `geosurge --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Order here is the order in `geosurge --help`.
+COMMAND_MODULES = [
+    "partition",
+    "model_info",
+    "train",
+    "export",
+    "search",
+    "locate",
+    "sql",
+    "evaluate",
+    "coverage",
+    "maps",
+    "serve",
+    "demo",
+]
+
+
+def _load(name: str):
+    try:
+        return importlib.import_module(f"geosurge_index.cli.{name}")
+    except ModuleNotFoundError as err:
+        if err.name == f"geosurge_index.cli.{name}":
+            return None  # stage not built yet
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="geosurge",
+        description="GeoSURGE geo-localization backend: partition the Earth into a 7-level S2 "
+        "hierarchy, train, export FAISS indexes, and geolocate images in bulk, in SQL or over HTTP.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    bench = sub.add_parser(
+        "bench",
+        help="measure speed and memory of a stage (prints the machine and the method)",
+        description="Benchmarks. Each prints the machine, the method and the figures.",
+    )
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK")
+    for name in COMMAND_MODULES:
+        module = _load(name)
+        if module is None:
+            continue
+        module.register(sub)
+        if hasattr(module, "register_bench"):
+            module.register_bench(bench_sub)
+    bench.set_defaults(func=lambda args: bench.print_help() or 2)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except UserError as err:  # bad input: a clear message, no traceback
+        print(f"geosurge {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return int(code or 0)
+
+
+from geosurge_index.errors import UserError  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
