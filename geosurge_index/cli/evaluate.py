@@ -1,0 +1,74 @@
+"""`geosurge eval PRED_DIR --truth FILE [--index INDEX_DIR]`: accuracy of predictions against a benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DESCRIPTION = """\
+Score predictions against a ground truth: % of images within 1 / 25 / 200 / 750 / 2500 km
+(street / city / region / country / continent) of the true point by great-circle distance
+(haversine, R = 6371.0088 km), the median error, the mean GeoGuessr score
+(5000 * exp(-km / 1492.7) per image), and with --index the % of images whose predicted cell is
+the cell holding the true point, per level.
+
+Predictions join the truth on id: exactly, else when the prediction's id or path ends with the
+truth id as whole path components (photos/123.jpg matches 123.jpg), with or without extension.
+Truth images without a prediction row and error rows count as wrong (score 0), unless
+--skip-missing leaves the former out.
+
+Truth files: any CSV/Parquet with an id column (id, IMG_ID, name, ...) and lat/lon columns
+(LAT/lat/latitude, LON/lon/lng/longitude), e.g. the benchmark files: Im2GPS3k and YFCC26k
+(IMG_ID, ..., LAT, LON), YFCC4k (name, ..., lon, lat).
+
+Example:
+  geosurge eval preds/ --truth im2gps3k_places365.csv --index index/ --json im2gps3k.json
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="accuracy at 1/25/200/750/2500 km, median error, GeoGuessr score, per-level cell accuracy",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("pred_dir", metavar="PRED_DIR", help="folder of prediction shards (`geosurge locate --out`)")
+    p.add_argument("--truth", required=True, metavar="FILE", help="ground-truth CSV/Parquet (id, lat, lon)")
+    p.add_argument("--index", metavar="INDEX_DIR", default=None,
+                   help="the index the predictions came from: adds per-level cell accuracy (default: none)")
+    p.add_argument("--id-column", default=None, help="the truth file's id column (default: found by name)")
+    p.add_argument("--lat-column", default=None, help="the truth file's latitude column (default: found by name)")
+    p.add_argument("--lon-column", default=None, help="the truth file's longitude column (default: found by name)")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="leave out truth rows with invalid coordinates instead of refusing the file")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="leave truth images without a prediction row out of the denominator "
+                        "(default: they count as wrong)")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the figures as JSON to FILE")
+    p.set_defaults(func=run_eval)
+
+
+def format_rows(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from geosurge_index.benchmarks import read_truth
+    from geosurge_index.metrics import evaluate_predictions
+
+    truth = read_truth(args.truth, id_column=args.id_column, lat_column=args.lat_column,
+                       lon_column=args.lon_column, skip_invalid=args.skip_invalid)
+    report = evaluate_predictions(args.pred_dir, truth, args.index, skip_missing=args.skip_missing)
+    print(f"predictions {args.pred_dir} against {args.truth}"
+          + (f" ({truth.n_skipped_invalid} invalid truth rows skipped)" if truth.n_skipped_invalid else ""))
+    print(format_rows(report.rows()))
+    if args.json:
+        out = {"predictions": str(args.pred_dir), "truth": str(args.truth),
+               "index": str(args.index) if args.index else None, **report.to_dict()}
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"geosurge eval: wrote {args.json}", file=sys.stderr)
+    return 0

@@ -1,0 +1,82 @@
+"""`geosurge model-info [RECIPE | --preset full|tiny]`: parameter counts without any weights."""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """\
+Print the parameter counts (total and trainable, per part) of a model configuration: the
+paper's full-size set-up, the tiny test model, or a recipe's [model]. The model is built on
+PyTorch's meta device from configs only, so nothing is downloaded and no memory is used for
+weights. Geographic tables are sized from a partition (--cells, or the recipe's [data] cells)
+or, without one, from --cells-per-level.
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "model-info", help="parameter counts of a model config (meta device, no downloads)",
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", nargs="?", metavar="RECIPE.toml", help="a training recipe (its [model] section)")
+    p.add_argument("--preset", choices=["full", "tiny"], default=None,
+                   help="a built-in config instead of a recipe (default: full when no recipe is given)")
+    p.add_argument("--cells", metavar="CELLS_DIR", default=None,
+                   help="size the geographic tables from this partition (default: the recipe's, if any)")
+    p.add_argument("--cells-per-level", default="3298,7202,12893,16000,19000,21000,23000",
+                   help="comma-separated cells per level when no partition is given (default: MP-16-like "
+                        "%(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import json
+
+    import torch
+
+    from geosurge_index.errors import UserError
+    from geosurge_index.model.config import PRESETS
+    from geosurge_index.model.geosurge import GeoSurgeModel, parameter_report
+
+    cells_dir = args.cells
+    if args.recipe:
+        from geosurge_index.train import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        config = recipe.model
+        if not cells_dir and recipe.data.cells:
+            from pathlib import Path
+
+            if Path(recipe.data.cells, "partition.json").is_file():
+                cells_dir = recipe.data.cells
+            else:
+                print(f"(the recipe's partition {recipe.data.cells} is not there: using --cells-per-level)")
+        name = args.recipe
+    else:
+        name = args.preset or "full"
+        config = PRESETS[name]()
+    if cells_dir:
+        from geosurge_index.cells import read_cells
+
+        sizes = [len(lc) for lc in read_cells(cells_dir).levels]
+    else:
+        try:
+            sizes = [int(v) for v in args.cells_per_level.split(",")]
+        except ValueError as err:
+            raise UserError(f"--cells-per-level {args.cells_per_level!r}: expected comma-separated integers") from err
+    with torch.device("meta"):
+        model = GeoSurgeModel(config, sizes, weights=False)
+    rows = parameter_report(model)
+    info = {"config": name, "image_size": config.image_size, "embed_dim": config.embed_dim,
+            "fusion": config.fusion.enabled, "cells_per_level": sizes,
+            "parts": [{"part": p, "total": t, "trainable": tr} for p, t, tr in rows]}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model {name}: image {config.image_size}px, embedding {config.embed_dim}-d, "
+          f"fusion {'on (' + str(config.fusion.blocks) + ' blocks)' if config.fusion.enabled else 'off'}, "
+          f"segmenter {config.segmenter.kind}, cells per level {sizes}")
+    print(f"{'part':<40}{'total':>16}{'trainable':>16}")
+    for part, total, trainable in rows:
+        print(f"{part:<40}{total:>16,}{trainable:>16,}")
+    return 0

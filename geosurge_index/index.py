@@ -1,0 +1,541 @@
+"""The index directory (INDEX_DIR): export, open, verify.
+
+INDEX_DIR holds
+- `level_{1..L}.faiss`: one FAISS IndexFlatIP per level over the L2-normalised geocell
+  embeddings, row = cell_index (inner product = cosine);
+- `cells.duckdb`: table `cells` (the partition's cells.parquet columns + place names of each
+  cell's mean point: country_code, country_name, admin1, town, town_distance_km) and table
+  `levels` (level, tau_max, n_cells, temperature);
+- `encoder.safetensors` + `encoder.json`: the visual encoder (written by the model package), so
+  an index directory plus the backbone weights is all a query host needs;
+- `manifest.json`, written last: format and version, embedding dim, levels, sha256 and size of
+  every other file, library versions. A folder without it is an incomplete export.
+
+Opening checks the manifest: a missing file, a size or checksum mismatch, or a newer format
+version raise FormatError before FAISS or DuckDB touch the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from geosurge_index.errors import FormatError, UserError
+from geosurge_index.search import DEFAULT_BEAM, CellTree, SearchEngine, SearchResult, result_to_arrow
+
+INDEX_FORMAT = "geosurge-index"
+INDEX_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CELLS_DB = "cells.duckdb"
+ENCODER_FILES = ("encoder.safetensors", "encoder.json")
+
+# the cells.parquet contract (ARCHITECTURE.md, CELLS_DIR)
+CELL_COLUMNS = {
+    "level": pa.int8(),
+    "cell_index": pa.int32(),
+    "s2_id": pa.uint64(),
+    "s2_token": pa.string(),
+    "s2_level": pa.int8(),
+    "parent_index": pa.int32(),
+    "n_samples": pa.int64(),
+    "mean_lat": pa.float64(),
+    "mean_lon": pa.float64(),
+    "center_lat": pa.float64(),
+    "center_lon": pa.float64(),
+    "area_km2": pa.float64(),
+}
+_ADD_CHUNK = 65536  # rows normalised and added to FAISS at a time (bounds the temporary copy)
+
+
+def level_file(level: int) -> str:
+    return f"level_{level}.faiss"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import duckdb
+    import faiss
+
+    import geosurge_index
+
+    return {"geosurge_index": geosurge_index.__version__, "faiss": faiss.__version__,
+            "numpy": np.__version__, "duckdb": duckdb.__version__, "pyarrow": pa.__version__,
+            "python": platform.python_version()}
+
+
+# --- export --------------------------------------------------------------------------------------
+
+def _check_cells_table(cells: pa.Table, sizes: Sequence[int]) -> pa.Table:
+    missing = [c for c in CELL_COLUMNS if c not in cells.column_names]
+    if missing:
+        raise FormatError(f"cells table lacks columns {missing} (see ARCHITECTURE.md, cells.parquet)")
+    cells = cells.select(list(CELL_COLUMNS)).cast(pa.schema(CELL_COLUMNS))
+    cells = cells.sort_by([("level", "ascending"), ("cell_index", "ascending")])
+    level = cells["level"].to_numpy()
+    counts = np.bincount(level.astype(np.int64), minlength=len(sizes) + 1)
+    if level.min(initial=1) < 1 or counts.shape[0] > len(sizes) + 1:
+        raise FormatError(f"cells table has levels outside 1..{len(sizes)}")
+    if list(counts[1:]) != list(sizes):
+        raise FormatError(f"cells per level {list(counts[1:])} do not match the embedding tables {list(sizes)}")
+    idx = cells["cell_index"].to_numpy()
+    expected = np.concatenate([np.arange(s) for s in sizes]) if sizes else idx
+    if not np.array_equal(idx, expected):
+        raise FormatError("cell_index must be dense 0..n-1 within each level")
+    return cells
+
+
+def _write_faiss(table: np.ndarray, path: Path) -> None:
+    import faiss
+
+    n, d = table.shape
+    index = faiss.IndexFlatIP(d)
+    for a in range(0, n, _ADD_CHUNK):
+        chunk = np.asarray(table[a:a + _ADD_CHUNK], dtype=np.float32)
+        norms = np.linalg.norm(chunk, axis=1, keepdims=True)
+        if not np.all(np.isfinite(chunk)) or np.any(norms == 0):
+            raise UserError(f"{path.name}: embedding rows {a}..{a + len(chunk) - 1} contain a "
+                            "non-finite value or an all-zero row")
+        index.add(np.ascontiguousarray(chunk / norms))
+    faiss.write_index(index, str(path))
+
+
+def _write_cells_db(cells: pa.Table, levels: pa.Table, path: Path, place_names: bool) -> None:
+    import duckdb
+
+    if place_names:
+        from geosurge_index.placenames import reverse_geocode
+
+        names = reverse_geocode(cells["mean_lat"].to_numpy(zero_copy_only=False),
+                                cells["mean_lon"].to_numpy(zero_copy_only=False))
+        cells = (cells.append_column("country_code", pa.array(names.country_code, pa.string()))
+                 .append_column("country_name", pa.array(names.country_name, pa.string()))
+                 .append_column("admin1", pa.array(names.admin1, pa.string()))
+                 .append_column("town", pa.array(names.town, pa.string()))
+                 .append_column("town_distance_km",
+                                pa.array(names.town_distance_km, pa.float64(),
+                                         mask=np.isnan(names.town_distance_km))))
+    con = duckdb.connect(str(path))
+    try:
+        con.register("_cells", cells)
+        con.register("_levels", levels)
+        con.execute("CREATE TABLE cells AS SELECT * FROM _cells ORDER BY level, cell_index")
+        con.execute("CREATE TABLE levels AS SELECT * FROM _levels ORDER BY level")
+        con.unregister("_cells")
+        con.unregister("_levels")
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+
+
+def export_index(
+    geo_tables: Sequence[np.ndarray],
+    temperatures,
+    cells_table,
+    out_dir: str | os.PathLike,
+    *,
+    encoder_writer: Callable[[Path], None] | None = None,
+    tau_max: Sequence[int] | None = None,
+    source: str | None = None,
+    place_names: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Write INDEX_DIR from the per-level geocell embeddings.
+
+    geo_tables: L arrays (n_l, d) (row = cell_index; normalised here); temperatures: (L,);
+    cells_table: the partition's cells (a pyarrow Table in the cells.parquet schema, a
+    cells.parquet path, or a cells.CellsTable);
+    encoder_writer(out_dir): writes encoder.safetensors + encoder.json (None: an index without
+    an encoder, enough for `search` over stored embeddings); tau_max: per-level tau_max for the
+    `levels` table. Refuses a non-empty out_dir unless overwrite.
+    """
+    from geosurge_index.progress import bar
+
+    out = Path(out_dir)
+    levels = len(geo_tables)
+    if levels < 1:
+        raise UserError("no embedding tables to export")
+    dims = {int(np.shape(t)[1]) if np.ndim(t) == 2 else -1 for t in geo_tables}
+    if len(dims) != 1 or -1 in dims:
+        raise UserError(f"embedding tables must be 2-D with one width, got shapes "
+                        f"{[np.shape(t) for t in geo_tables]}")
+    dim = dims.pop()
+    temps = np.asarray(temperatures, dtype=np.float64).reshape(-1)
+    if temps.shape[0] != levels or not np.all(temps > 0):
+        raise UserError(f"need {levels} positive temperatures, got {temps.tolist()}")
+    if tau_max is not None and len(tau_max) != levels:
+        raise UserError(f"tau_max has {len(tau_max)} values for {levels} levels")
+    if isinstance(cells_table, (str, os.PathLike)):
+        import pyarrow.parquet as pq
+
+        cells_table = pq.read_table(cells_table)
+    elif not isinstance(cells_table, pa.Table):  # a cells.CellsTable
+        from geosurge_index.cells import cells_to_arrow
+
+        cells_table = cells_to_arrow(cells_table)
+    sizes = [int(np.shape(t)[0]) for t in geo_tables]
+    cells = _check_cells_table(cells_table, sizes)
+    # the tree must be valid (parents in range) before anything is written
+    lv_col = cells["level"].to_numpy()
+    parent_col = cells["parent_index"].fill_null(-1).to_numpy()
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    CellTree.from_parents([parent_col[bounds[i]:bounds[i + 1]] for i in range(levels)],
+                          [np.zeros(s) for s in sizes], [np.zeros(s) for s in sizes],
+                          [pa.nulls(s, pa.string()) for s in sizes])
+    del lv_col
+
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out} exists and is not empty (use --overwrite to replace its index)")
+        for name in [MANIFEST, CELLS_DB, CELLS_DB + ".wal", *ENCODER_FILES,
+                     *(p.name for p in out.glob("level_*.faiss"))]:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    files = []
+    for lv in bar(range(levels), desc="faiss indexes", unit="level"):
+        _write_faiss(geo_tables[lv], out / level_file(lv + 1))
+        files.append(level_file(lv + 1))
+    level_rows = pa.table({
+        "level": pa.array(np.arange(1, levels + 1), pa.int8()),
+        "tau_max": pa.array(list(tau_max) if tau_max is not None else [None] * levels, pa.int64()),
+        "n_cells": pa.array(sizes, pa.int64()),
+        "temperature": pa.array(temps, pa.float64()),
+    })
+    _write_cells_db(cells, level_rows, out / CELLS_DB, place_names)
+    files.append(CELLS_DB)
+    if encoder_writer is not None:
+        encoder_writer(out)
+        for name in ENCODER_FILES:
+            if not (out / name).is_file():
+                raise FormatError(f"the encoder writer did not write {name}")
+        files.extend(ENCODER_FILES)
+
+    manifest = {
+        "format": INDEX_FORMAT,
+        "format_version": INDEX_FORMAT_VERSION,
+        "dim": dim,
+        "metric": "inner_product",
+        "normalised": True,
+        "levels": [
+            {"level": lv + 1, "n_cells": sizes[lv], "file": level_file(lv + 1),
+             "temperature": float(temps[lv]),
+             "tau_max": int(tau_max[lv]) if tau_max is not None else None}
+            for lv in range(levels)
+        ],
+        "encoder": encoder_writer is not None,
+        "place_names": place_names,
+        "files": {name: {"sha256": _sha256(out / name), "bytes": (out / name).stat().st_size}
+                  for name in bar(files, desc="checksums", unit="file")},
+        "library_versions": library_versions(),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": source,
+    }
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out / MANIFEST)
+    return out
+
+
+def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                      overwrite: bool = False, place_names: bool = True) -> Path:
+    """Export a training checkpoint directory (ARCHITECTURE.md, Checkpoints) to INDEX_DIR."""
+    ckpt = Path(ckpt_dir)
+    if not ckpt.is_dir():
+        raise UserError(f"CHECKPOINT {ckpt} is not a folder")
+    for name in ("cells.parquet", "partition.json"):
+        if not (ckpt / name).is_file():
+            raise FormatError(f"checkpoint {ckpt} has no {name} (a checkpoint carries a copy of "
+                              "its partition)")
+    try:
+        from geosurge_index.model import load_checkpoint, read_geo_tables, save_encoder
+    except ImportError as err:  # the model package predates these functions
+        raise UserError(f"this install cannot read checkpoints: {err}") from err
+
+    tables, temps = read_geo_tables(ckpt)
+    partition = json.loads((ckpt / "partition.json").read_text())
+    # weights=False: frozen pretrained parts are named in encoder.json, not stored, so there is
+    # no need to load them (or to have them on the exporting host)
+    encoder = load_checkpoint(ckpt, weights=False).model.encoder
+    return export_index(
+        tables, temps, ckpt / "cells.parquet", out_dir,
+        encoder_writer=lambda d: save_encoder(encoder, d),
+        tau_max=partition.get("tau_max"), source=str(ckpt.resolve()),
+        place_names=place_names, overwrite=overwrite,
+    )
+
+
+# --- open / verify -------------------------------------------------------------------------------
+
+def read_manifest(index_dir: str | os.PathLike) -> dict:
+    """manifest.json, after checking the format name and version."""
+    d = Path(index_dir)
+    if not d.is_dir():
+        raise UserError(f"INDEX_DIR {d} is not a folder")
+    path = d / MANIFEST
+    if not path.is_file():
+        raise FormatError(f"{d} has no {MANIFEST}: not an index folder written by `geosurge export`, "
+                          "or an export that did not finish")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise FormatError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
+        raise FormatError(f"{path}: format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+                          f"expected {INDEX_FORMAT!r}")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise FormatError(f"{path}: bad format_version {version!r}")
+    if version > INDEX_FORMAT_VERSION:
+        raise FormatError(f"{d}: index format version {version} is newer than this geosurge-index "
+                          f"reads ({INDEX_FORMAT_VERSION}); upgrade geosurge-index")
+    for key in ("dim", "levels", "files"):
+        if key not in manifest:
+            raise FormatError(f"{path}: no {key!r}")
+    return manifest
+
+
+def verify_index(index_dir: str | os.PathLike, *, checksums: bool = True) -> dict:
+    """Check every file the manifest lists (presence, size, and sha256 unless checksums=False)."""
+    d = Path(index_dir)
+    manifest = read_manifest(d)
+    for name, meta in manifest["files"].items():
+        path = d / name
+        if not path.is_file():
+            raise FormatError(f"{d}: {name} is missing (listed in {MANIFEST})")
+        if path.stat().st_size != meta["bytes"]:
+            raise FormatError(f"{d}: {name} has {path.stat().st_size} bytes, the manifest says "
+                              f"{meta['bytes']}: truncated or replaced")
+        if checksums and _sha256(path) != meta["sha256"]:
+            raise FormatError(f"{d}: {name} does not match its sha256 in {MANIFEST}: corrupted or replaced")
+    for entry in manifest["levels"]:
+        if entry["file"] not in manifest["files"]:
+            raise FormatError(f"{d}: {entry['file']} is not covered by the manifest's checksums")
+    return manifest
+
+
+def read_tree(index_dir: str | os.PathLike, levels: int) -> CellTree:
+    """Load the `cells` table once into the engine's numpy tree."""
+    import duckdb
+
+    con = duckdb.connect(str(Path(index_dir) / CELLS_DB), read_only=True)
+    try:
+        t = con.sql("SELECT level, parent_index, mean_lat, mean_lon, s2_token FROM cells "
+                    "ORDER BY level, cell_index").to_arrow_table()
+    finally:
+        con.close()
+    level = t["level"].to_numpy()
+    bounds = np.searchsorted(level, np.arange(1, levels + 2))
+    parent = t["parent_index"].fill_null(-1).to_numpy()
+    lat = t["mean_lat"].to_numpy(zero_copy_only=False)
+    lon = t["mean_lon"].to_numpy(zero_copy_only=False)
+    tok = t["s2_token"].combine_chunks()
+    sl = [slice(bounds[i], bounds[i + 1]) for i in range(levels)]
+    return CellTree.from_parents([parent[s] for s in sl], [lat[s] for s in sl],
+                                 [lon[s] for s in sl], [tok[s.start:s.stop] for s in sl])
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r}: torch sees no CUDA device")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise UserError(f"device {device!r}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_backend(backend: str, device: str) -> str:
+    if backend == "auto":
+        return "faiss" if device == "cpu" or _faiss_gpus() > 0 else "torch"
+    if backend not in ("torch", "faiss"):
+        raise UserError(f"backend {backend!r}: expected auto, torch or faiss")
+    return backend
+
+
+def _faiss_gpus() -> int:
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def _flat_view(index) -> np.ndarray:
+    """(ntotal, d) float32 numpy view of an IndexFlat's storage (no copy; keep `index` alive)."""
+    import faiss
+
+    return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+
+
+class _FaissLevel1:
+    """Full level-1 cosines through a FAISS index moved to the GPU (index_cpu_to_gpu); left on
+    the CPU when FAISS has no GPU or the level exceeds FAISS GPU's k limit."""
+
+    GPU_MAX_K = 2048  # FAISS GPU k-selection limit
+
+    def __init__(self, index, device: str):
+        import faiss
+
+        self.n = index.ntotal
+        self.index = index
+        self.gpu_resources = None
+        if device.startswith("cuda") and _faiss_gpus() > 0 and self.n <= self.GPU_MAX_K:
+            self.gpu_resources = faiss.StandardGpuResources()
+            dev = int(device.split(":")[1]) if ":" in device else 0
+            self.index = faiss.index_cpu_to_gpu(self.gpu_resources, dev, index)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        dist, ids = self.index.search(np.ascontiguousarray(x, dtype=np.float32), self.n)
+        out = np.empty((x.shape[0], self.n), dtype=np.float32)
+        np.put_along_axis(out, ids, dist, axis=1)
+        return out
+
+
+class GeoIndex:
+    """An opened INDEX_DIR: the cell tree and the search engine over the level embeddings.
+
+    Where the work runs (`device`, `backend`):
+    - device "auto": CUDA when torch sees a GPU, else CPU. On CPU the engine's tensors are
+      zero-copy views of the FAISS storage (one copy of the embeddings in memory); on CUDA the
+      tables are copied to the GPU once and the host copies are released.
+    - backend "faiss": on CPU, the children of the kept cells are scored by FAISS's
+      fvec_inner_products_by_idx reading the index storage in place (about 10x faster than a
+      gather + bmm; a FAISS search restricted by an IDSelector is slower than a full search);
+      on CUDA, level 1 (scored in full) goes through its FAISS index moved to the GPU with
+      index_cpu_to_gpu when FAISS has GPU support, and the children are gathered and scored in
+      torch on the GPU. backend "torch": everything in torch on `device` (the GPU code path,
+      also runnable on CPU). "auto": faiss on CPU; on CUDA faiss when FAISS has a GPU, else torch.
+      The exhaustive mode needs every score, which FAISS's top-k API does not give: it is a
+      torch GEMM per level on every backend.
+    """
+
+    def __init__(self, tree: CellTree, engine: SearchEngine, manifest: dict | None = None,
+                 directory: Path | None = None, backend: str = "torch", keep_alive=()):
+        self.tree = tree
+        self.engine = engine
+        self.manifest = manifest or {}
+        self.dir = directory
+        self.backend = backend
+        self._keep_alive = list(keep_alive)  # FAISS indexes whose storage the tensors view
+
+    @property
+    def levels(self) -> int:
+        return self.tree.levels
+
+    @property
+    def dim(self) -> int:
+        return self.engine.dim
+
+    @property
+    def device(self) -> str:
+        return str(self.engine.device)
+
+    @property
+    def temperatures(self) -> np.ndarray:
+        return self.engine.temperatures
+
+    @property
+    def has_encoder(self) -> bool:
+        return bool(self.manifest.get("encoder"))
+
+    @classmethod
+    def open(cls, index_dir: str | os.PathLike, device: str = "auto", *, backend: str = "auto",
+             verify: bool = True) -> GeoIndex:
+        """Open INDEX_DIR. verify=False skips the sha256 pass (presence and sizes are always
+        checked), worth it for multi-GB indexes opened often."""
+        import faiss
+        import torch
+
+        d = Path(index_dir)
+        manifest = verify_index(d, checksums=verify)
+        device = resolve_device(device)
+        backend = resolve_backend(backend, device)
+        entries = sorted(manifest["levels"], key=lambda e: e["level"])
+        levels = len(entries)
+        dim = int(manifest["dim"])
+        temps = np.array([e["temperature"] for e in entries], dtype=np.float64)
+        try:
+            tree = read_tree(d, levels)
+        except Exception as err:  # duckdb errors on a damaged file
+            if isinstance(err, UserError):
+                raise
+            raise FormatError(f"{d / CELLS_DB}: cannot read the cells table: {err}") from err
+        vectors, keep, level1 = [], [], None
+        for e in entries:
+            path = d / e["file"]
+            try:
+                index = faiss.read_index(str(path))
+            except RuntimeError as err:
+                raise FormatError(f"{path}: FAISS cannot read it: {str(err).splitlines()[0]}") from err
+            if index.d != dim or index.ntotal != e["n_cells"] or index.ntotal != tree.sizes[e["level"] - 1]:
+                raise FormatError(f"{path}: {index.ntotal} x {index.d} vectors, the manifest and "
+                                  f"cells table say {e['n_cells']} x {dim}")
+            if not isinstance(index, faiss.IndexFlat):
+                raise FormatError(f"{path}: expected a flat inner-product index, got {type(index).__name__}")
+            view = torch.from_numpy(_flat_view(index))
+            if device == "cpu":
+                vectors.append(view)
+                keep.append(index)
+            else:
+                vectors.append(view.to(device))
+            if e["level"] == 1 and backend == "faiss" and device != "cpu" and _faiss_gpus() > 0:
+                level1 = _FaissLevel1(index, device)
+            del view, index
+        engine = SearchEngine(tree, vectors, temps, device=device, level1_scorer=level1,
+                              faiss_kernels=backend == "faiss" and device == "cpu")
+        return cls(tree, engine, manifest, d, backend, keep)
+
+    @classmethod
+    def from_arrays(cls, tables: Sequence[np.ndarray], temperatures, tree: CellTree, *,
+                    device: str = "cpu", backend: str = "auto") -> GeoIndex:
+        """An in-memory index (tests, benchmarks): tables are normalised (float32 copies unless
+        already float32 with unit rows, in which case they are used as they are)."""
+        import faiss
+        import torch
+
+        device = resolve_device(device)
+        backend = resolve_backend(backend, device)
+        vectors = []
+        for t in tables:
+            a = np.asarray(t, dtype=np.float32)
+            norms = np.linalg.norm(a, axis=1)
+            if not np.allclose(norms, 1.0, atol=1e-4):
+                a = a / norms[:, None]
+            vectors.append(torch.from_numpy(np.ascontiguousarray(a)).to(device))
+        level1 = None
+        if backend == "faiss" and device != "cpu" and _faiss_gpus() > 0:
+            index = faiss.IndexFlatIP(vectors[0].shape[1])
+            index.add(vectors[0].cpu().numpy())
+            level1 = _FaissLevel1(index, device)
+        engine = SearchEngine(tree, vectors, temperatures, device=device, level1_scorer=level1,
+                              faiss_kernels=backend == "faiss" and device == "cpu")
+        return cls(tree, engine, None, None, backend)
+
+    def search(self, emb, top_k: int = 5, beam: int | Sequence[int] | str = DEFAULT_BEAM,
+               exhaustive: bool = False, batch_size: int = 1024) -> SearchResult:
+        """Search visual embeddings (n, d). beam: cells kept per level 1..L-1 (one value or one
+        per level; default DEFAULT_BEAM = 256,128,64,32,32,32). exhaustive=True scores every cell
+        of every level: exact probabilities; beam probabilities are normalised over the explored
+        finest candidates. See geosurge_index.search."""
+        return self.engine.search(emb, top_k=top_k, beam=beam, exhaustive=exhaustive,
+                                  batch_size=batch_size)
+
+    def to_arrow(self, result: SearchResult | None, ids, paths=None, errors=None,
+                 embeddings=None) -> pa.Table:
+        """Prediction rows in the PRED_DIR schema: see search.result_to_arrow."""
+        return result_to_arrow(result, self.tree, ids, paths, errors, embeddings)

@@ -1,0 +1,119 @@
+"""Semantic tokens from a class map, and the latent cross-attention blocks fusing them with CLIP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from geosurge_index.model.config import FusionConfig
+
+
+def patch_histograms(class_map: torch.Tensor, grid: int, num_classes: int) -> torch.Tensor:
+    """(B, S, S) int class ids -> (B, grid*grid, C) class frequencies per patch (rows sum to 1, or 0
+    for a patch with no labelled pixel). Ids outside 0..C-1 (255 = unlabelled) are ignored.
+
+    One scatter-add, no one-hot of the whole map: at B=1024, S=336 a one-hot would be 17 G values.
+    """
+    b, s, s2 = class_map.shape
+    if s != s2 or s % grid:
+        raise ValueError(f"class map must be square with a side divisible by {grid}, got {tuple(class_map.shape)}")
+    p = s // grid
+    cm = class_map.long()
+    valid = (cm >= 0) & (cm < num_classes)
+    rows = torch.arange(s, device=cm.device) // p
+    patch = (rows.view(s, 1) * grid + rows.view(1, s)).expand(b, s, s)
+    batch = torch.arange(b, device=cm.device).view(b, 1, 1) * (grid * grid)
+    # Invalid pixels add 0 (no boolean indexing: shapes stay data-independent, meta device works).
+    index = ((batch + patch) * num_classes + cm.clamp(0, num_classes - 1)).reshape(-1)
+    counts = torch.zeros(b * grid * grid * num_classes, device=cm.device)
+    counts.index_add_(0, index, valid.reshape(-1).to(counts.dtype))
+    counts = counts.view(b, grid * grid, num_classes)
+    return counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+
+
+class SemanticTokens(nn.Module):
+    """Class map -> (B, 1 + grid^2, d): a learned CLS query, then Linear(histogram) + position."""
+
+    def __init__(self, num_classes: int, grid: int, dim: int):
+        super().__init__()
+        self.num_classes, self.grid = num_classes, grid
+        self.proj = nn.Linear(num_classes, dim)
+        self.pos = nn.Parameter(torch.randn(1, grid * grid, dim) * 0.02)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+
+    def forward(self, class_map: torch.Tensor) -> torch.Tensor:
+        hist = patch_histograms(class_map, self.grid, self.num_classes).to(self.proj.weight.dtype)
+        tokens = self.proj(hist) + self.pos
+        return torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+
+
+class LatentCrossAttention(nn.Module):
+    """Multi-head cross-attention whose queries, keys and values live at a small latent width
+    (`latent_dim`, e.g. 64) rather than the token widths (128 queries, 1024 CLIP keys): the
+    attention maps and projections stay cheap at batch 1024."""
+
+    def __init__(self, query_dim: int, kv_dim: int, latent_dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(query_dim, latent_dim)
+        self.k = nn.Linear(kv_dim, latent_dim)
+        self.v = nn.Linear(kv_dim, latent_dim)
+        self.out = nn.Linear(latent_dim, query_dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        m = kv.shape[1]
+        h = self.heads
+        q = self.q(x).view(b, n, h, -1).transpose(1, 2)
+        k = self.k(kv).view(b, m, h, -1).transpose(1, 2)
+        v = self.v(kv).view(b, m, h, -1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(o.transpose(1, 2).reshape(b, n, -1))
+
+
+class FusionBlock(nn.Module):
+    """Cross-attention (semantic queries over CLIP tokens), then (optionally) latent self-attention
+    among the semantic tokens, then MLP; each residual + LayerNorm.
+
+    Why the self-attention: with cross-attention alone every query evolves independently, so the
+    CLS query (the one read out) would never see the semantic patch tokens and the class map could
+    not change the embedding. The paper's summary does not say how its CLS mixes with them; this
+    is the project's choice (`fusion.self_attention`, on by default)."""
+
+    def __init__(self, cfg: FusionConfig, kv_dim: int):
+        super().__init__()
+        d = cfg.query_dim
+        self.attn = LatentCrossAttention(d, kv_dim, cfg.latent_dim, cfg.heads, cfg.dropout)
+        self.norm1 = nn.LayerNorm(d)
+        self.self_attn = None
+        if cfg.self_attention:
+            self.self_attn = LatentCrossAttention(d, d, cfg.latent_dim, cfg.heads, cfg.dropout)
+            self.norm_self = nn.LayerNorm(d)
+        hidden = int(d * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, d))
+        self.norm2 = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x + self.attn(x, kv))
+        if self.self_attn is not None:
+            x = self.norm_self(x + self.self_attn(x, x))
+        return self.norm2(x + self.mlp(x))
+
+
+class SemanticFusion(nn.Module):
+    """Class map + CLIP tokens -> fused CLS (B, query_dim)."""
+
+    def __init__(self, cfg: FusionConfig, num_classes: int, grid: int, kv_dim: int):
+        super().__init__()
+        self.tokens = SemanticTokens(num_classes, grid, cfg.query_dim)
+        self.kv_norm = nn.LayerNorm(kv_dim)  # CLIP's last hidden state is not normalised
+        self.blocks = nn.ModuleList([FusionBlock(cfg, kv_dim) for _ in range(cfg.blocks)])
+
+    def forward(self, class_map: torch.Tensor, clip_tokens: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(class_map).to(clip_tokens.dtype)
+        kv = self.kv_norm(clip_tokens)
+        for block in self.blocks:
+            x = block(x, kv)
+        return x[:, 0]

@@ -1,0 +1,215 @@
+"""PRED_DIR on disk: the run ledger, atomic Parquet shards, resume, and the run summary.
+
+A bulk run numbers its inputs 0..n-1 (`sources.enumerate_inputs`, deterministic) and cuts them
+into chunks of `chunk_size` rows. Chunk c is written as exactly one shard `part-{c:05d}.parquet`,
+atomically (a hidden temporary file, then `os.replace`), so a shard on disk is always complete.
+`_run.json` records what the run is (inputs, their fingerprint, the index, every setting that
+changes the output); a rerun with the same command finds it, skips the chunks whose shard exists
+and computes the others: no duplicates, no gaps, whenever the previous run was killed. A rerun
+with different inputs or settings is refused. `_summary.json` is written when every chunk is done.
+Files other than shards start with `_` or `.`, so `read_parquet('PRED_DIR/*.parquet')` and
+directory readers (pyarrow, pandas, polars) see only predictions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from geosurge_index.errors import FormatError, UserError
+
+RUN_FILE = "_run.json"
+SUMMARY_FILE = "_summary.json"
+RUN_FORMAT = "geosurge-locate-run"
+RUN_FORMAT_VERSION = 1
+SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+NUM_LEVELS = 7
+
+
+def shard_name(chunk: int) -> str:
+    return f"part-{chunk:05d}.parquet"
+
+
+def pred_schema(save_embeddings: bool = False) -> pa.Schema:
+    """The PRED_DIR schema (ARCHITECTURE.md), plus the image's width and height."""
+    fields = [
+        ("id", pa.string()),
+        ("path", pa.string()),
+        ("lat", pa.float64()),
+        ("lon", pa.float64()),
+        ("probability", pa.float64()),
+        *[(f"cell_l{i}", pa.int32()) for i in range(1, NUM_LEVELS + 1)],
+        *[(f"token_l{i}", pa.string()) for i in range(1, NUM_LEVELS + 1)],
+        ("topk_cells", pa.list_(pa.int32())),
+        ("topk_probs", pa.list_(pa.float32())),
+    ]
+    if save_embeddings:
+        fields.append(("embedding", pa.list_(pa.float32())))
+    fields += [("width", pa.int32()), ("height", pa.int32()), ("error", pa.string())]
+    return pa.schema(fields)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What a run is. Two runs may share a PRED_DIR only if these are equal."""
+
+    inputs: list[str]  # absolute paths of the INPUT arguments, in order
+    n_inputs: int
+    fingerprint: str  # sources.fingerprint of the input table
+    chunk_size: int
+    index_dir: str
+    index_id: str  # hash of the index's manifest.json: a re-exported index is another index
+    settings: dict = field(default_factory=dict)  # everything else that changes the rows
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_inputs // self.chunk_size)
+
+    def to_json(self) -> dict:
+        return {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, **asdict(self)}
+
+
+def index_identity(index_dir: str | os.PathLike) -> str:
+    """A hash of INDEX_DIR/manifest.json (its checksums name the weights and the indexes)."""
+    p = Path(index_dir) / "manifest.json"
+    try:
+        return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return "no-manifest"
+
+
+def chunk_bounds(chunk: int, chunk_size: int, n_inputs: int) -> tuple[int, int]:
+    start = chunk * chunk_size
+    return start, min(start + chunk_size, n_inputs)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class PredStore:
+    """One PRED_DIR: `begin` a run (fresh or resumed), `write_chunk` shards, `finish` it."""
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.dir = Path(out_dir)
+
+    # -- the ledger --------------------------------------------------------------------------
+    def begin(self, config: RunConfig) -> set[int]:
+        """Create or resume the run; return the chunks already done. UserError on a mismatch."""
+        if self.dir.exists() and not self.dir.is_dir():
+            raise UserError(f"--out {self.dir} exists and is not a folder")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        run_file = self.dir / RUN_FILE
+        if run_file.exists():
+            self._check_same_run(json.loads(run_file.read_text()), config)
+        else:
+            stray = self.done_chunks()
+            if stray:
+                raise UserError(
+                    f"--out {self.dir} holds {len(stray)} prediction shards but no {RUN_FILE}: "
+                    "it is not a locate run folder; choose an empty or new folder"
+                )
+            _atomic_write_bytes(run_file, json.dumps(config.to_json(), indent=1).encode())
+        self._remove_temporaries()
+        done = self.done_chunks()
+        beyond = sorted(c for c in done if c >= config.n_chunks)
+        if beyond:
+            raise FormatError(f"{self.dir} holds shards beyond the run's {config.n_chunks} chunks: {beyond[:5]}")
+        return done
+
+    def _check_same_run(self, old: dict, new: RunConfig) -> None:
+        if old.get("format") != RUN_FORMAT:
+            raise FormatError(f"{self.dir / RUN_FILE} is not a locate run file")
+        if old.get("format_version", 0) > RUN_FORMAT_VERSION:
+            raise FormatError(
+                f"{self.dir / RUN_FILE} has format version {old['format_version']}; this geosurge reads "
+                f"up to {RUN_FORMAT_VERSION}: upgrade geosurge"
+            )
+        cur = new.to_json()
+        diffs = [k for k in cur if k not in ("format", "format_version") and old.get(k) != cur[k]]
+        if "settings" in diffs:
+            diffs.remove("settings")
+            o, c = old.get("settings", {}), cur["settings"]
+            diffs += [f"settings.{k}" for k in sorted(set(o) | set(c)) if o.get(k) != c.get(k)]
+        if diffs:
+            detail = "; ".join(
+                f"{k}: was {_get(old, k)!r}, now {_get(cur, k)!r}" for k in diffs if k != "fingerprint"
+            )
+            if "fingerprint" in diffs and "n_inputs" not in diffs:
+                detail = (detail + "; " if detail else "") + "the inputs' ids, paths or tar contents changed"
+            raise UserError(
+                f"--out {self.dir} holds a run with other inputs or settings ({detail}). "
+                "Resume with the same command, or write to a new --out folder"
+            )
+
+    def _remove_temporaries(self) -> None:
+        """Half-written shards of a killed run (never visible as part-*.parquet)."""
+        for p in self.dir.glob(".part-*.tmp-*"):
+            p.unlink(missing_ok=True)
+
+    def done_chunks(self) -> set[int]:
+        if not self.dir.is_dir():
+            return set()
+        return {int(m.group(1)) for p in os.scandir(self.dir) if (m := SHARD_RE.match(p.name))}
+
+    # -- shards ------------------------------------------------------------------------------
+    def write_chunk(self, chunk: int, table: pa.Table) -> Path:
+        """Write chunk `chunk` atomically: after a kill it is either whole on disk or absent."""
+        final = self.dir / shard_name(chunk)
+        tmp = self.dir / f".{final.name}.tmp-{os.getpid()}"
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        return final
+
+    def shard_paths(self) -> list[Path]:
+        return sorted(p for p in self.dir.glob("part-*.parquet") if SHARD_RE.match(p.name))
+
+    # -- the end -----------------------------------------------------------------------------
+    def error_counts(self) -> tuple[int, Counter]:
+        """(rows, Counter of error kinds) over every shard: reads the `error` column only."""
+        rows, kinds = 0, Counter()
+        for p in self.shard_paths():
+            err = pq.read_table(p, columns=["error"]).column("error").combine_chunks()
+            rows += len(err)
+            bad = err.filter(pc.is_valid(err))
+            if len(bad):
+                kind = pc.list_element(pc.split_pattern(bad, ":", max_splits=1), 0)
+                vc = pc.value_counts(kind)
+                kinds.update(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True)))
+        return rows, kinds
+
+    def finish(self, summary: dict) -> Path:
+        path = self.dir / SUMMARY_FILE
+        _atomic_write_bytes(path, json.dumps(summary, indent=1, default=_json_default).encode())
+        return path
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))

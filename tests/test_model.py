@@ -1,0 +1,322 @@
+"""The GeoSURGE model: full-size shapes and counts on the meta device, the tiny model's behaviour,
+and the encoder / checkpoint files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from geosurge_index.errors import FormatError, UserError
+from geosurge_index.model import (
+    GeoSurgeModel,
+    VisualEncoder,
+    encoder_image_size,
+    full_config,
+    hierarchical_info_nce,
+    load_checkpoint,
+    load_encoder,
+    parameter_report,
+    read_geo_tables,
+    save_checkpoint,
+    save_encoder,
+    tiny_config,
+)
+from geosurge_index.model.fusion import patch_histograms
+
+CELLS = [3, 5, 7, 9, 11, 13, 15]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # On a busy shared CPU, OpenMP threads spin-wait: one thread is many times faster.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def full_meta():
+    with torch.device("meta"):
+        return GeoSurgeModel(full_config(), [3298, 7202, 12893, 16000, 19000, 21000, 23000], weights=False)
+
+
+def test_full_size_parameter_counts(full_meta):
+    parts = {name: (total, trainable) for name, total, trainable in parameter_report(full_meta)}
+    assert parts["backbone (CLIP vision)"] == (303_507_456, 0)  # ViT-L/14-336, frozen by default
+    assert parts["segmenter"][1] == 0
+    assert 210e6 < parts["segmenter"][0] < 225e6  # OneFormer Swin-L ADE20K (219 M measured)
+    geo_total = sum([3298, 7202, 12893, 16000, 19000, 21000, 23000]) * 768 + 7
+    assert parts["geographic embeddings + temperatures"] == (geo_total, geo_total)
+    assert parts["head (LayerNorm + Linear)"] == (2 * 128 + 128 * 768 + 768,) * 2
+
+
+def test_full_size_shapes_on_meta(full_meta):
+    enc = full_meta.encoder
+    assert enc.image_size == 336 and enc.grid == 24 and enc.embed_dim == 768
+    x = torch.empty(2, 3, 336, 336, device="meta")
+    cm = torch.empty(2, 336, 336, dtype=torch.long, device="meta")
+    tokens = enc.backbone(x)
+    assert tokens.shape == (2, 577, 1024)  # CLS + 24x24 patches
+    assert enc.fusion.tokens(cm).shape == (2, 577, 128)
+    assert enc(x, cm).shape == (2, 768)
+
+
+def test_unfreezing_last_layers_is_a_setting():
+    cfg = full_config()
+    cfg.backbone.unfreeze_last_n = 2
+    with torch.device("meta"):
+        enc = VisualEncoder(cfg, weights=False)
+    per_layer = sum(p.numel() for p in enc.backbone.clip.encoder.layers[0].parameters())
+    trainable = sum(p.numel() for p in enc.backbone.parameters() if p.requires_grad)
+    assert trainable == 2 * per_layer
+    with pytest.raises(UserError):
+        cfg.backbone.unfreeze_last_n = 25
+        with torch.device("meta"):
+            VisualEncoder(cfg, weights=False)
+
+
+def test_patch_histograms_match_a_direct_count():
+    g = torch.Generator().manual_seed(0)
+    cm = torch.randint(0, 150, (2, 16, 16), generator=g)
+    cm[0, :4, :4] = 255  # an unlabelled patch
+    cm[1, 0, 0] = 255
+    h = patch_histograms(cm, 4, 150)
+    assert h.shape == (2, 16, 150)
+    for b in range(2):
+        for p in range(16):
+            r, c = divmod(p, 4)
+            vals = cm[b, r * 4:(r + 1) * 4, c * 4:(c + 1) * 4].flatten()
+            vals = vals[vals < 150]
+            want = torch.bincount(vals, minlength=150).float()
+            want = want / max(len(vals), 1)
+            assert torch.allclose(h[b, p], want)
+    assert h[0, 0].sum() == 0
+
+
+@pytest.mark.parametrize("segmenter", ["segformer", "oneformer"])
+def test_tiny_encoder_runs_its_segmenter_without_a_class_map(segmenter):
+    torch.manual_seed(0)
+    enc = VisualEncoder(tiny_config(segmenter)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    cm = enc.segment(x)
+    assert cm.shape == (2, 64, 64) and cm.dtype == torch.int64
+    assert int(cm.min()) >= 0 and int(cm.max()) < 150
+    with torch.no_grad():
+        a, b = enc(x), enc(x, cm)
+    assert a.shape == (2, 768)
+    assert torch.allclose(a.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(a, b, atol=1e-5)  # None means: run the configured segmenter
+
+
+def test_fusion_switch_and_class_map_matters():
+    torch.manual_seed(0)
+    on = VisualEncoder(tiny_config()).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        e1 = on(x, torch.zeros(2, 64, 64, dtype=torch.long))
+        e2 = on(x, torch.full((2, 64, 64), 7, dtype=torch.long))
+    assert not torch.allclose(e1, e2)  # the semantic path reaches the embedding
+    cfg = tiny_config("none")
+    cfg.fusion.enabled = False
+    off = VisualEncoder(cfg).eval()
+    assert off.fusion is None and off.segmenter is None
+    with torch.no_grad():
+        e = off(x)
+    assert e.shape == (2, 768)
+    with pytest.raises(ValueError):
+        off(torch.randn(2, 3, 32, 32))
+
+
+def test_loss_masks_samples_without_a_cell():
+    torch.manual_seed(0)
+    model = GeoSurgeModel(tiny_config(), CELLS)
+    emb = torch.nn.functional.normalize(torch.randn(4, 768), dim=-1)
+    targets = torch.tensor([[0, 1, 2, 3, 4, 5, -1]] * 4)
+    targets[1, 3] = -1
+    loss, per_level, correct = hierarchical_info_nce(emb, model.geo, targets)
+    assert per_level[6] == 0 and correct[6] == 0
+    # with temperature 0.07 and near-orthogonal random cells, each level's loss is close to log(n)
+    for lvl in range(6):
+        assert abs(float(per_level[lvl]) - math.log(CELLS[lvl])) < 1.0
+    loss.backward()
+    assert model.geo.tables[6].grad is None or float(model.geo.tables[6].grad.abs().sum()) == 0.0
+    assert float(model.geo.tables[0].grad.abs().sum()) > 0
+    assert torch.allclose(model.geo.temperatures, torch.full((7,), 0.07))
+
+
+def test_encoder_files_round_trip(tmp_path):
+    torch.manual_seed(1)
+    enc = VisualEncoder(tiny_config()).eval()
+    save_encoder(enc, tmp_path)
+    meta = json.loads((tmp_path / "encoder.json").read_text())
+    assert meta["format"] == "geosurge-encoder" and meta["image_size"] == 64
+    assert encoder_image_size(tmp_path) == 64
+    back = load_encoder(tmp_path, "cpu")
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(enc(x), back(x), atol=1e-6)  # config-built segmenter travelled too
+
+
+def test_pretrained_backbone_is_referenced_not_copied(tmp_path):
+    from safetensors import safe_open
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    cfg = tiny_config("none")
+    torch.manual_seed(2)
+    arch = {k: v for k, v in cfg.backbone.arch.items() if k != "model_type"}
+    CLIPVisionModel(CLIPVisionConfig(**arch)).save_pretrained(tmp_path / "clip")
+    cfg.backbone.pretrained, cfg.backbone.arch, cfg.backbone.unfreeze_last_n = str(tmp_path / "clip"), None, 1
+    enc = VisualEncoder(cfg).eval()
+    with torch.no_grad():  # pretend training changed the unfrozen last layer
+        enc.backbone.clip.encoder.layers[1].mlp.fc2.bias.add_(0.5)
+    save_encoder(enc, tmp_path / "enc")
+    with safe_open(str(tmp_path / "enc" / "encoder.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert not any(k.startswith(("backbone.clip.encoder.layers.0.", "backbone.clip.embeddings.")) for k in keys)
+    assert "backbone.clip.encoder.layers.1.mlp.fc2.bias" in keys
+    back = load_encoder(tmp_path / "enc")
+    x = torch.randn(2, 3, 64, 64)
+    cm = torch.randint(0, 150, (2, 64, 64))
+    with torch.no_grad():
+        assert torch.allclose(enc(x, cm), back(x, cm), atol=1e-6)
+
+
+def test_missing_pretrained_weights_give_a_clear_error(tmp_path):
+    cfg = tiny_config("none")
+    cfg.backbone.pretrained = str(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="could not be loaded"):
+        VisualEncoder(cfg)
+
+
+def _cells_dir(tmp_path):
+    d = tmp_path / "cells"
+    d.mkdir()
+    (d / "cells.parquet").write_bytes(b"placeholder")
+    (d / "partition.json").write_text("{}")
+    return d
+
+
+def test_checkpoint_round_trip_and_geo_tables(tmp_path):
+    torch.manual_seed(3)
+    model = GeoSurgeModel(tiny_config(), CELLS).eval()
+    with torch.no_grad():
+        model.geo.log_temperature.copy_(torch.log(torch.linspace(0.05, 0.11, 7)))
+    ck = save_checkpoint(tmp_path / "epoch-0001", model, epoch=1, cells_dir=_cells_dir(tmp_path))
+    assert {p.name for p in ck.iterdir()} >= {"config.json", "model.safetensors", "cells.parquet", "partition.json"}
+    back = load_checkpoint(ck)
+    assert back.epoch == 1 and back.cells_per_level == CELLS
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(back.model.encoder(x), model.encoder(x), atol=1e-6)
+    tables, temps = read_geo_tables(ck)
+    assert [t.shape for t in tables] == [(n, 768) for n in CELLS]
+    np.testing.assert_allclose(np.linalg.norm(tables[2], axis=1), 1.0, rtol=1e-5)
+    want = torch.nn.functional.normalize(model.geo.tables[2].detach(), dim=-1).numpy()
+    np.testing.assert_allclose(tables[2], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(temps, np.linspace(0.05, 0.11, 7), rtol=1e-5)
+
+
+def test_corrupted_checkpoints_raise_format_error(tmp_path):
+    model = GeoSurgeModel(tiny_config(), CELLS)
+    ck = save_checkpoint(tmp_path / "ck", model, epoch=1, cells_dir=_cells_dir(tmp_path))
+    weights = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(weights[: len(weights) // 3])
+    with pytest.raises(FormatError, match="corrupted"):
+        load_checkpoint(ck)
+    with pytest.raises(FormatError, match="corrupted"):
+        read_geo_tables(ck)
+    (ck / "model.safetensors").write_bytes(weights)
+    meta = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(FormatError, match="format_version 99"):
+        load_checkpoint(ck)
+    (ck / "config.json").write_text("{not json")
+    with pytest.raises(FormatError, match="not valid JSON"):
+        load_checkpoint(ck)
+    (ck / "config.json").unlink()
+    with pytest.raises(FormatError, match="missing"):
+        read_geo_tables(ck)
+
+
+def test_model_info_cli_counts_the_full_model(capsys):
+    from geosurge_index.cli import main
+
+    assert main(["model-info", "--json", "--cells-per-level", "10,20,30,40,50,60,70"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    parts = {p["part"]: p for p in info["parts"]}
+    assert parts["backbone (CLIP vision)"]["total"] == 303_507_456
+    assert info["image_size"] == 336
+
+
+def test_ten_crop_class_maps_align_with_image_crops_and_average():
+    from PIL import Image
+
+    from geosurge_index.images import CLIP_MEAN, CLIP_STD, Preprocess
+    from geosurge_index.model import embed_ten_crop, ten_crop_class_maps
+
+    cols = (np.arange(100)[None, :].repeat(80, 0) * 2).astype(np.uint8)  # value encodes the column
+    rgb = Image.fromarray(np.stack([cols] * 3, -1))
+    maps = ten_crop_class_maps(Image.fromarray(cols, "L"), 64)
+    crops = Preprocess(64).ten_crop_arrays(rgb)
+    assert maps.shape == (10, 64, 64) and crops.shape == (10, 3, 64, 64)
+    pixels = (crops.transpose(0, 2, 3, 1) * CLIP_STD + CLIP_MEAN)[..., 0] * 255
+    assert np.abs(pixels - maps).mean() < 2  # same geometry, mirrors included
+    torch.manual_seed(0)
+    enc = VisualEncoder(tiny_config()).eval()
+    x = torch.as_tensor(crops)[None].repeat(2, 1, 1, 1, 1)
+    cm = torch.as_tensor(maps % 150)[None].repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        e = embed_ten_crop(enc, x, cm)
+        single = enc(x[0], cm[0])
+    assert e.shape == (2, 768)
+    want = torch.nn.functional.normalize(single.mean(0), dim=0)
+    assert torch.allclose(e[0], want, atol=1e-5) and torch.allclose(e[0], e[1], atol=1e-6)
+
+
+def test_pretrained_segmenter_is_loaded_from_its_directory(tmp_path):
+    from safetensors import safe_open
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    cfg = tiny_config("segformer")
+    torch.manual_seed(4)
+    arch = {k: v for k, v in cfg.segmenter.arch.items() if k != "model_type"}
+    SegformerForSemanticSegmentation(SegformerConfig(**arch)).save_pretrained(tmp_path / "seg")
+    cfg.segmenter.pretrained, cfg.segmenter.arch = str(tmp_path / "seg"), None
+    enc = VisualEncoder(cfg).eval()
+    save_encoder(enc, tmp_path / "enc")
+    with safe_open(str(tmp_path / "enc" / "encoder.safetensors"), "pt") as f:
+        assert not any(k.startswith("segmenter.") for k in f.keys())
+    back = load_encoder(tmp_path / "enc")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(enc.segment(x), back.segment(x))
+        assert torch.allclose(enc(x), back(x), atol=1e-6)
+
+
+def test_class_maps_are_written_once_beside_the_images(tmp_path):
+    from PIL import Image
+
+    from geosurge_index.images import class_map_path, load_class_map
+    from geosurge_index.model.classmaps import write_class_maps
+
+    torch.manual_seed(0)
+    enc = VisualEncoder(tiny_config("segformer")).eval()
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate([(120, 90), (70, 100)]):
+        p = tmp_path / f"img{i}.jpg"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    counts = write_class_maps(paths + [tmp_path / "bad.jpg"], enc.segmenter, progress=False)
+    assert counts == {"written": 2, "zero_bytes": 1}
+    m = Image.open(class_map_path(paths[0]))
+    assert m.mode == "L" and m.size == (85, 64)  # whole image, short side = segmenter input size
+    cm = load_class_map(class_map_path(paths[0]), 64)
+    assert cm.shape == (64, 64) and cm.max() < 150
+    assert write_class_maps(paths, enc.segmenter, progress=False) == {"existing": 2}

@@ -1,0 +1,130 @@
+"""Input readers: folders, manifests, WebDataset shards, ids, fingerprints, byte ranges."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from _locate_fixtures import class_map_png, encode, good_images, photo, write_folder, write_tar
+
+from geosurge_index import sources
+from geosurge_index.errors import UserError
+from geosurge_index.images import ImageDecodeError
+
+
+def test_folder_is_recursive_sorted_and_skips_non_images(tmp_path):
+    expected = write_folder(tmp_path / "imgs", n_extra=2)
+    (tmp_path / "imgs" / "a.classmap.png").write_bytes(class_map_png())
+    t = sources.read_folder(tmp_path / "imgs")
+    paths = t.column("path").to_pylist()
+    assert paths == sorted(expected)
+    assert t.column("id").to_pylist() == paths
+    assert set(t.column("offset").to_pylist()) == {-1}
+    assert sources.input_kind(tmp_path / "imgs") == "folder"
+
+
+def test_csv_manifest_relative_paths_and_string_ids(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "x.jpg").write_bytes(good_images()["a.jpg"])
+    (tmp_path / "m.csv").write_text("id,path,other\n00012,img/x.jpg,1\n7,/abs/missing.jpg,2\n")
+    t = sources.enumerate_inputs([tmp_path / "m.csv"])
+    assert t.column("id").to_pylist() == ["00012", "7"]  # leading zeros kept
+    assert t.column("path").to_pylist() == [str((tmp_path / "img" / "x.jpg").resolve()), "/abs/missing.jpg"]
+
+
+def test_parquet_manifest_custom_columns_and_no_id(tmp_path):
+    pq.write_table(pa.table({"file": ["a.jpg", "b.jpg"], "n": [1, 2]}), tmp_path / "m.parquet")
+    t = sources.read_manifest(tmp_path / "m.parquet", sources.ManifestColumns(path="file"))
+    assert t.column("id").to_pylist() == t.column("path").to_pylist()
+    pq.write_table(pa.table({"file": ["a.jpg", "b.jpg"], "key": [10, 11]}), tmp_path / "k.parquet")
+    t = sources.read_manifest(tmp_path / "k.parquet", sources.ManifestColumns(path="file", id="key"))
+    assert t.column("id").to_pylist() == ["10", "11"]
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("name,id\na.jpg,1\n", "no 'path' column"),
+        ("path,id\na.jpg,1\nb.jpg,1\n", "duplicate ids"),
+        ("path,id\na.jpg,1\n,2\n", "empty 'path'"),
+    ],
+)
+def test_bad_manifests_are_user_errors(tmp_path, text, match):
+    (tmp_path / "m.csv").write_text(text)
+    with pytest.raises(UserError, match=match):
+        sources.enumerate_inputs([tmp_path / "m.csv"])
+
+
+def test_duplicate_ids_across_inputs_and_bad_arguments(tmp_path):
+    write_folder(tmp_path / "f", bad=False)
+    with pytest.raises(UserError, match="duplicate ids"):
+        sources.enumerate_inputs([tmp_path / "f", tmp_path / "f"])
+    with pytest.raises(UserError, match="does not exist"):
+        sources.enumerate_inputs([tmp_path / "nope"])
+    (tmp_path / "x.tar.gz").write_bytes(b"")
+    with pytest.raises(UserError, match="compressed tar"):
+        sources.enumerate_inputs([tmp_path / "x.tar.gz"])
+    (tmp_path / "x.bin").write_bytes(b"")
+    with pytest.raises(UserError, match="neither a folder"):
+        sources.enumerate_inputs([tmp_path / "x.bin"])
+    with pytest.raises(UserError, match="no inputs"):
+        sources.enumerate_inputs([])
+
+
+def test_tar_rows_point_at_the_right_bytes(tmp_path):
+    keys = write_tar(tmp_path / "shard-0.tar", 3, with_class_maps=True)
+    t = sources.enumerate_inputs([tmp_path / "shard-0.tar"])
+    assert t.column("id").to_pylist() == keys  # the orphan .json sample is not an input
+    with tarfile.open(tmp_path / "shard-0.tar") as tar:
+        for row in t.to_pylist():
+            data = sources.read_bytes(row["file"], row["offset"], row["size"])
+            assert data == tar.extractfile(f"{row['id']}.jpg").read()
+            cmap = sources.class_map_source(row["file"], row["offset"], row["cmap_offset"], row["cmap_size"])
+            assert cmap == class_map_png()
+            assert row["path"].endswith(f"::{row['id']}.jpg")
+
+
+def test_tar_without_class_maps_and_truncated_shard(tmp_path):
+    write_tar(tmp_path / "s.tar", 2)
+    t = sources.read_tar(tmp_path / "s.tar")
+    assert t.column("cmap_offset").to_pylist() == [-1, -1]
+    row = t.to_pylist()[1]
+    raw = (tmp_path / "s.tar").read_bytes()
+    (tmp_path / "s.tar").write_bytes(raw[: row["offset"] + 10])  # the shard ends inside member 2
+    with pytest.raises(ImageDecodeError) as err:
+        sources.read_bytes(row["file"], row["offset"], row["size"])
+    assert err.value.kind == "truncated"
+    with pytest.raises(ImageDecodeError) as err:
+        sources.read_bytes(str(tmp_path / "gone.jpg"), -1, -1)
+    assert err.value.kind == "unreadable"
+
+
+def test_fingerprint_is_stable_and_sees_changes(tmp_path):
+    write_folder(tmp_path / "f", bad=False)
+    a = sources.fingerprint(sources.enumerate_inputs([tmp_path / "f"]))
+    assert a == sources.fingerprint(sources.enumerate_inputs([tmp_path / "f"]))
+    (tmp_path / "f" / "new.png").write_bytes(encode(photo(), "PNG"))
+    assert a != sources.fingerprint(sources.enumerate_inputs([tmp_path / "f"]))
+
+
+def test_class_map_beside_a_file(tmp_path):
+    img = tmp_path / "x.jpg"
+    img.write_bytes(good_images()["a.jpg"])
+    assert sources.class_map_source(str(img), -1, -1, -1) is None
+    (tmp_path / "x.classmap.png").write_bytes(class_map_png())
+    assert sources.class_map_source(str(img), -1, -1, -1) == tmp_path / "x.classmap.png"
+
+
+def test_tar_of_other_names(tmp_path):
+    """Members in folders inside the tar keep their folder in the key."""
+    with tarfile.open(tmp_path / "d.tar", "w") as tar:
+        for name in ("a/1.webp", "a/1.txt", "b/1.png"):
+            blob = encode(photo(), "WEBP" if name.endswith("webp") else "PNG") if "txt" not in name else b"t"
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    t = sources.read_tar(tmp_path / "d.tar")
+    assert t.column("id").to_pylist() == ["a/1", "b/1"]

@@ -1,0 +1,237 @@
+"""Training: the tiny model learns, resuming is exact, bad images are skipped, data readers."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from geosurge_index import cells as cells_mod
+from geosurge_index.errors import UserError
+from geosurge_index.model.config import tiny_config
+from geosurge_index.train import (
+    DataSettings,
+    Recipe,
+    Trainer,
+    TrainSettings,
+    ancestor_paths,
+    exhaustive_best,
+    load_recipe,
+)
+from geosurge_index.train_data import BatchDataset, epoch_batches, read_split
+
+TAU = (40, 20, 10, 6, 4, 3, 2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # OpenMP threads spin on a busy shared CPU
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """64 demo-world photos (with class maps) and a partition of their locations."""
+    from geosurge_index.coords import read_coordinates
+    from geosurge_index.demo_world import generate_split
+
+    root = tmp_path_factory.mktemp("world")
+    split = generate_split(root / "train", 64, seed=3, progress=False)
+    coords = read_coordinates(split.manifest)
+    part = cells_mod.partition(coords.lat, coords.lon, cells_mod.PartitionSettings(tau_min=1, tau_max=TAU))
+    cells_mod.write_cells_dir(root / "cells", part.cells, part.assignments, coords.rows)
+    return root, split.manifest
+
+
+def recipe(world, **train) -> Recipe:
+    root, manifest = world
+    settings = dict(epochs=2, batch_size=16, effective_batch=32, lr=3e-3, seed=5, workers=0, patience=100)
+    settings.update(train)
+    return Recipe(tiny_config(), DataSettings(cells=str(root / "cells"), train=str(manifest), val=str(manifest)),
+                  TrainSettings(**settings), source="test")
+
+
+def test_tiny_model_overfits_a_small_set(world, tmp_path):
+    res = Trainer(recipe(world, epochs=14, effective_batch=16, lr_decay=0.9), tmp_path / "run", progress=False).run()
+    first, last = res.metrics[0], res.metrics[-1]
+    assert res.metrics[1]["lr"] == pytest.approx(3e-3 * 0.9) and last["lr"] == pytest.approx(3e-3 * 0.9 ** 13)
+    assert last["train_loss"] < 0.6 * first["train_loss"]
+    # validation here is the training set itself: accuracy far above chance at every level
+    cells = cells_mod.read_cells(world[0] / "cells")
+    for lvl, acc in enumerate(last["val_acc_per_level"]):
+        chance = 100.0 / len(cells.levels[lvl])
+        assert acc > max(3 * chance, 40.0), (lvl, acc, chance)
+    assert last["val_acc_per_level"][-1] > 10 * 100.0 / len(cells.levels[-1])
+    assert last["val_within_km"]["750"] > 50.0
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 14 and set(json.loads(lines[0])["val_within_km"]) == {"1", "25", "200", "750", "2500"}
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["last_checkpoint"] == "epoch-0014" and run["best_checkpoint"].startswith("epoch-")
+    ck = tmp_path / "run" / "epoch-0014"
+    assert {p.name for p in ck.iterdir()} >= {"config.json", "model.safetensors", "train_state.safetensors",
+                                              "train_state.json", "cells.parquet", "partition.json"}
+
+
+def _weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(world, tmp_path, monkeypatch):
+    Trainer(recipe(world), tmp_path / "a", progress=False).run()
+    want = _weights(tmp_path / "a" / "epoch-0002")
+
+    # stopped after epoch 1, resumed
+    Trainer(recipe(world, epochs=1), tmp_path / "b", progress=False).run()
+    res = Trainer(recipe(world), tmp_path / "b", resume=True, progress=False).run()
+    assert res.epochs_run == 2
+    _assert_same(want, _weights(tmp_path / "b" / "epoch-0002"))
+
+    # killed in the middle of epoch 2, right after a mid-epoch checkpoint
+    real_save = Trainer._save
+
+    def save_then_die(self, name, epoch_done, metrics=None):
+        out = real_save(self, name, epoch_done, metrics)
+        if name == "partial" and epoch_done == 1:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(Trainer, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(recipe(world, checkpoint_every_steps=1), tmp_path / "c", progress=False).run()
+    monkeypatch.setattr(Trainer, "_save", real_save)
+    state = json.loads((tmp_path / "c" / "partial" / "train_state.json").read_text())
+    assert state["epoch"] == 1 and state["batch_in_epoch"] == 2
+    Trainer(recipe(world, checkpoint_every_steps=1), tmp_path / "c", resume=True, progress=False).run()
+    _assert_same(want, _weights(tmp_path / "c" / "epoch-0002"))
+    assert not (tmp_path / "c" / "partial").exists()
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(world, tmp_path):
+    # lr 0: the validation loss never improves after the first epoch
+    res = Trainer(recipe(world, epochs=6, lr=0.0, patience=2), tmp_path / "run", progress=False).run()
+    assert res.stopped_early and res.epochs_run == 3 and res.best_epoch == 1
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["best_checkpoint"] == "epoch-0001"
+
+
+def test_fresh_run_refuses_a_used_run_dir(world, tmp_path):
+    Trainer(recipe(world, epochs=1), tmp_path / "r", progress=False).run()
+    with pytest.raises(UserError, match="--resume"):
+        Trainer(recipe(world, epochs=1), tmp_path / "r", progress=False).run()
+    with pytest.raises(UserError, match="does not exist"):
+        Trainer(recipe(world), tmp_path / "nothing", resume=True, progress=False).run()
+
+
+def test_unreadable_images_are_skipped_and_counted(world, tmp_path):
+    root, manifest = world
+    lines = manifest.read_text().splitlines()
+    header, rows = lines[0], lines[1:]
+    base = manifest.parent
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    lat, lon = rows[0].split(",")[1:3]
+    bad = [f"{tmp_path / 'empty.jpg'},{lat},{lon},bad-0", f"{tmp_path / 'text.jpg'},{lat},{lon},bad-1"]
+    good = [",".join([str(base / r.split(",")[0])] + r.split(",")[1:]) for r in rows[:62]]
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("\n".join([header] + good + bad) + "\n")
+    r = recipe(world, epochs=1)
+    r.data.train = str(mixed)
+    res = Trainer(r, tmp_path / "run", progress=False).run()
+    assert res.metrics[0]["skipped_images"] == {"zero_bytes": 1, "not_an_image": 1}
+    assert res.metrics[0]["train_samples"] == 62
+
+
+def test_exhaustive_best_is_the_best_path_product(world):
+    cells = cells_mod.read_cells(world[0] / "cells")
+    paths = ancestor_paths(cells)
+    for li in range(1, cells.n_levels):  # each path follows parent links
+        np.testing.assert_array_equal(cells.levels[li].parent_index[paths[li]], paths[li - 1])
+    g = torch.Generator().manual_seed(0)
+    logp = [torch.log_softmax(torch.randn(5, len(lc), generator=g), -1) for lc in cells.levels]
+    best = exhaustive_best(logp, torch.as_tensor(paths))
+    brute = np.array([[sum(float(logp[lvl][b, paths[lvl, f]]) for lvl in range(cells.n_levels))
+                       for f in range(paths.shape[1])] for b in range(5)])
+    np.testing.assert_array_equal(best.numpy(), brute.argmax(1))
+
+
+def test_batches_are_a_function_of_seed_epoch_and_rank():
+    a = epoch_batches(100, 8, seed=1, epoch=0)
+    np.testing.assert_array_equal(np.concatenate(a), np.concatenate(epoch_batches(100, 8, seed=1, epoch=0)))
+    assert not np.array_equal(np.concatenate(a), np.concatenate(epoch_batches(100, 8, seed=1, epoch=1)))
+    r0, r1 = epoch_batches(100, 8, 1, 0, rank=0, world=2), epoch_batches(100, 8, 1, 0, rank=1, world=2)
+    assert len(r0) == len(r1) == 6
+    both = np.concatenate([np.concatenate([x, y]) for x, y in zip(r0, r1, strict=True)])
+    np.testing.assert_array_equal(both, np.concatenate(epoch_batches(100, 16, 1, 0)))
+    with pytest.raises(UserError):
+        epoch_batches(10, 8, 1, 0, world=2)
+
+
+def test_webdataset_shards_are_read_with_coordinates_and_class_maps(world, tmp_path):
+    root, manifest = world
+    rows = [r.split(",") for r in manifest.read_text().splitlines()[1:6]]
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, (path, lat, lon, _) in enumerate(rows):
+            img = manifest.parent / path
+            members = {f"{i:09d}.jpg": img.read_bytes(),
+                       f"{i:09d}.classmap.png": img.with_name(img.stem + ".classmap.png").read_bytes()}
+            meta = {"latitude": float(lat), "longitude": float(lon)} if i != 4 else {"caption": "no location"}
+            members[f"{i:09d}.json"] = json.dumps(meta).encode()
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    cells = cells_mod.read_cells(root / "cells")
+    split = read_split("train", str(tmp_path / "*.tar"), cells)
+    assert len(split) == 4 and split.n_dropped_invalid == 1
+    np.testing.assert_allclose(split.lat, [float(r[1]) for r in rows[:4]])
+    np.testing.assert_array_equal(split.targets, cells_mod.assign_points(cells, split.lat, split.lon))
+    rows_, batch = BatchDataset(split, [np.arange(4)], 64)[0]
+    assert batch.ok.all() and batch.has_map.all() and batch.pixels.shape == (4, 64, 64, 3)
+
+
+def test_recipes_parse_and_reject_mistakes(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    tiny = load_recipe(repo / "build" / "tiny.toml")
+    assert tiny.model.image_size == 64 and tiny.data.synthetic is not None
+    full = load_recipe(repo / "build" / "mp16.toml")
+    assert full.model.backbone.pretrained == "openai/clip-vit-large-patch14-336"
+    assert full.train.effective_batch == 1024 and full.train.lr == 1e-4 and full.train.patience == 4
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[modle]\npreset = "tiny"\n')
+    with pytest.raises(UserError, match="unknown sections"):
+        load_recipe(bad)
+    bad.write_text('[model]\npreset = "tiny"\n[data]\ncells = "c"\ntrain = "t"\nclass_maps = "sometimes"\n')
+    with pytest.raises(UserError, match="class_maps"):
+        load_recipe(bad)
+    bad.write_text('[model]\npreset = "huge"\n[data]\ncells = "c"\ntrain = "t"\n')
+    with pytest.raises(UserError, match="preset"):
+        load_recipe(bad)
+
+
+def test_cli_trains_a_self_contained_synthetic_recipe(tmp_path, monkeypatch):
+    from geosurge_index.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.toml").write_text(
+        'out = "runs/x"\n[model]\npreset = "tiny"\n'
+        '[data.synthetic]\ndir = "data"\ntrain = 48\nval = 8\ntau_min = 1\ntau_max = [30, 15, 8, 4, 3, 2, 2]\n'
+        '[train]\nepochs = 1\nbatch_size = 16\neffective_batch = 16\nworkers = 0\nthreads = 1\n')
+    assert main(["train", "r.toml", "--no-progress"]) == 0
+    assert (tmp_path / "runs" / "x" / "epoch-0001" / "model.safetensors").is_file()
+    assert (tmp_path / "data" / "cells" / "cells.parquet").is_file()
+    assert main(["train", "r.toml", "--no-progress"]) == 2  # used run dir without --resume: a clean error
