@@ -23,6 +23,7 @@ import numpy as np
 
 from geosurge_index import s2
 from geosurge_index.errors import FormatError, UserError
+from geosurge_index.formats import read_json
 
 FORMAT = "geosurge-cells"
 FORMAT_VERSION = 1
@@ -283,8 +284,14 @@ def assign_points(cells: CellsTable, lat, lon) -> np.ndarray:
 
 # --- CELLS_DIR ------------------------------------------------------------------------------------
 
-_CELL_COLUMNS = ("level", "cell_index", "s2_id", "s2_token", "s2_level", "parent_index", "n_samples",
-                 "mean_lat", "mean_lon", "center_lat", "center_lon", "area_km2")
+# cells.parquet's columns and their Arrow type names (ARCHITECTURE.md, CELLS_DIR); names, not
+# pyarrow types, so that importing this module does not import pyarrow
+CELL_COLUMN_TYPES = {
+    "level": "int8", "cell_index": "int32", "s2_id": "uint64", "s2_token": "string", "s2_level": "int8",
+    "parent_index": "int32", "n_samples": "int64", "mean_lat": "float64", "mean_lon": "float64",
+    "center_lat": "float64", "center_lon": "float64", "area_km2": "float64",
+}
+_CELL_COLUMNS = tuple(CELL_COLUMN_TYPES)
 
 
 def cells_to_arrow(cells: CellsTable):
@@ -347,22 +354,15 @@ def _read_meta(directory: Path) -> dict:
     if not meta_path.is_file():
         raise FormatError(f"{directory}: not a cells directory ({META_FILE} missing); "
                           f"make one with `geosurge partition`")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as err:
-        raise FormatError(f"{meta_path}: unreadable: {err}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise FormatError(f"{meta_path}: not a {FORMAT} file (format={meta.get('format') if isinstance(meta, dict) else None!r})")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise FormatError(f"{meta_path}: bad format_version {version!r}")
-    if version > FORMAT_VERSION:
-        raise FormatError(f"{meta_path}: format_version {version} is newer than this geosurge-index "
-                          f"reads ({FORMAT_VERSION}); upgrade geosurge-index")
+    meta = read_json(meta_path, FORMAT, FORMAT_VERSION)
+    _check_meta_keys(meta, meta_path)
+    return meta
+
+
+def _check_meta_keys(meta: dict, where: str | Path) -> None:
     for key in ("tau_min", "tau_max", "max_s2_level"):
         if key not in meta:
-            raise FormatError(f"{meta_path}: missing key {key!r}")
-    return meta
+            raise FormatError(f"{where}: missing key {key!r}")
 
 
 def read_cells(directory: str | Path) -> CellsTable:
@@ -379,9 +379,18 @@ def read_cells(directory: str | Path) -> CellsTable:
         table = pq.read_table(cells_path)
     except (OSError, ValueError) as err:
         raise FormatError(f"{cells_path}: unreadable: {err}") from None
+    return cells_from_arrow(table, meta, where=cells_path)
+
+
+def cells_from_arrow(table, meta: dict, *, where: str | Path = "cells table") -> CellsTable:
+    """A `CellsTable` from a cells.parquet-shaped Arrow table (extra columns are ignored) and
+    partition.json's settings (`tau_min`, `tau_max`, `max_s2_level`; the rest optional).
+    FormatError naming `where` when a column is missing, a level's cell_index is not dense
+    0..n-1, or the table has levels beyond `len(tau_max)`."""
+    _check_meta_keys(meta, where)
     missing = [c for c in _CELL_COLUMNS if c not in table.column_names]
     if missing:
-        raise FormatError(f"{cells_path}: missing columns {missing}")
+        raise FormatError(f"{where}: missing columns {missing}")
     data = {c: table.column(c).to_numpy(zero_copy_only=False) for c in _CELL_COLUMNS if c != "parent_index"}
     data["parent_index"] = table.column("parent_index").fill_null(-1).to_numpy(zero_copy_only=False)
     n_levels = len(meta["tau_max"])
@@ -390,7 +399,7 @@ def read_cells(directory: str | Path) -> CellsTable:
         sel = np.flatnonzero(data["level"] == level)
         sel = sel[np.argsort(data["cell_index"][sel], kind="stable")]
         if not np.array_equal(data["cell_index"][sel], np.arange(len(sel))):
-            raise FormatError(f"{cells_path}: cell_index of level {level} is not dense 0..n-1")
+            raise FormatError(f"{where}: cell_index of level {level} is not dense 0..n-1")
         levels.append(LevelCells(
             level=level,
             s2_id=data["s2_id"][sel].astype(np.uint64),
@@ -403,12 +412,12 @@ def read_cells(directory: str | Path) -> CellsTable:
         ))
     extra = set(np.unique(data["level"]).tolist()) - set(range(1, n_levels + 1))
     if extra:
-        raise FormatError(f"{cells_path}: levels {sorted(extra)} beyond the {n_levels} in {META_FILE}")
+        raise FormatError(f"{where}: levels {sorted(extra)} beyond the {n_levels} in {META_FILE}")
     return CellsTable(
         levels=tuple(levels), tau_min=int(meta["tau_min"]), tau_max=tuple(int(t) for t in meta["tau_max"]),
         max_s2_level=int(meta["max_s2_level"]), n_input=int(meta.get("n_input", 0)),
         n_skipped_invalid=int(meta.get("n_skipped_invalid", 0)), source=str(meta.get("source", "")),
-        format_version=int(meta["format_version"]),
+        format_version=int(meta.get("format_version", FORMAT_VERSION)),
     )
 
 

@@ -45,7 +45,7 @@ SQL_RECIPES = ("accuracy.sql", "level_agreement.sql")  # from queries/; others t
 @dataclass(frozen=True)
 class DemoSettings:
     out_dir: Path = Path("demo-out")
-    n_train: int = 6000
+    n_train: int = 8000
     n_test: int = 500
     seed: int = 0
     recipe: Path = DEFAULT_RECIPE  # the training recipe; its [data] and `out` are filled in here

@@ -25,6 +25,8 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+TEN_CROP_SCALE = 1.143  # ten-crop boxes are cut from a resize to this x the crop size (`Preprocess`)
+
 
 class ImageDecodeError(ValueError):
     def __init__(self, kind: str, message: str):
@@ -35,48 +37,78 @@ class ImageDecodeError(ValueError):
 
 ImageInput = "str | os.PathLike | bytes | Image.Image"
 
+ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 or 270 degrees
 
-def decode_image(
+
+def check_pixel_cap(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            "too_many_pixels", f"{width}x{height} = {width * height} pixels exceeds the cap of {max_pixels}"
+        )
+
+
+def probe_image(source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Path or bytes -> the opened image with only its header read: the format is checked and
+    the pixel cap applied (a rotation-invariant product, so EXIF is not needed), nothing is
+    decoded. This is how decompression bombs are refused before any pixel is allocated."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        name = "<bytes>"
+    else:
+        name = os.fspath(source)
+        try:
+            data = Path(name).read_bytes()
+        except OSError as err:
+            raise ImageDecodeError("unreadable", f"{name}: {err.strerror or err}") from err
+    if not data:
+        raise ImageDecodeError("zero_bytes", f"{name} is empty")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as err:
+        raise ImageDecodeError("not_an_image", f"{name} is not a recognised image") from err
+    except Image.DecompressionBombError as err:
+        raise ImageDecodeError("too_many_pixels", f"{name}: {err}") from err
+    if img.format not in SUPPORTED_FORMATS:
+        raise ImageDecodeError(
+            "unsupported_format", f"{name} is {img.format}; supported: JPEG, PNG, WebP"
+        )
+    check_pixel_cap(*img.size, max_pixels)
+    return img
+
+
+@dataclass(frozen=True)
+class SizedImage:
+    """A decoded image and the photo's true size. `image` may be smaller than the photo (JPEG
+    draft decoding scales by DCT); `width`/`height` are the photo's as it is seen, after EXIF
+    rotation and before any draft scaling."""
+
+    image: Image.Image  # RGB, EXIF orientation applied
+    width: int
+    height: int
+
+
+def decode_image_with_size(
     source, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
-) -> Image.Image:
-    """Path, bytes or PIL image -> an RGB PIL image with EXIF orientation applied.
+) -> SizedImage:
+    """Path, bytes or PIL image -> an RGB PIL image with EXIF orientation applied, and the photo's
+    true size (see `SizedImage`).
 
     `draft_size` lets JPEG decoding scale by DCT (2-6x faster) to at least that many pixels on
     the short side; the model resizes afterwards anyway.
     """
     if isinstance(source, Image.Image):
         img = source
+        check_pixel_cap(*img.size, max_pixels)
     else:
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            data = bytes(source)
-            name = "<bytes>"
-        else:
-            name = os.fspath(source)
-            try:
-                data = Path(name).read_bytes()
-            except OSError as err:
-                raise ImageDecodeError("unreadable", f"{name}: {err.strerror or err}") from err
-        if not data:
-            raise ImageDecodeError("zero_bytes", f"{name} is empty")
-        try:
-            img = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError as err:
-            raise ImageDecodeError("not_an_image", f"{name} is not a recognised image") from err
-        except Image.DecompressionBombError as err:
-            raise ImageDecodeError("too_many_pixels", f"{name}: {err}") from err
-        if img.format not in SUPPORTED_FORMATS:
-            raise ImageDecodeError(
-                "unsupported_format", f"{name} is {img.format}; supported: JPEG, PNG, WebP"
-            )
-    w, h = img.size
-    if w * h > max_pixels:
-        raise ImageDecodeError(
-            "too_many_pixels", f"{w}x{h} = {w * h} pixels exceeds the cap of {max_pixels}"
-        )
+        img = probe_image(source, max_pixels=max_pixels)
+    w, h = img.size  # the stored size, before draft scaling
     try:
         if draft_size and img.format in ("JPEG", "MPO"):
             img.draft("RGB", (draft_size, draft_size))
         img.load()
+        # Read after load: a PNG's EXIF may follow its pixels (getexif would load it anyway).
+        if img.getexif().get(0x0112) in ROTATING_ORIENTATIONS:
+            w, h = h, w
         img = ImageOps.exif_transpose(img)
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError("truncated", f"cannot decode: {err}") from err
@@ -87,7 +119,15 @@ def decode_image(
             img = Image.alpha_composite(bg, rgba).convert("RGB")
         else:
             img = img.convert("RGB")  # L, I;16, CMYK, YCbCr, P ...
-    return img
+    return SizedImage(img, w, h)
+
+
+def decode_image(
+    source, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+) -> Image.Image:
+    """Path, bytes or PIL image -> an RGB PIL image with EXIF orientation applied
+    (`decode_image_with_size` without the size)."""
+    return decode_image_with_size(source, max_pixels=max_pixels, draft_size=draft_size).image
 
 
 @dataclass(frozen=True)
@@ -109,9 +149,11 @@ class Preprocess:
         arr = np.asarray(self.resize_crop(img), dtype=np.float32) / 255.0
         return ((arr - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1).copy()
 
-    def ten_crop_arrays(self, img: Image.Image) -> np.ndarray:
-        """Test-time ten-crop: 4 corners + centre at `size` from a 1.14x resize, and their mirrors."""
-        big = round(self.size * 1.143)
+    def ten_crop_pixels(self, img: Image.Image) -> np.ndarray:
+        """Test-time ten-crop as uint8 (10, size, size, 3): the 4 corners and the centre at `size`
+        from a 1.143x resize, then their mirror images (`model.inference.ten_crop_class_maps` cuts
+        class maps with the same boxes)."""
+        big = round(self.size * TEN_CROP_SCALE)
         w, h = img.size
         scale = big / min(w, h)
         img = img.resize((max(big, round(w * scale)), max(big, round(h * scale))), Image.BICUBIC)
@@ -120,7 +162,11 @@ class Preprocess:
         boxes = [(0, 0), (W - s, 0), (0, H - s), (W - s, H - s), ((W - s) // 2, (H - s) // 2)]
         crops = [img.crop((x, y, x + s, y + s)) for x, y in boxes]
         crops += [c.transpose(Image.FLIP_LEFT_RIGHT) for c in crops]
-        arr = np.stack([np.asarray(c, dtype=np.float32) / 255.0 for c in crops])
+        return np.stack([np.asarray(c, dtype=np.uint8) for c in crops])
+
+    def ten_crop_arrays(self, img: Image.Image) -> np.ndarray:
+        """`ten_crop_pixels`, CLIP-normalised: float32 (10, 3, size, size)."""
+        arr = self.ten_crop_pixels(img).astype(np.float32) / 255.0
         return ((arr - CLIP_MEAN) / CLIP_STD).transpose(0, 3, 1, 2).copy()
 
 
@@ -130,15 +176,25 @@ def class_map_path(image_path: str | os.PathLike) -> Path:
     return p.with_name(p.stem + ".classmap.png")
 
 
-def load_class_map(path: str | os.PathLike, size: int) -> np.ndarray:
-    """A class-map PNG (uint8 ADE20K ids 0..149, 255 = unlabelled) -> int64 (size, size).
+def open_class_map(source) -> Image.Image:
+    """A class-map PNG (path, bytes or file object) -> the PIL image (8-bit: ADE20K ids 0..149,
+    255 = unlabelled), whole and unresized."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(bytes(source))
+    name = getattr(source, "name", source if isinstance(source, (str, os.PathLike)) else "<bytes>")
+    m = Image.open(source)
+    if m.mode not in ("L", "P"):
+        raise ImageDecodeError("bad_class_map", f"{name}: class maps are 8-bit single-channel PNGs")
+    return m
+
+
+def load_class_map(path, size: int) -> np.ndarray:
+    """A class-map PNG (path, bytes or file object) -> int64 (size, size).
 
     Resized (nearest) and centre-cropped exactly as `Preprocess` crops the image, so that the
     map stays aligned with the pixels.
     """
-    m = Image.open(path)
-    if m.mode not in ("L", "P"):
-        raise ImageDecodeError("bad_class_map", f"{path}: class maps are 8-bit single-channel PNGs")
+    m = open_class_map(path)
     w, h = m.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))

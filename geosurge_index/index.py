@@ -28,7 +28,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from geosurge_index import machine
+from geosurge_index.cells import CELL_COLUMN_TYPES, cells_to_arrow
 from geosurge_index.errors import FormatError, UserError
+from geosurge_index.formats import read_json
 from geosurge_index.search import DEFAULT_BEAM, CellTree, SearchEngine, SearchResult, result_to_arrow
 
 INDEX_FORMAT = "geosurge-index"
@@ -38,20 +41,7 @@ CELLS_DB = "cells.duckdb"
 ENCODER_FILES = ("encoder.safetensors", "encoder.json")
 
 # the cells.parquet contract (ARCHITECTURE.md, CELLS_DIR)
-CELL_COLUMNS = {
-    "level": pa.int8(),
-    "cell_index": pa.int32(),
-    "s2_id": pa.uint64(),
-    "s2_token": pa.string(),
-    "s2_level": pa.int8(),
-    "parent_index": pa.int32(),
-    "n_samples": pa.int64(),
-    "mean_lat": pa.float64(),
-    "mean_lon": pa.float64(),
-    "center_lat": pa.float64(),
-    "center_lon": pa.float64(),
-    "area_km2": pa.float64(),
-}
+CELL_COLUMNS = {name: pa.type_for_alias(t) for name, t in CELL_COLUMN_TYPES.items()}
 _ADD_CHUNK = 65536  # rows normalised and added to FAISS at a time (bounds the temporary copy)
 
 
@@ -68,13 +58,7 @@ def _sha256(path: Path) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    import duckdb
-    import faiss
-
-    import geosurge_index
-
-    return {"geosurge_index": geosurge_index.__version__, "faiss": faiss.__version__,
-            "numpy": np.__version__, "duckdb": duckdb.__version__, "pyarrow": pa.__version__,
+    return {**machine.library_versions(("geosurge_index", "faiss", "numpy", "duckdb", "pyarrow")),
             "python": platform.python_version()}
 
 
@@ -184,8 +168,6 @@ def export_index(
 
         cells_table = pq.read_table(cells_table)
     elif not isinstance(cells_table, pa.Table):  # a cells.CellsTable
-        from geosurge_index.cells import cells_to_arrow
-
         cells_table = cells_to_arrow(cells_table)
     sizes = [int(np.shape(t)[0]) for t in geo_tables]
     cells = _check_cells_table(cells_table, sizes)
@@ -281,28 +263,21 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *
 
 # --- open / verify -------------------------------------------------------------------------------
 
-def read_manifest(index_dir: str | os.PathLike) -> dict:
-    """manifest.json, after checking the format name and version."""
+def index_file(index_dir: str | os.PathLike, name: str, why_missing: str = "") -> Path:
+    """INDEX_DIR/name after checking that INDEX_DIR is a folder (UserError) holding it (FormatError)."""
     d = Path(index_dir)
     if not d.is_dir():
         raise UserError(f"INDEX_DIR {d} is not a folder")
-    path = d / MANIFEST
+    path = d / name
     if not path.is_file():
-        raise FormatError(f"{d} has no {MANIFEST}: not an index folder written by `geosurge export`, "
-                          "or an export that did not finish")
-    try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise FormatError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
-        raise FormatError(f"{path}: format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
-                          f"expected {INDEX_FORMAT!r}")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise FormatError(f"{path}: bad format_version {version!r}")
-    if version > INDEX_FORMAT_VERSION:
-        raise FormatError(f"{d}: index format version {version} is newer than this geosurge-index "
-                          f"reads ({INDEX_FORMAT_VERSION}); upgrade geosurge-index")
+        raise FormatError(f"{d} has no {name}: not an index folder written by `geosurge export`{why_missing}")
+    return path
+
+
+def read_manifest(index_dir: str | os.PathLike) -> dict:
+    """manifest.json, after checking the format name and version."""
+    path = index_file(index_dir, MANIFEST, ", or an export that did not finish")
+    manifest = read_json(path, INDEX_FORMAT, INDEX_FORMAT_VERSION)
     for key in ("dim", "levels", "files"):
         if key not in manifest:
             raise FormatError(f"{path}: no {key!r}")

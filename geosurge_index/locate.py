@@ -5,10 +5,11 @@ The bulk runner is four swappable stages, the same on one machine and on Ray
 
   reader   `decode_rows`: input-table rows -> `DecodedBatch` (uint8 pixels at the model's size,
            class maps, sizes, error strings). Pure CPU; runs in DataLoader worker processes
-           (or Ray tasks).
+           (or Ray tasks). One centre crop per image, or with `ten_crop` the 10 test-time crops.
   encoder  `Predictor.encode`: uint8 pixels -> L2-normalised embeddings, normalisation on the
            device, bf16 autocast + pinned, non-blocking copies on CUDA; backbone and segmenter
-           once per image (precomputed class maps skip the segmenter).
+           once per image (precomputed class maps skip the segmenter); with `ten_crop` the
+           normalised mean of the 10 crops' embeddings.
   search   `Predictor.predict`: embeddings -> the index's beam search -> PRED_DIR rows, with an
            error row for every input that could not be decoded.
   writer   `ChunkAssembler` + `pred_store.PredStore`: rows -> one atomic shard per chunk.
@@ -18,18 +19,17 @@ The bulk runner is four swappable stages, the same on one machine and on Ray
 
 from __future__ import annotations
 
-import io
 import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
 from geosurge_index import sources
 from geosurge_index.errors import UserError
@@ -39,8 +39,9 @@ from geosurge_index.images import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     Preprocess,
-    decode_image,
+    decode_image_with_size,
     load_class_map,
+    open_class_map,
 )
 from geosurge_index.pred_store import (
     PredStore,
@@ -54,22 +55,32 @@ from geosurge_index.pred_store import (
 # ---------------------------------------------------------------------------------------------
 
 
+TEN_CROPS = 10  # test-time ten-crop: 4 corners + centre, and their mirrors
+
+
 @dataclass(frozen=True)
 class DecodeSpec:
-    """How images become model inputs. `draft_size` 0 decodes JPEGs at full size."""
+    """How images become model inputs. `draft_size` 0 decodes JPEGs at full size. `ten_crop`:
+    each image becomes the 10 test-time crops (`Preprocess.ten_crop_pixels`) instead of one."""
 
     image_size: int
     draft_size: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
+    ten_crop: bool = False
+
+    @property
+    def crops(self) -> int:
+        return TEN_CROPS if self.ten_crop else 1
 
 
 @dataclass
 class Decoded:
     """One image, ready for the model, or the reason it is not."""
 
-    pixels: np.ndarray | None  # uint8 (S, S, 3), resized and centre-cropped
-    class_map: np.ndarray | None  # uint8 (S, S) ADE20K ids, 255 unlabelled; None: run the segmenter
-    width: int = 0  # of the decoded image (after EXIF rotation), 0 on error
+    pixels: np.ndarray | None  # uint8 (S, S, 3) resized and centre-cropped; ten-crop: (10, S, S, 3)
+    class_map: np.ndarray | None  # uint8 (S, S) ADE20K ids, 255 unlabelled (ten-crop: (10, S, S));
+    #                               None: run the segmenter
+    width: int = 0  # the photo's size as seen (EXIF rotation applied, before draft scaling); 0 on error
     height: int = 0
     error: str | None = None  # "kind: message"
 
@@ -77,29 +88,26 @@ class Decoded:
 def _decode(image_source, cmap_source, spec: DecodeSpec) -> Decoded:
     """Bytes or a PIL image -> Decoded. Never raises on bad data: failures become `error`."""
     try:
-        img = decode_image(image_source, max_pixels=spec.max_pixels, draft_size=spec.draft_size or None)
-        w, h = img.size
-        if spec.draft_size and isinstance(image_source, bytes) and image_source[:3] == b"\xff\xd8\xff":
-            w, h = _original_size(image_source)  # DCT scaling shrank it: report the photo's size
-        pixels = np.asarray(Preprocess(spec.image_size).resize_crop(img), dtype=np.uint8)
+        sized = decode_image_with_size(image_source, max_pixels=spec.max_pixels,
+                                       draft_size=spec.draft_size or None)
+        pre = Preprocess(spec.image_size)
+        if spec.ten_crop:
+            pixels = pre.ten_crop_pixels(sized.image)
+        else:
+            pixels = np.asarray(pre.resize_crop(sized.image), dtype=np.uint8)
         cmap = None
         if cmap_source is not None:
-            src = io.BytesIO(cmap_source) if isinstance(cmap_source, bytes) else cmap_source
-            cmap = load_class_map(src, spec.image_size).astype(np.uint8)
-        return Decoded(pixels, cmap, w, h)
+            if spec.ten_crop:
+                from geosurge_index.model.inference import ten_crop_class_maps
+
+                cmap = ten_crop_class_maps(open_class_map(cmap_source), spec.image_size).astype(np.uint8)
+            else:
+                cmap = load_class_map(cmap_source, spec.image_size).astype(np.uint8)
+        return Decoded(pixels, cmap, sized.width, sized.height)
     except ImageDecodeError as err:
         return Decoded(None, None, error=f"{err.kind}: {err.message}")
     except Exception as err:  # noqa: BLE001 - a bulk run never dies on one odd file
         return Decoded(None, None, error=f"decode_failed: {type(err).__name__}: {err}")
-
-
-def _original_size(data: bytes) -> tuple[int, int]:
-    """Width and height as the photo is seen (EXIF rotation applied), from the header alone."""
-    with Image.open(io.BytesIO(data)) as probe:
-        w, h = probe.size
-        if probe.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
-            w, h = h, w
-    return w, h
 
 
 def decode_input_row(file: str, offset: int, size: int, cmo: int, cms: int, spec: DecodeSpec) -> Decoded:
@@ -143,13 +151,16 @@ class DecodedBatch:
         return self
 
 
-def collate(rows: Sequence[int], decoded: Sequence[Decoded], image_size: int, as_torch: bool = True) -> DecodedBatch:
+def collate(rows: Sequence[int], decoded: Sequence[Decoded], image_size: int, as_torch: bool = True,
+            crops: int = 1) -> DecodedBatch:
+    """Decoded images -> one batch; `crops` 10 for ten-crop (pixels (n_ok, 10, S, S, 3))."""
     ok = np.array([d.error is None for d in decoded], dtype=bool)
     good = [d for d in decoded if d.error is None]
     s = image_size
-    pixels = np.stack([d.pixels for d in good]) if good else np.zeros((0, s, s, 3), np.uint8)
+    lead = (crops,) if crops > 1 else ()
+    pixels = np.stack([d.pixels for d in good]) if good else np.zeros((0, *lead, s, s, 3), np.uint8)
     has_map = np.array([d.class_map is not None for d in good], dtype=bool)
-    maps = np.full((len(good), s, s), 255, dtype=np.uint8)
+    maps = np.full((len(good), *lead, s, s), 255, dtype=np.uint8)
     for i, d in enumerate(good):
         if d.class_map is not None:
             maps[i] = d.class_map
@@ -174,7 +185,7 @@ def decode_rows(table: pa.Table, rows: np.ndarray, spec: DecodeSpec, as_torch: b
     part = table.take(pa.array(rows)).select(["file", "offset", "size", "cmap_offset", "cmap_size"])
     cols = [part.column(i).to_pylist() for i in range(5)]
     decoded = [decode_input_row(*vals, spec) for vals in zip(*cols, strict=True)]
-    return collate(rows, decoded, spec.image_size, as_torch)
+    return collate(rows, decoded, spec.image_size, as_torch, spec.crops)
 
 
 class InputDataset:
@@ -216,6 +227,7 @@ class SearchSettings:
     top_k: int = 5
     beam: int | str | None = None  # None: the index's default; "4,4,8,8,8,8": one per level
     save_embeddings: bool = False
+    ten_crop: bool = False  # pixels come as 10 crops per image; the embedding is their normalised mean
 
 
 class Predictor:
@@ -245,20 +257,32 @@ class Predictor:
         return cls(load_encoder(index_dir, dev), index, dev, settings)
 
     def encode(self, pixels, class_maps, has_map: np.ndarray) -> np.ndarray:
-        """uint8 (n, S, S, 3) + class maps -> float32 (n, D) embeddings."""
+        """uint8 (n, S, S, 3) + class maps (n, S, S) -> float32 (n, D) embeddings. With
+        `settings.ten_crop`: uint8 (n, 10, S, S, 3) + maps (n, 10, S, S) -> the L2-normalised
+        mean of each image's 10 crop embeddings (`model.embed_ten_crop`)."""
         import torch
+
+        from geosurge_index.model.inference import embed_ten_crop
 
         n = pixels.shape[0]
         s = self.image_size
-        if pixels.shape[1:] != (s, s, 3):
-            raise ValueError(f"pixels are {tuple(pixels.shape)}, the encoder takes (n, {s}, {s}, 3)")
+        crops = TEN_CROPS if self.settings.ten_crop else 1
+        want = (crops, s, s, 3) if crops > 1 else (s, s, 3)
+        if tuple(pixels.shape[1:]) != want:
+            raise ValueError(f"pixels are {tuple(pixels.shape)}, the encoder takes (n, {', '.join(map(str, want))})")
         cuda = self.device.type == "cuda"
         # uint8 crosses to the device (4x less than float32; non-blocking from pinned memory),
         # normalisation runs there.
         pixels = torch.as_tensor(pixels).to(self.device, non_blocking=cuda)
         has = torch.as_tensor(np.asarray(has_map, dtype=bool))
         maps = torch.as_tensor(class_maps).to(self.device, non_blocking=cuda) if bool(has.any()) else None
-        x = pixels.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
+        x = pixels.reshape(n * crops, s, s, 3).permute(0, 3, 1, 2).float()
+        x = x.div_(255.0).sub_(self._mean).div_(self._std)
+        if crops > 1:
+            x = x.view(n, crops, 3, s, s)
+            encoder = partial(embed_ten_crop, self.encoder)
+        else:
+            encoder = self.encoder
         out = None
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
             # Images with a precomputed class map skip the segmenter; the others run it once.
@@ -269,7 +293,7 @@ class Predictor:
                 idx = sel.to(self.device)
                 whole = len(sel) == n  # the usual case: no gather copy
                 cmap = (maps if whole else maps.index_select(0, idx)).long() if with_map else None
-                emb = self.encoder(x if whole else x.index_select(0, idx), cmap).float()
+                emb = encoder(x if whole else x.index_select(0, idx), cmap).float()
                 if out is None:
                     out = torch.empty((n, emb.shape[1]), dtype=torch.float32, device=self.device)
                 out[idx] = emb
@@ -373,15 +397,19 @@ class LocateJob:
     device: str = "auto"
     draft_size: int | None = None  # None: the encoder's input size; 0: off
     max_pixels: int = DEFAULT_MAX_PIXELS
+    ten_crop: bool = False  # test-time ten-crop averaging (10x the encoder work)
 
     def settings(self) -> SearchSettings:
-        return SearchSettings(self.top_k, self.beam, self.save_embeddings)
+        return SearchSettings(self.top_k, self.beam, self.save_embeddings, self.ten_crop)
 
     def output_settings(self) -> dict:
         """The settings that change the rows: a resume must keep them."""
-        return {"top_k": self.top_k, "beam": self.beam, "save_embeddings": self.save_embeddings,
-                "draft_size": self.draft_size, "max_pixels": self.max_pixels,
-                "path_column": self.columns.path, "id_column": self.columns.id}
+        out = {"top_k": self.top_k, "beam": self.beam, "save_embeddings": self.save_embeddings,
+               "draft_size": self.draft_size, "max_pixels": self.max_pixels,
+               "path_column": self.columns.path, "id_column": self.columns.id}
+        if self.ten_crop:  # recorded only when on, so that runs from before the setting still resume
+            out["ten_crop"] = True
+        return out
 
 
 @dataclass
@@ -452,6 +480,12 @@ def batches_of(rows: np.ndarray, batch_size: int, chunk_size: int) -> list[np.nd
     return out
 
 
+def default_batch_size(cuda: bool, ten_crop: bool = False) -> int:
+    """Images per model call: 256 on CUDA, 32 on the CPU; with ten-crop 8x fewer (each image is
+    10 crops through the encoder)."""
+    return (256 if cuda else 32) // (8 if ten_crop else 1)
+
+
 def default_workers(cuda: bool) -> int:
     """Decoding processes: on CUDA enough to feed the GPU (all cores but one, at most 16); on the
     CPU a quarter of the cores (at least 1), the model's threads taking the rest."""
@@ -483,9 +517,11 @@ def _run_local(plan: Plan, predictor: Predictor, progress, cuda: bool, workers: 
     import torch
 
     job = plan.job
-    batch_size = job.batch_size or (256 if cuda else 32)
+    if predictor.settings.ten_crop != job.ten_crop:
+        raise ValueError("the predictor's ten_crop setting differs from the job's")
+    batch_size = job.batch_size or default_batch_size(cuda, job.ten_crop)
     size = predictor.image_size
-    spec = DecodeSpec(size, size if job.draft_size is None else job.draft_size, job.max_pixels)
+    spec = DecodeSpec(size, size if job.draft_size is None else job.draft_size, job.max_pixels, job.ten_crop)
     batches = batches_of(plan.pending_rows(), batch_size, plan.config.chunk_size)
     dataset = InputDataset(plan.table, batches, spec)
     loader = torch.utils.data.DataLoader(
@@ -541,6 +577,8 @@ def run_job(job: LocateJob, ray_address: str | None = None, predictor: Predictor
     """Plan, run (locally or on Ray), write `_summary.json`; return the summary."""
     from geosurge_index.progress import bar
 
+    if ray_address is not None and job.ten_crop:
+        raise UserError("--ten-crop is not available with --ray yet: run it without --ray")
     plan = plan_job(job)
     n_todo = len(plan.pending_rows())
     with bar(total=n_todo, desc="locate", unit="img") as progress:
@@ -640,6 +678,8 @@ class Locator:
     """
 
     def __init__(self, predictor: Predictor, spec: DecodeSpec, places: dict[str, list] | None = None):
+        if predictor.settings.ten_crop != spec.ten_crop:
+            raise ValueError("the predictor's and the decode spec's ten_crop settings differ")
         self.predictor = predictor
         self.spec = spec
         self.index = predictor.index
@@ -657,12 +697,15 @@ class Locator:
         beam: int | str | None = None,
         draft_size: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        ten_crop: bool = False,
     ) -> Locator:
-        """Load the index's encoder and search engine on `device` (auto: CUDA when available)."""
-        predictor = Predictor.open(index_dir, device, SearchSettings(top_k, beam, save_embeddings=False))
+        """Load the index's encoder and search engine on `device` (auto: CUDA when available).
+        `ten_crop`: embed each image as the normalised mean of its 10 test-time crops."""
+        predictor = Predictor.open(index_dir, device, SearchSettings(top_k, beam, False, ten_crop))
         size = predictor.image_size
         places = _read_places(Path(index_dir), predictor.index.levels)
-        return cls(predictor, DecodeSpec(size, size if draft_size is None else draft_size, max_pixels), places)
+        spec = DecodeSpec(size, size if draft_size is None else draft_size, max_pixels, ten_crop)
+        return cls(predictor, spec, places)
 
     @property
     def image_size(self) -> int:
@@ -680,7 +723,7 @@ class Locator:
         if not images:
             return []
         decoded = [im if isinstance(im, Decoded) else self.decode(im) for im in images]
-        batch = collate(np.arange(len(decoded)), decoded, self.image_size)
+        batch = collate(np.arange(len(decoded)), decoded, self.image_size, crops=self.spec.crops)
         if ids is None:
             ids = [os.fspath(im) if isinstance(im, (str, os.PathLike)) else None for im in images]
         ids = [None if i is None else str(i) for i in ids]
@@ -689,7 +732,7 @@ class Locator:
         base = self.predictor
         with self._lock:
             pred = base if top_k in (None, base.settings.top_k) else Predictor(
-                base.encoder, base.index, base.device, SearchSettings(top_k, base.settings.beam, False))
+                base.encoder, base.index, base.device, replace(base.settings, top_k=top_k, save_embeddings=False))
             _, result, emb = pred.predict_full(batch, [i or "" for i in ids], [i for i in ids])
             level_probs = self._level_probabilities(emb, result.best_cells) if result is not None else None
         return self._predictions(batch, ids, result, level_probs, emb if return_embeddings else None)

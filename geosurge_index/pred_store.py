@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from geosurge_index.errors import FormatError, UserError
+from geosurge_index.formats import read_json
 
 RUN_FILE = "_run.json"
 SUMMARY_FILE = "_summary.json"
@@ -116,7 +117,7 @@ class PredStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         run_file = self.dir / RUN_FILE
         if run_file.exists():
-            self._check_same_run(json.loads(run_file.read_text()), config)
+            self._check_same_run(read_json(run_file, RUN_FORMAT, RUN_FORMAT_VERSION), config)
         else:
             stray = self.done_chunks()
             if stray:
@@ -133,13 +134,6 @@ class PredStore:
         return done
 
     def _check_same_run(self, old: dict, new: RunConfig) -> None:
-        if old.get("format") != RUN_FORMAT:
-            raise FormatError(f"{self.dir / RUN_FILE} is not a locate run file")
-        if old.get("format_version", 0) > RUN_FORMAT_VERSION:
-            raise FormatError(
-                f"{self.dir / RUN_FILE} has format version {old['format_version']}; this geosurge reads "
-                f"up to {RUN_FORMAT_VERSION}: upgrade geosurge"
-            )
         cur = new.to_json()
         diffs = [k for k in cur if k not in ("format", "format_version") and old.get(k) != cur[k]]
         if "settings" in diffs:

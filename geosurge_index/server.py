@@ -8,8 +8,8 @@ Routes (see `geosurge serve --help` and the README):
 - immich's machine-learning shape: `GET /ping` -> `pong`; `POST /predict` with form fields
   `entries` (`{"geolocation": {"visual": {"modelName": "..."}}}`) and `image`.
 
-Request flow: size limits (middleware) -> API key -> parse -> decode on a thread pool (bad images
-answer 4xx here, before they take a batch slot) -> `MicroBatcher` -> one model thread calling
+Request flow: size limits (middleware) -> API key -> parse -> header probe (the pixel cap, before
+any decoding) -> decode on a thread pool (bad images answer 4xx here, before they take a batch slot) -> `MicroBatcher` -> one model thread calling
 `locator.locate(batch)` -> JSON.
 
 Status codes: 400 malformed request (bad JSON or base64, missing or unknown fields, empty file);
@@ -25,7 +25,6 @@ import asyncio
 import base64
 import binascii
 import hmac
-import io
 import json
 import logging
 import math
@@ -42,9 +41,9 @@ from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from PIL import Image
 from starlette.datastructures import UploadFile
 
+from geosurge_index import images
 from geosurge_index.batcher import BatcherClosed, BatcherFull, MicroBatcher
 from geosurge_index.errors import UserError
 from geosurge_index.settings import ServiceSettings
@@ -70,6 +69,8 @@ DECODE_STATUS = {
 
 class DecodedLike(Protocol):
     error: str | None  # "kind: message" when the image cannot be used
+    width: int  # the photo's size as seen: EXIF rotation applied, before any draft scaling
+    height: int
 
 
 class LocatorLike(Protocol):
@@ -115,16 +116,14 @@ def _status_for(error: str) -> tuple[int, str]:
     return DECODE_STATUS.get(kind, 422), kind
 
 
-def probe_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height from the image header alone (EXIF rotation applied), or None if unreadable."""
+def refuse_bombs(data: bytes, name: str, *, max_pixels: int) -> None:
+    """The pixel cap on the header alone (`images.probe_image`), before the decode threads spend
+    memory on it: 413 naming `name`. Other header problems are left to the decoder to name."""
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-            if probe.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation: rotated 90/270
-                width, height = height, width
-            return width, height
-    except Exception:  # noqa: BLE001 - the decoder names what is wrong
-        return None
+        images.probe_image(data, max_pixels=max_pixels).close()
+    except images.ImageDecodeError as err:
+        if err.kind == "too_many_pixels":
+            raise ApiError(413, err.kind, f"image {name!r}: {err.message}") from None
 
 
 def decode_upload(locator: LocatorLike, data: bytes, name: str, *, max_pixels: int) -> DecodedImage:
@@ -133,11 +132,7 @@ def decode_upload(locator: LocatorLike, data: bytes, name: str, *, max_pixels: i
     Raises `ApiError` (4xx) naming `name` when the image is unusable. The pixel cap is checked
     on the header before anything is decoded.
     """
-    size = probe_size(data) if data else None
-    if size is not None and size[0] * size[1] > max_pixels:
-        w, h = size
-        raise ApiError(413, "too_many_pixels",
-                       f"image {name!r}: {w}x{h} = {w * h} pixels exceeds the cap of {max_pixels}")
+    refuse_bombs(data, name, max_pixels=max_pixels)
     try:
         decoded = locator.decode(data)
     except Exception as err:  # noqa: BLE001 - a decoder bug must not become a 500 for the client
@@ -145,9 +140,7 @@ def decode_upload(locator: LocatorLike, data: bytes, name: str, *, max_pixels: i
     if decoded.error is not None:
         status, kind = _status_for(decoded.error)
         raise ApiError(status, kind, f"image {name!r}: {decoded.error}")
-    if size is None:  # decodable but the header probe failed: fall back to the decoded size
-        size = (int(decoded.width), int(decoded.height))
-    return DecodedImage(name=name, decoded=decoded, width=size[0], height=size[1])
+    return DecodedImage(name=name, decoded=decoded, width=int(decoded.width), height=int(decoded.height))
 
 
 # -- results -------------------------------------------------------------------------------------

@@ -30,9 +30,9 @@ import pyarrow as pa
 
 from geosurge_index.coords import Coordinates
 from geosurge_index.errors import FormatError, UserError
+from geosurge_index.index import CELLS_DB, index_file
 from geosurge_index.metrics import EARTH_RADIUS_KM, GEOGUESSR_MAX, GEOGUESSR_SCALE_KM
 
-CELLS_DB = "cells.duckdb"
 FORMATS = ("table", "csv", "json", "parquet")
 _PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -74,7 +74,7 @@ def connect(
     con = duckdb.connect(":memory:")
     con.execute(MACROS)
     if index_dir is not None:
-        db = index_cells_db(index_dir)
+        db = index_file(index_dir, CELLS_DB)
         try:
             con.execute(f"ATTACH {_sql_str(str(db))} AS idx (READ_ONLY)")
         except duckdb.Error as err:
@@ -112,31 +112,17 @@ def connect(
     return con
 
 
-def index_cells_db(index_dir: str | os.PathLike) -> Path:
-    d = Path(index_dir)
-    if not d.is_dir():
-        raise UserError(f"INDEX_DIR {d} is not a folder")
-    db = d / CELLS_DB
-    if not db.is_file():
-        raise FormatError(f"{d} has no {CELLS_DB}: not an index folder written by `geosurge export`")
-    return db
-
-
 def index_cells(index_dir: str | os.PathLike):
     """The index's cells as a `cells.CellsTable` (for `cells.assign_points`).
 
-    The `cells` table of cells.duckdb holds the partition's cells.parquet columns; they are
-    written to a temporary CELLS_DIR and read back by `cells.read_cells`, so that one reader
-    validates cells wherever they come from.
+    The `cells` table of cells.duckdb holds the partition's cells.parquet columns, checked by
+    `cells.cells_from_arrow` as `cells.read_cells` checks a CELLS_DIR.
     """
-    import tempfile
-
     import duckdb
-    import pyarrow.parquet as pq
 
-    from geosurge_index import cells as cells_mod
+    from geosurge_index.cells import cells_from_arrow
 
-    db = index_cells_db(index_dir)
+    db = index_file(index_dir, CELLS_DB)
     try:
         con = duckdb.connect(str(db), read_only=True)
     except duckdb.Error as err:
@@ -148,13 +134,9 @@ def index_cells(index_dir: str | os.PathLike):
         raise FormatError(f"{db}: not an index's cells database: {_first_line(err)}") from None
     finally:
         con.close()
-    meta = {"format": cells_mod.FORMAT, "format_version": cells_mod.FORMAT_VERSION,
-            "tau_min": 0, "tau_max": [t or 0 for _, t in levels], "max_s2_level": 30,
-            "n_input": 0, "n_skipped_invalid": 0, "source": str(db)}
-    with tempfile.TemporaryDirectory(prefix="geosurge-cells-") as tmp:
-        pq.write_table(table, Path(tmp) / cells_mod.CELLS_FILE)
-        (Path(tmp) / cells_mod.META_FILE).write_text(json.dumps(meta))
-        return cells_mod.read_cells(tmp)
+    # the index keeps tau_max per level; the other partition settings do not matter to a reader
+    meta = {"tau_min": 0, "tau_max": [t or 0 for _, t in levels], "max_s2_level": 30, "source": str(db)}
+    return cells_from_arrow(table, meta, where=f"{db} (table cells)")
 
 
 def prediction_shards(pred_dir: str | os.PathLike) -> list[Path]:

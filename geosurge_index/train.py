@@ -277,7 +277,8 @@ def _from_json(x):
 def unpack_train_state(ckpt_dir: Path, optimizer, scheduler) -> dict:
     import torch
 
-    from geosurge_index.model.checkpoint import read_json, read_safetensors
+    from geosurge_index.formats import read_json
+    from geosurge_index.model.checkpoint import read_safetensors
 
     meta = read_json(ckpt_dir / "train_state.json", TRAIN_STATE_FORMAT, TRAIN_STATE_VERSION)
     tensors = read_safetensors(ckpt_dir / "train_state.safetensors")

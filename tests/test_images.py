@@ -11,7 +11,10 @@ from geosurge_index.images import (
     Preprocess,
     class_map_path,
     decode_image,
+    decode_image_with_size,
     load_class_map,
+    open_class_map,
+    probe_image,
 )
 
 
@@ -111,3 +114,82 @@ def test_class_map_is_aligned_with_the_image_crop(tmp_path):
     out = load_class_map(path, 20)
     assert out.shape == (20, 20)
     assert (out[:, :10] == 3).all() and (out[:, 10:] == 7).all()
+
+
+def _png_header(w: int, h: int) -> bytes:
+    """A PNG that declares w x h pixels but holds almost no data: decoding it would fail."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("orientation,seen", [(1, (640, 480)), (6, (480, 640)), (8, (480, 640)), (3, (640, 480))])
+def test_true_size_after_exif_rotation_when_draft_decoding_shrank_it(orientation, seen):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(Image.effect_noise((640, 480), 40).convert("RGB"), "JPEG", exif=exif)
+    out = decode_image_with_size(data, draft_size=64)
+    assert max(out.image.size) < 640  # DCT scaling decoded it smaller ...
+    assert out.image.size[0] < out.image.size[1] if seen[0] < seen[1] else out.image.size[0] > out.image.size[1]
+    assert (out.width, out.height) == seen  # ... and the photo's size as seen is still reported
+    full = decode_image_with_size(data)
+    assert full.image.size == seen == (full.width, full.height)
+    assert decode_image(data, draft_size=64).size == out.image.size
+
+
+def test_true_size_of_png_and_pil_inputs_with_exif():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    png = _encode(Image.new("RGB", (40, 20)), "PNG", exif=exif)
+    out = decode_image_with_size(png)
+    assert out.image.size == (20, 40) and (out.width, out.height) == (20, 40)
+    pil = Image.open(io.BytesIO(_encode(Image.new("RGB", (40, 20)), "JPEG", exif=exif)))
+    out = decode_image_with_size(pil)
+    assert (out.width, out.height) == (20, 40) == out.image.size
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_probe_reads_the_header_only():
+    with pytest.raises(ImageDecodeError) as err:  # 108 MP: over the default cap, under Pillow's own limit
+        probe_image(_png_header(12000, 9000))
+    assert err.value.kind == "too_many_pixels" and "12000x9000" in err.value.message
+    # under a higher cap the header is fine: nothing was decoded (the pixel data is not there)
+    data = _png_header(3000, 2000)
+    with pytest.raises(ImageDecodeError) as err:
+        probe_image(data, max_pixels=5_000_000)
+    assert err.value.kind == "too_many_pixels"
+    with probe_image(data, max_pixels=6_000_000) as img:
+        assert img.size == (3000, 2000)
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data, max_pixels=6_000_000)
+    assert err.value.kind == "truncated"
+    for bad, kind in [(b"", "zero_bytes"), (b"text", "not_an_image"),
+                      (_encode(Image.new("P", (4, 4)), "GIF"), "unsupported_format")]:
+        with pytest.raises(ImageDecodeError) as err:
+            probe_image(bad)
+        assert err.value.kind == kind
+
+
+def test_ten_crop_pixels_are_the_ten_crop_arrays_before_normalisation():
+    img = Image.effect_noise((90, 60), 60).convert("RGB")
+    pre = Preprocess(32)
+    px = pre.ten_crop_pixels(img)
+    assert px.shape == (10, 32, 32, 3) and px.dtype == np.uint8
+    np.testing.assert_array_equal(px[5], px[0][:, ::-1])  # the mirrors follow the five crops
+    want = ((px / np.float32(255.0) - CLIP_MEAN) / CLIP_STD).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(pre.ten_crop_arrays(img), want, atol=1e-6)
+
+
+def test_open_class_map_from_bytes_and_refuses_rgb(tmp_path):
+    m = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    data = _encode(Image.fromarray(m, "L"), "PNG")
+    np.testing.assert_array_equal(np.asarray(open_class_map(data)), m)
+    assert load_class_map(data, 3).shape == (3, 3)
+    with pytest.raises(ImageDecodeError) as err:
+        open_class_map(_encode(Image.new("RGB", (4, 4)), "PNG"))
+    assert err.value.kind == "bad_class_map"

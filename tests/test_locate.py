@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from PIL import Image
 from geosurge_index import locate, pred_store
 from geosurge_index.cli import main as cli_main
 from geosurge_index.errors import FormatError, UserError
+from geosurge_index.images import class_map_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -300,3 +302,77 @@ def test_killed_run_resumes_without_duplicates_or_gaps(index_dir, tmp_path):
     assert not list(out.glob(".*tmp*"))
     assert json.loads((out / "_summary.json").read_text())["this_run"]["resumed_chunks"] == len(done_at_kill)
     shutil.rmtree(folder)
+
+
+# -- test-time ten-crop ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def locator10(index_dir):
+    return locate.Locator.open(index_dir, device="cpu", top_k=3, ten_crop=True)
+
+
+def _ten_crop_reference(locator, img: Image.Image, class_map: Image.Image | None) -> np.ndarray:
+    """The definition: the L2-normalised mean of the encoder's embeddings of the 10 crops."""
+    import torch
+
+    from geosurge_index.images import Preprocess
+    from geosurge_index.model import ten_crop_class_maps
+
+    s = locator.image_size
+    crops = torch.from_numpy(Preprocess(s).ten_crop_arrays(img))
+    maps = None if class_map is None else torch.from_numpy(ten_crop_class_maps(class_map, s))
+    with torch.inference_mode():
+        each = locator.predictor.encoder(crops, maps)
+    assert each.shape == (10, 768)
+    return torch.nn.functional.normalize(each.mean(0), dim=0).numpy()
+
+
+def test_ten_crop_is_the_normalised_mean_over_the_crops(locator, locator10, tmp_path):
+    img = photo(120, 80, seed=21)
+    p = tmp_path / "x.png"
+    img.save(p)
+    other = encode(photo(90, 100, seed=22), "PNG")
+    ten = locator10.locate([p, other], return_embeddings=True)  # no class map: the segmenter runs per crop
+    np.testing.assert_allclose(ten[0].embedding, _ten_crop_reference(locator10, img, None), atol=1e-5)
+    other_img = Image.open(io.BytesIO(other)).convert("RGB")
+    np.testing.assert_allclose(ten[1].embedding, _ten_crop_reference(locator10, other_img, None), atol=1e-5)
+    one = locator.locate([p], return_embeddings=True)[0]
+    assert np.linalg.norm(np.subtract(ten[0].embedding, one.embedding)) > 1e-3  # it changes the embedding
+    assert np.linalg.norm(ten[0].embedding) == pytest.approx(1.0, abs=1e-5)
+    assert (ten[0].width, ten[0].height) == (120, 80) and len(ten[0].alternatives) == 3
+
+    # with a precomputed class map, cut with the same ten boxes (mixed in one batch with an image without)
+    cmap = Image.fromarray(np.random.default_rng(0).integers(0, 150, (80, 120), dtype=np.uint8), "L")
+    cmap.save(class_map_path(p))
+    mixed = locator10.locate([other, p], return_embeddings=True)
+    np.testing.assert_allclose(mixed[1].embedding, _ten_crop_reference(locator10, img, cmap), atol=1e-5)
+    np.testing.assert_allclose(mixed[0].embedding, ten[1].embedding, atol=1e-5)
+
+
+def test_bulk_ten_crop_is_recorded_and_matches_the_locator(index_dir, locator10, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(encode(photo(100, 75, seed=30 + i), "JPEG"))
+    (folder / "bad.jpg").write_bytes(b"")
+    out = tmp_path / "preds"
+    argv = ["locate", str(index_dir), str(folder), "--out", str(out), "--workers", "0", "--device", "cpu",
+            "--top-k", "3", "--save-embeddings", "--ten-crop", "--chunk-size", "2"]
+    assert cli_main(argv) == 0
+    run = json.loads((out / "_run.json").read_text())
+    assert run["settings"]["ten_crop"] is True
+    rows = {r["id"]: r for r in read_preds(out).to_pylist()}
+    assert rows[str(folder / "bad.jpg")]["error"].startswith("zero_bytes:")
+    direct = locator10.locate(sorted(folder.glob("[0-9].jpg")), return_embeddings=True)
+    for d in direct:
+        np.testing.assert_allclose(rows[d.id]["embedding"], d.embedding, atol=1e-5)
+        assert rows[d.id]["cell_l7"] == d.cells[-1].cell_index
+    # a rerun without --ten-crop would mix settings: refused, naming it
+    argv.remove("--ten-crop")
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    assert "settings.ten_crop" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--ray"):
+        locate.run_job(locate.LocateJob(str(index_dir), [str(folder)], str(tmp_path / "r"), ten_crop=True),
+                       ray_address="local")

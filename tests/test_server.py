@@ -147,6 +147,19 @@ def test_locate_several_images_every_format_in_order(client):
         check_result(res, res["name"], *sizes.get(res["name"], (96, 72)), top_k=2, cells=False)
 
 
+def test_true_size_of_a_large_rotated_jpeg_decoded_in_draft_mode(client):
+    """The locator decodes JPEGs by DCT scaling to about its input size; the answer still gives
+    the photo's size as seen (EXIF orientation 6: a 640x480 file is seen as 480x640)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(photo(640, 480, seed=11), "JPEG", exif=exif)
+    r = post_files(client, {"images": ("big.jpg", data, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    check_result(r.json()["results"][0], "big.jpg", 480, 640, top_k=5, cells=True)
+
+
 def test_json_base64_gives_the_same_answer_as_multipart(client):
     data = jpeg(3)
     a = post_files(client, {"image": ("x.jpg", data, "image/jpeg")}).json()["results"][0]

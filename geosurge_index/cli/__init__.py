@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = [
     "partition",
     "model_info",
+    "segment",
     "train",
     "export",
     "search",

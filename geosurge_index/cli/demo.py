@@ -97,19 +97,16 @@ def register_bench(bench_subparsers) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    import os
-    import platform
     import tempfile
     import time
 
     import numpy as np
 
     from geosurge_index import demo_world as dw
+    from geosurge_index.machine import describe_machine
 
     cfg = dw.WorldConfig(image_size=args.size)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"machine: {platform.processor() or platform.machine()}, {cores} usable cores (this benchmark "
-          f"uses one process); Python {platform.python_version()}, numpy {np.__version__}")
+    print(f"machine: {describe_machine(libraries=('numpy', 'PIL'))} (this benchmark uses one process)")
     print(f"method: {args.n} photos of {args.size}x{args.size} px, MP-16-dense locations (seed {args.seed}); "
           "wall-clock time of one run; the machine's other load is not controlled")
     lat, lon = dw.sample_locations(args.n, args.seed)

@@ -20,7 +20,7 @@ INPUT, one or more of:
                     manifest) and an optional id column
   WebDataset shards uncompressed .tar files as img2dataset writes them (id = the sample key)
 Precomputed class maps are used when present (<stem>.classmap.png beside an image, classmap.png
-in a tar sample); otherwise the index's segmenter computes them.
+in a tar sample; `geosurge segment` writes them); otherwise the index's segmenter computes them.
 
 Resume: inputs are numbered and cut into chunks; each chunk is written atomically as one shard.
 Run the same command again after an interruption (even kill -9) and it continues where it
@@ -31,6 +31,7 @@ Examples:
   geosurge locate index/ photos/ --out preds/
   geosurge locate index/ manifest.parquet --id-column key --out preds/ --save-embeddings
   geosurge locate index/ shards/{00000..00099}.tar --out preds/ --ray auto
+  geosurge locate index/ im2gps3k/ --out preds-10crop/ --ten-crop   # the paper's test-time setting
   duckdb -c "SELECT count(*), count(error) FROM 'preds/*.parquet'"
 """
 
@@ -67,10 +68,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: the index's default)")
     g.add_argument("--save-embeddings", action="store_true",
                    help="also store each image's visual embedding (768 floats) in an `embedding` column")
+    g.add_argument("--ten-crop", action="store_true",
+                   help="test-time ten-crop averaging (the paper's evaluation setting): embed the 4 corner "
+                        "crops and the centre crop of a 1.143x resize and their mirror images, and search "
+                        "with the L2-normalised mean; 10x the encoder work (default: one centre crop). "
+                        "Not yet with --ray")
     g = p.add_argument_group("execution")
     g.add_argument("--chunk-size", type=int, default=1024,
                    help="inputs per output shard, the unit of resume (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=None, help="images per model call (default: 256 on CUDA, 32 on CPU)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="images per model call (default: 256 on CUDA, 32 on CPU; with --ten-crop 32 and 4)")
     g.add_argument("--workers", type=int, default=None,
                    help="decoding processes; 0 decodes in the main process (default: on CUDA all cores "
                         "but one, at most 16; on the CPU a quarter of the cores, at least 1, and the model "
@@ -108,6 +115,7 @@ def job_from_args(args: argparse.Namespace):
         device=args.device,
         draft_size=args.draft_size,
         max_pixels=args.max_pixels,
+        ten_crop=args.ten_crop,
     )
 
 
@@ -244,24 +252,6 @@ def random_index(out_dir, config=None, *, n_points: int = 4000, seed: int = 0, p
     return out_dir
 
 
-def _machine() -> dict:
-    import platform
-
-    import torch
-
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpus"] = torch.cuda.device_count()
-    return info
-
-
 def _decode_slice(args):
     from geosurge_index.locate import decode_input_row
 
@@ -320,9 +310,12 @@ def run_locate_bench(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     workers = default_workers(device.type == "cuda") if args.workers is None else args.workers
     cores = os.cpu_count() or 1
-    figures: dict = {"machine": _machine(), "images": args.images, "size": [w, h], "workers": workers}
+    from geosurge_index.machine import describe_machine, machine_info
+
+    info = machine_info()
+    figures: dict = {"machine": info, "images": args.images, "size": [w, h], "workers": workers}
     say = lambda s: print(s, flush=True)  # noqa: E731
-    say(f"machine: {figures['machine']}")
+    say(f"machine: {describe_machine(info)}")
     say(f"method: {args.images} synthetic {w}x{h} JPEGs (q90); decode with DCT draft to the model's "
         f"input size, bicubic resize + centre crop; wall-clock rates after worker start-up")
     with tempfile.TemporaryDirectory(prefix="geosurge-bench-") as tmp:

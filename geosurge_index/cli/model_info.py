@@ -13,13 +13,31 @@ or, without one, from --cells-per-level.
 """
 
 
+def add_config_arguments(p: argparse.ArgumentParser, default_preset: str) -> None:
+    """RECIPE / --preset: which model config a command builds (read by `resolve_config`)."""
+    p.add_argument("recipe", nargs="?", metavar="RECIPE.toml", help="a training recipe (its [model] section)")
+    p.add_argument("--preset", choices=["full", "tiny"], default=None,
+                   help=f"a built-in config instead of a recipe (default: {default_preset} when no recipe is given)")
+
+
+def resolve_config(args: argparse.Namespace, default_preset: str):
+    """(ModelConfig, its name, the Recipe or None) from the arguments of `add_config_arguments`."""
+    from geosurge_index.model.config import PRESETS
+
+    if args.recipe:
+        from geosurge_index.train import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        return recipe.model, args.recipe, recipe
+    name = args.preset or default_preset
+    return PRESETS[name](), name, None
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "model-info", help="parameter counts of a model config (meta device, no downloads)",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", nargs="?", metavar="RECIPE.toml", help="a training recipe (its [model] section)")
-    p.add_argument("--preset", choices=["full", "tiny"], default=None,
-                   help="a built-in config instead of a recipe (default: full when no recipe is given)")
+    add_config_arguments(p, "full")
     p.add_argument("--cells", metavar="CELLS_DIR", default=None,
                    help="size the geographic tables from this partition (default: the recipe's, if any)")
     p.add_argument("--cells-per-level", default="3298,7202,12893,16000,19000,21000,23000",
@@ -35,26 +53,17 @@ def run(args) -> int:
     import torch
 
     from geosurge_index.errors import UserError
-    from geosurge_index.model.config import PRESETS
     from geosurge_index.model.geosurge import GeoSurgeModel, parameter_report
 
+    config, name, recipe = resolve_config(args, "full")
     cells_dir = args.cells
-    if args.recipe:
-        from geosurge_index.train import load_recipe
+    if not cells_dir and recipe is not None and recipe.data.cells:
+        from pathlib import Path
 
-        recipe = load_recipe(args.recipe)
-        config = recipe.model
-        if not cells_dir and recipe.data.cells:
-            from pathlib import Path
-
-            if Path(recipe.data.cells, "partition.json").is_file():
-                cells_dir = recipe.data.cells
-            else:
-                print(f"(the recipe's partition {recipe.data.cells} is not there: using --cells-per-level)")
-        name = args.recipe
-    else:
-        name = args.preset or "full"
-        config = PRESETS[name]()
+        if Path(recipe.data.cells, "partition.json").is_file():
+            cells_dir = recipe.data.cells
+        else:
+            print(f"(the recipe's partition {recipe.data.cells} is not there: using --cells-per-level)")
     if cells_dir:
         from geosurge_index.cells import read_cells
 

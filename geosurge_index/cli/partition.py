@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 
 from geosurge_index.errors import UserError
+from geosurge_index.machine import describe_machine
 
 DESCRIPTION = """\
 Partition the Earth into the adaptive 7-level hierarchy of S2 geocells from the coordinates of
@@ -204,25 +204,6 @@ def _run_child(phase: str, work: str, params: dict) -> dict:
     return figures
 
 
-def _machine() -> str:
-    import numpy as np
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-        mem_text = f"{mem:.0f} GiB RAM"
-    except (ValueError, OSError, AttributeError):
-        mem_text = "RAM unknown"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpu}, {cores} usable cores, {mem_text}; {platform.system()} {platform.release()}; "
-            f"Python {platform.python_version()}, numpy {np.__version__}")
-
-
 def run_bench(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -234,12 +215,13 @@ def run_bench(args: argparse.Namespace) -> int:
     settings = PartitionSettings(args.tau_min, tuple(args.tau_max), args.max_s2_level)
     params = {"n": args.n, "seed": args.seed, "tau_min": settings.tau_min,
               "tau_max": list(settings.tau_max), "max_s2_level": settings.max_s2_level}
-    print(f"machine: {_machine()}")
+    machine = describe_machine(libraries=("numpy", "s2sphere"))  # no torch here
+    print(f"machine: {machine}")
     print(f"method: each phase in a fresh process; wall = perf_counter around the phase; "
           f"peak memory = ru_maxrss of that process (os.wait4); input: {args.n:,} points sampled with "
           f"MP-16's density (seed {args.seed}); tau_min {settings.tau_min}, tau_max "
           f"{','.join(map(str, settings.tau_max))}, max S2 level {settings.max_s2_level}")
-    results: dict = {"machine": _machine(), "params": params}
+    results: dict = {"machine": machine, "params": params}
     with tempfile.TemporaryDirectory(prefix="geosurge-bench-") as work:
         _CHILD_BASELINE = "import numpy, geosurge_index.cells, geosurge_index.sampler"
         proc = subprocess.Popen([sys.executable, "-c", _CHILD_BASELINE])

@@ -274,30 +274,6 @@ def register_bench(bench_subparsers) -> None:
     p.set_defaults(func=run_bench)
 
 
-def machine() -> dict:
-    import platform
-
-    import faiss
-    import torch
-
-    info = {"cpu": platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "faiss": faiss.__version__, "python": platform.python_version()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            info["memory_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    info["faiss_gpus"] = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    return info
-
-
 def _sync(device: str) -> None:
     import torch
 
@@ -381,9 +357,11 @@ def run_bench(args) -> int:
     if args.quick:
         n_queries = min(n_queries, 256)
         beams = [b for b in beams if b in (1, 4, 16)] or beams[:3]
-    info = machine()
+    from geosurge_index.machine import describe_machine, machine_info
+
+    info = machine_info()
     print("geosurge bench search")
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    print(f"machine: {describe_machine(info)}")
     print("method: " + " ".join(BENCH_DESCRIPTION.split("\n\n", 1)[1].split()))
     figures = {"machine": info, "scales": []}
     for name in names:

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import io
 import os
-import platform
 import statistics
 import sys
 import time
@@ -14,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from geosurge_index.errors import UserError
+from geosurge_index.machine import describe_machine
 from geosurge_index.settings import ServiceSettings
 
 DESCRIPTION = """\
@@ -183,18 +183,6 @@ def register_bench(bench_subparsers) -> None:
     p.set_defaults(func=run_bench)
 
 
-def _machine() -> str:
-    try:
-        import torch
-
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-        threads = torch.get_num_threads()
-    except Exception:  # noqa: BLE001
-        gpu, threads = "torch unavailable", "?"
-    return (f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch threads {threads}, "
-            f"{gpu}, Python {platform.python_version()}")
-
-
 def settings_env(settings: ServiceSettings) -> dict[str, str]:
     """The settings as GEOSURGE_* variables (to hand them to a `geosurge serve` subprocess)."""
     from dataclasses import fields
@@ -265,7 +253,7 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         images = synthetic_jpegs(16)
         what = "16 synthetic 640x480 JPEGs"
-    print(f"machine: {_machine()}")
+    print(f"machine: {describe_machine()}")
     print(f"method: (1) direct: Locator.locate on batches of {settings.max_batch_size} pre-decoded "
           f"images in this process (the model + search bound, no HTTP, no decoding); (2) http: "
           f"`geosurge serve` in a subprocess on 127.0.0.1, {args.requests} POST /v1/locate requests of "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from geosurge_index.cli.model_info import add_config_arguments, resolve_config
+
 DESCRIPTION = """\
 Train GeoSURGE from a TOML recipe: the visual encoder (CLIP + semantic fusion) and one geographic
 embedding table per hierarchy level, with a summed per-level InfoNCE loss.
@@ -83,9 +85,7 @@ def register_bench(bench_subparsers) -> None:
     p = bench_subparsers.add_parser(
         "train", help="speed of training steps, encoder inference and segmentation (random weights)",
         description=BENCH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", nargs="?", metavar="RECIPE.toml", help="take [model] (and precision) from a recipe")
-    p.add_argument("--preset", choices=["full", "tiny"], default=None,
-                   help="a built-in config instead of a recipe (default: tiny without a recipe)")
+    add_config_arguments(p, "tiny")
     p.add_argument("--batch", type=int, default=8, help="images per step (default: %(default)s)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: %(default)s)")
@@ -99,31 +99,22 @@ def register_bench(bench_subparsers) -> None:
 
 
 def run_bench(args) -> int:
-    import os
-    import platform
     import statistics
     import time
 
     import torch
 
-    from geosurge_index.model.config import PRESETS
+    from geosurge_index.machine import describe_machine
     from geosurge_index.model.geosurge import GeoSurgeModel, parameter_report
 
-    if args.recipe:
-        from geosurge_index.train import load_recipe
-
-        config, name = load_recipe(args.recipe).model, args.recipe
-    else:
-        name = args.preset or "tiny"
-        config = PRESETS[name]()
+    config, name, _ = resolve_config(args, "tiny")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     amp = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {device} ({dev_name}), {'bf16 autocast' if amp else 'fp32'}")
+    print(f"machine: {describe_machine(libraries=('torch', 'transformers'))}; device {device}, "
+          f"{'bf16 autocast' if amp else 'fp32'}")
     torch.manual_seed(0)
     model = GeoSurgeModel(config, [args.cells] * 7, weights=False).to(device)
     total = parameter_report(model)[-1]

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from geosurge_index.errors import FormatError
+from geosurge_index.formats import read_json
 from geosurge_index.model.config import ModelConfig
 
 CHECKPOINT_FORMAT = "geosurge-checkpoint"
@@ -25,22 +26,6 @@ CHECKPOINT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CELLS_FILES = ("cells.parquet", "partition.json")
-
-
-def read_json(path: Path, fmt: str, version: int) -> dict[str, Any]:
-    """A versioned JSON file; FormatError when missing, unreadable, another format or newer."""
-    try:
-        meta = json.loads(Path(path).read_text())
-    except FileNotFoundError as err:
-        raise FormatError(f"{path} is missing") from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FormatError(f"{path} is not valid JSON ({err})") from err
-    if not isinstance(meta, dict) or meta.get("format") != fmt:
-        raise FormatError(f"{path} is not a {fmt} file (format = {meta.get('format') if isinstance(meta, dict) else None!r})")
-    v = meta.get("format_version")
-    if not isinstance(v, int) or v > version:
-        raise FormatError(f"{path} has format_version {v!r}; this geosurge-index reads up to {version}: upgrade it")
-    return meta
 
 
 def read_safetensors(path: Path, device: str = "cpu") -> dict:

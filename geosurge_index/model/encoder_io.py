@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from geosurge_index.formats import read_json
 from geosurge_index.model.checkpoint import (
     load_stored_state,
-    read_json,
     read_safetensors,
     write_json,
     write_safetensors,
