@@ -504,7 +504,7 @@ class GeoIndex:
     def search(self, emb, top_k: int = 5, beam: int | Sequence[int] | str = DEFAULT_BEAM,
                exhaustive: bool = False, batch_size: int = 1024) -> SearchResult:
         """Search visual embeddings (n, d). beam: cells kept per level 1..L-1 (one value or one
-        per level; default DEFAULT_BEAM = 256,128,64,32,32,32). exhaustive=True scores every cell
+        per level; default DEFAULT_BEAM = 512,256,128,64,32,16). exhaustive=True scores every cell
         of every level: exact probabilities; beam probabilities are normalised over the explored
         finest candidates. See geosurge_index.search."""
         return self.engine.search(emb, top_k=top_k, beam=beam, exhaustive=exhaustive,

@@ -658,7 +658,9 @@ def _read_places(index_dir: Path, level: int) -> dict[str, list]:
     """Place-name columns of one level's cells (None everywhere when the index has none)."""
     import duckdb
 
-    con = duckdb.connect(str(index_dir / "cells.duckdb"), read_only=True)
+    from geosurge_index.index import CELLS_DB
+
+    con = duckdb.connect(str(index_dir / CELLS_DB), read_only=True)
     try:
         have = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
                                           "WHERE table_name = 'cells'").fetchall()}

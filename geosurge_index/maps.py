@@ -310,9 +310,10 @@ def read_cells_table(src: str | os.PathLike, level: int | None = None) -> pa.Tab
     import pyarrow.compute as pc
 
     from geosurge_index.errors import UserError
+    from geosurge_index.index import CELLS_DB
 
     d = Path(src)
-    if (d / "cells.duckdb").is_file():
+    if (d / CELLS_DB).is_file():
         from geosurge_index import sql
 
         con = sql.connect(d)

@@ -51,7 +51,7 @@ DENSE_RATIO_FAISS = 8
 # that wins on its finer levels can still rank low. `geosurge bench search` (2-core CPU): 100%
 # top-1 agreement with exhaustive at 25k finest cells, 99.3% at 1M at ~90x the exhaustive rate;
 # searching costs little next to encoding an image either way.
-DEFAULT_BEAM = (256, 128, 64, 32, 32, 32)
+DEFAULT_BEAM = (512, 256, 128, 64, 32, 16)
 # Gathered candidate rows per step on CPU, in float32 elements (4 MiB): small enough that the
 # batched GEMV reads them back from cache, not from memory.
 CPU_GATHER_ELEMENTS = 1 << 20

@@ -188,7 +188,9 @@ class CellStore:
     def __init__(self, index_dir: Path):
         import duckdb
 
-        path = Path(index_dir) / "cells.duckdb"
+        from geosurge_index.index import CELLS_DB
+
+        path = Path(index_dir) / CELLS_DB
         self._con = duckdb.connect(str(path), read_only=True) if path.exists() else None
         self._lock = threading.Lock()
 
@@ -276,13 +278,14 @@ class ServiceState:
 
 
 def open_locator(settings: ServiceSettings) -> LocatorLike:
-    """`Locator.open` with the service's settings (device, default top_k, draft size, pixel cap)."""
+    """`Locator.open` with the service's settings (device, default top_k, draft size, pixel cap, ten-crop)."""
     from geosurge_index.locate import Locator
 
     if settings.index_dir is None or not Path(settings.index_dir).is_dir():
         raise UserError(f"INDEX_DIR {settings.index_dir} is not a folder")
     return Locator.open(settings.index_dir, device=settings.device, top_k=settings.default_top_k,
-                        draft_size=settings.draft_size, max_pixels=settings.max_pixels)
+                        draft_size=settings.draft_size, max_pixels=settings.max_pixels,
+                        ten_crop=settings.ten_crop)
 
 
 def create_app(settings: ServiceSettings, locator: LocatorLike | None = None) -> FastAPI:

@@ -76,6 +76,10 @@ class ServiceSettings:
         "the model resizes to its input size anyway); unset: the encoder's input size, as bulk "
         "`geosurge locate` does; 0 decodes at full size",
     )
+    ten_crop: bool = _setting(
+        False, "test-time ten-crop averaging (the paper's; about 10x the model work per image): "
+        "true or false", metavar="BOOL",
+    )
     log_level: str = _setting(
         "info", "uvicorn log level: critical, error, warning, info, debug", metavar="LEVEL"
     )
@@ -176,6 +180,13 @@ def _convert(name: str, raw: Any, annotation: Any, source: str) -> Any:
             return int(raw.replace("_", ""))
         if kind == "float":
             return float(raw)
+        if kind == "bool":
+            value = raw.strip().lower()
+            if value in ("1", "true", "yes", "on"):
+                return True
+            if value in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
     except ValueError:
         raise UserError(f"{source}: {raw!r} is not a valid {kind} for setting {name}") from None
     return raw

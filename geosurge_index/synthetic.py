@@ -149,3 +149,22 @@ def synthetic_queries(h: SyntheticHierarchy, n: int, *, query_noise: float = 1.0
         q += h.tables[lv][cell] / np.float32(levels)
         cell = h.parents[lv][cell]
     return _normalise_rows(q), truth.astype(np.int32)
+
+
+def synthetic_jpegs(n: int, size: tuple[int, int] = (640, 480), seed: int = 0, quality: int = 90) -> list[bytes]:
+    """n distinct photo-like JPEGs (smooth colour fields plus fine noise) for speed and load
+    benchmarks; geolocating them means nothing."""
+    import io
+
+    from PIL import Image
+
+    width, height = size
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        base = Image.fromarray(rng.integers(0, 256, (9, 12, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+        arr = np.asarray(base, dtype=np.int16) + rng.integers(-12, 13, (height, width, 1), dtype=np.int16)
+        buf = io.BytesIO()
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out

@@ -11,10 +11,11 @@ import pytest
 from _locate_fixtures import bad_images, encode, good_images, photo
 
 from geosurge_index.cli import build_parser
-from geosurge_index.cli.serve import load_test, synthetic_jpegs
+from geosurge_index.cli.serve import load_test
 from geosurge_index.errors import UserError
 from geosurge_index.server import ServerThread, create_app
 from geosurge_index.settings import ServiceSettings
+from geosurge_index.synthetic import synthetic_jpegs
 
 # -- the index served -----------------------------------------------------------------------
 # A real exported index (config-built model, random weights; issue 5's `random_index`) and the
@@ -375,6 +376,10 @@ def test_settings_flag_over_environment_over_default(tmp_path):
         ServiceSettings.from_env({"GEOSURGE_MAX_BATCH_SIZE": "many"})
     with pytest.raises(UserError, match="max_queue"):
         ServiceSettings.from_env({"GEOSURGE_MAX_QUEUE": "0"})
+    assert ServiceSettings.from_env({"GEOSURGE_TEN_CROP": "true"}).ten_crop is True
+    assert ServiceSettings.from_env({}).ten_crop is False
+    with pytest.raises(UserError, match="GEOSURGE_TEN_CROP"):
+        ServiceSettings.from_env({"GEOSURGE_TEN_CROP": "maybe"})
 
 
 def test_serve_help_lists_every_setting(capsys):

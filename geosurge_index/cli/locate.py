@@ -202,22 +202,17 @@ BF16_PEAK_TFLOPS = [
 
 
 def synthetic_jpegs(folder, n: int, width: int, height: int, seed: int = 0) -> list:
-    """n photo-like JPEGs (smooth colour fields + fine noise, quality 90) written to `folder`."""
+    """`synthetic.synthetic_jpegs` written to `folder` as img000000.jpg, ..."""
     from pathlib import Path
 
-    import numpy as np
-    from PIL import Image
+    from geosurge_index.synthetic import synthetic_jpegs as jpeg_bytes
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     paths = []
-    for i in range(n):
-        base = Image.fromarray(rng.integers(0, 256, (9, 12, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
-        arr = np.asarray(base, dtype=np.int16) + rng.integers(-12, 13, (height, width, 1), dtype=np.int16)
-        p = folder / f"img{i:06d}.jpg"
-        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(p, "JPEG", quality=90)
-        paths.append(p)
+    for i, data in enumerate(jpeg_bytes(n, (width, height), seed)):
+        paths.append(folder / f"img{i:06d}.jpg")
+        paths[-1].write_bytes(data)
     return paths
 
 

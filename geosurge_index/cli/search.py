@@ -57,7 +57,7 @@ def register(subparsers) -> None:
                    help=".npy (n, dim), or Parquet file/folder with an `embedding` list column")
     p.add_argument("--out", required=True, metavar="FILE", help="output Parquet file")
     p.add_argument("--top-k", type=int, default=5, help="finest cells returned per query")
-    p.add_argument("--beam", default="256,128,64,32,32,32",
+    p.add_argument("--beam", default="512,256,128,64,32,16",
                    help="B, paths kept at each of levels 1..6: one value, or one per level; wide "
                         "at the small coarse levels is cheap and catches paths that win on finer "
                         "levels (`geosurge bench search` measures agreement with --exhaustive)")

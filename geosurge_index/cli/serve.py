@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
 import statistics
 import sys
@@ -147,22 +146,6 @@ def load_test(base_url: str, images: list[bytes], *, clients: int = 32, requests
                              headers, timeout_s))
 
 
-def synthetic_jpegs(n: int, size: tuple[int, int] = (640, 480), seed: int = 0) -> list[bytes]:
-    """Distinct smooth-noise JPEGs (for load tests; geolocating them means nothing)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        small = rng.integers(0, 256, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
-        img = Image.fromarray(small).resize(size, Image.BILINEAR)
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=85)
-        out.append(buf.getvalue())
-    return out
-
-
 def register_bench(bench_subparsers) -> None:
     p = bench_subparsers.add_parser(
         "serve",
@@ -251,7 +234,9 @@ def run_bench(args: argparse.Namespace) -> int:
         images = [p.read_bytes() for p in files]
         what = f"{len(images)} photos from {args.images}"
     else:
-        images = synthetic_jpegs(16)
+        from geosurge_index.synthetic import synthetic_jpegs
+
+        images = synthetic_jpegs(16, quality=85)
         what = "16 synthetic 640x480 JPEGs"
     print(f"machine: {describe_machine()}")
     print(f"method: (1) direct: Locator.locate on batches of {settings.max_batch_size} pre-decoded "
