@@ -151,21 +151,29 @@ class MicroBatcher(Generic[T, R]):
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            deadline = loop.time() + self.max_wait_s
-            while len(batch) < self.max_batch_size:
-                try:
-                    batch.append(self._queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
-                    break
+            batch: list[tuple[T, asyncio.Future]] = []
+            try:
+                batch.append(await self._queue.get())
+                deadline = loop.time() + self.max_wait_s
+                while len(batch) < self.max_batch_size:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                        continue
+                    except asyncio.QueueEmpty:
+                        pass
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    except TimeoutError:
+                        break
+            except asyncio.CancelledError:
+                # stop() while gathering: these items are off the queue, so stop() cannot fail them
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(BatcherClosed(f"{self.name} batcher stopped"))
+                raise
             live = [(item, fut) for item, fut in batch if not fut.done()]
             if live:
                 await self._run(live)

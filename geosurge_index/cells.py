@@ -430,7 +430,10 @@ def read_assignments(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = directory / ASSIGNMENTS_FILE
     if not path.is_file():
         raise FormatError(f"{directory}: {ASSIGNMENTS_FILE} missing")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as err:
+        raise FormatError(f"{path}: unreadable: {err}") from None
     names = ["row"] + [f"level_{k}" for k in range(1, len(meta["tau_max"]) + 1)]
     missing = [c for c in names if c not in table.column_names]
     if missing:

@@ -28,6 +28,7 @@ from geosurge_index.locate import (
     RunStats,
     SearchSettings,
     decode_rows,
+    default_batch_size,
 )
 from geosurge_index.pred_store import chunk_bounds
 
@@ -61,8 +62,9 @@ def decode_batch(batch: pa.Table, spec: DecodeSpec) -> dict:
     rows = np.arange(batch.num_rows)
     db = decode_rows(batch, rows, spec, as_torch=False)
     n, s = batch.num_rows, spec.image_size
-    pixels = np.zeros((n, s, s, 3), np.uint8)
-    maps = np.full((n, s, s), 255, np.uint8)
+    lead = (spec.crops,) if spec.crops > 1 else ()  # ten-crop: (n, 10, S, S, 3)
+    pixels = np.zeros((n, *lead, s, s, 3), np.uint8)
+    maps = np.full((n, *lead, s, s), 255, np.uint8)
     has_map = np.zeros(n, bool)
     pixels[db.ok] = db.pixels
     maps[db.ok] = db.class_maps
@@ -134,11 +136,12 @@ def _run(plan: Plan, progress, actors, gpus_per_actor) -> RunStats:
     if actors is None:
         actors = max(1, int(n_gpus / gpus_per_actor)) if use_gpu else 1
     device = ("cuda" if use_gpu else "cpu") if job.device == "auto" else job.device
-    batch_size = job.batch_size or (256 if use_gpu else 32)
+    batch_size = job.batch_size or default_batch_size(use_gpu, job.ten_crop)
 
     # The encoder's input size, without loading the model here: read it from the index's encoder.
     image_size = _image_size(job.index_dir)
-    spec = DecodeSpec(image_size, image_size if job.draft_size is None else job.draft_size, job.max_pixels)
+    spec = DecodeSpec(image_size, image_size if job.draft_size is None else job.draft_size, job.max_pixels,
+                      job.ten_crop)
 
     cs, n = plan.config.chunk_size, plan.config.n_inputs
     blocks = []

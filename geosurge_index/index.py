@@ -288,7 +288,18 @@ def verify_index(index_dir: str | os.PathLike, *, checksums: bool = True) -> dic
     """Check every file the manifest lists (presence, size, and sha256 unless checksums=False)."""
     d = Path(index_dir)
     manifest = read_manifest(d)
-    for name, meta in manifest["files"].items():
+    files, levels = manifest["files"], manifest["levels"]
+    if not (isinstance(files, dict) and isinstance(levels, list)
+            and all(isinstance(m, dict) and {"sha256", "bytes"} <= m.keys() for m in files.values())
+            and all(isinstance(e, dict) and {"level", "file", "n_cells", "temperature"} <= e.keys()
+                    for e in levels)):
+        raise FormatError(f"{d / MANIFEST}: malformed 'files' or 'levels' entries")
+    # every file the reader opens must be covered by a checksum
+    needed = [e["file"] for e in levels] + [CELLS_DB] + (list(ENCODER_FILES) if manifest.get("encoder") else [])
+    uncovered = [name for name in needed if name not in files]
+    if uncovered:
+        raise FormatError(f"{d}: {', '.join(uncovered)} not covered by the manifest's checksums")
+    for name, meta in files.items():
         path = d / name
         if not path.is_file():
             raise FormatError(f"{d}: {name} is missing (listed in {MANIFEST})")
@@ -297,9 +308,6 @@ def verify_index(index_dir: str | os.PathLike, *, checksums: bool = True) -> dic
                               f"{meta['bytes']}: truncated or replaced")
         if checksums and _sha256(path) != meta["sha256"]:
             raise FormatError(f"{d}: {name} does not match its sha256 in {MANIFEST}: corrupted or replaced")
-    for entry in manifest["levels"]:
-        if entry["file"] not in manifest["files"]:
-            raise FormatError(f"{d}: {entry['file']} is not covered by the manifest's checksums")
     return manifest
 
 
@@ -358,10 +366,15 @@ def _flat_view(index) -> np.ndarray:
 
 
 class _FaissLevel1:
-    """Full level-1 cosines through a FAISS index moved to the GPU (index_cpu_to_gpu); left on
-    the CPU when FAISS has no GPU or the level exceeds FAISS GPU's k limit."""
+    """Full level-1 cosines through a FAISS index moved to the GPU (index_cpu_to_gpu). Only for
+    a level within FAISS GPU's k limit (`fits`): a larger one is scored by torch on the GPU,
+    not by a CPU FAISS search returning every cell (a full sort per query)."""
 
     GPU_MAX_K = 2048  # FAISS GPU k-selection limit
+
+    @classmethod
+    def fits(cls, n_cells: int, device: str) -> bool:
+        return device.startswith("cuda") and _faiss_gpus() > 0 and n_cells <= cls.GPU_MAX_K
 
     def __init__(self, index, device: str):
         import faiss
@@ -369,7 +382,7 @@ class _FaissLevel1:
         self.n = index.ntotal
         self.index = index
         self.gpu_resources = None
-        if device.startswith("cuda") and _faiss_gpus() > 0 and self.n <= self.GPU_MAX_K:
+        if self.fits(self.n, device):
             self.gpu_resources = faiss.StandardGpuResources()
             dev = int(device.split(":")[1]) if ":" in device else 0
             self.index = faiss.index_cpu_to_gpu(self.gpu_resources, dev, index)
@@ -392,7 +405,8 @@ class GeoIndex:
       fvec_inner_products_by_idx reading the index storage in place (about 10x faster than a
       gather + bmm; a FAISS search restricted by an IDSelector is slower than a full search);
       on CUDA, level 1 (scored in full) goes through its FAISS index moved to the GPU with
-      index_cpu_to_gpu when FAISS has GPU support, and the children are gathered and scored in
+      index_cpu_to_gpu when FAISS has GPU support and level 1 has at most 2048 cells (FAISS
+      GPU's k limit; else a torch GEMM on the GPU), and the children are gathered and scored in
       torch on the GPU. backend "torch": everything in torch on `device` (the GPU code path,
       also runnable on CPU). "auto": faiss on CPU; on CUDA faiss when FAISS has a GPU, else torch.
       The exhaustive mode needs every score, which FAISS's top-k API does not give: it is a
@@ -468,7 +482,7 @@ class GeoIndex:
                 keep.append(index)
             else:
                 vectors.append(view.to(device))
-            if e["level"] == 1 and backend == "faiss" and device != "cpu" and _faiss_gpus() > 0:
+            if e["level"] == 1 and backend == "faiss" and _FaissLevel1.fits(index.ntotal, device):
                 level1 = _FaissLevel1(index, device)
             del view, index
         engine = SearchEngine(tree, vectors, temps, device=device, level1_scorer=level1,
@@ -493,7 +507,7 @@ class GeoIndex:
                 a = a / norms[:, None]
             vectors.append(torch.from_numpy(np.ascontiguousarray(a)).to(device))
         level1 = None
-        if backend == "faiss" and device != "cpu" and _faiss_gpus() > 0:
+        if backend == "faiss" and _FaissLevel1.fits(vectors[0].shape[0], device):
             index = faiss.IndexFlatIP(vectors[0].shape[1])
             index.add(vectors[0].cpu().numpy())
             level1 = _FaissLevel1(index, device)

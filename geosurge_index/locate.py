@@ -117,6 +117,8 @@ def decode_input_row(file: str, offset: int, size: int, cmo: int, cms: int, spec
         cmap = sources.class_map_source(file, offset, cmo, cms)
     except ImageDecodeError as err:
         return Decoded(None, None, error=f"{err.kind}: {err.message}")
+    except Exception as err:  # noqa: BLE001 - e.g. a NUL in a manifest path: an error row, not a dead run
+        return Decoded(None, None, error=f"unreadable: {file}: {type(err).__name__}: {err}")
     return _decode(data, cmap, spec)
 
 
@@ -393,7 +395,7 @@ class LocateJob:
     save_embeddings: bool = False
     chunk_size: int = 1024
     batch_size: int | None = None  # None: 256 on CUDA, 32 on CPU
-    workers: int | None = None  # decoding processes; None: the CPU count (at most 8); 0: in-process
+    workers: int | None = None  # decoding processes; None: `default_workers`; 0: in-process
     device: str = "auto"
     draft_size: int | None = None  # None: the encoder's input size; 0: off
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -577,8 +579,6 @@ def run_job(job: LocateJob, ray_address: str | None = None, predictor: Predictor
     """Plan, run (locally or on Ray), write `_summary.json`; return the summary."""
     from geosurge_index.progress import bar
 
-    if ray_address is not None and job.ten_crop:
-        raise UserError("--ten-crop is not available with --ray yet: run it without --ray")
     plan = plan_job(job)
     n_todo = len(plan.pending_rows())
     with bar(total=n_todo, desc="locate", unit="img") as progress:
@@ -758,7 +758,6 @@ class Locator:
     def _predictions(self, batch, ids, result, level_probs, emb) -> list[Prediction]:
         tree = self.index.tree
         finest = tree.levels - 1
-        tokens = [t.to_pylist() for t in tree.tokens] if result is not None else None
         out, r = [], 0
         for i in range(len(batch)):
             if not batch.ok[i]:
@@ -766,9 +765,10 @@ class Locator:
                                       batch.errors[i], ids[i]))
                 continue
             path = result.best_cells[r]
-            cells = [CellPrediction(lv + 1, int(c), tokens[lv][c], float(level_probs[r, lv]))
+            # Scalar look-ups: converting every level's tokens per call costs more than the search.
+            cells = [CellPrediction(lv + 1, int(c), tree.tokens[lv][int(c)].as_py(), float(level_probs[r, lv]))
                      for lv, c in enumerate(path)]
-            alts = [Alternative(int(c), tokens[finest][c], float(p), float(tree.mean_lat[finest][c]),
+            alts = [Alternative(int(c), tree.tokens[finest][int(c)].as_py(), float(p), float(tree.mean_lat[finest][c]),
                                 float(tree.mean_lon[finest][c]))
                     for c, p in zip(result.topk_cells[r], result.topk_probs[r], strict=True) if c >= 0]
             best = int(path[-1])

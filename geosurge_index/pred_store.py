@@ -152,8 +152,8 @@ class PredStore:
             )
 
     def _remove_temporaries(self) -> None:
-        """Half-written shards of a killed run (never visible as part-*.parquet)."""
-        for p in self.dir.glob(".part-*.tmp-*"):
+        """Half-written files of a killed run (shards, ledger, summary; never seen by readers)."""
+        for p in self.dir.glob(".*.tmp-*"):
             p.unlink(missing_ok=True)
 
     def done_chunks(self) -> set[int]:

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from geosurge_index import images
 from geosurge_index.batcher import BatcherClosed, BatcherFull, MicroBatcher
@@ -461,12 +462,21 @@ def _api_key_dependency(api_key: str | None):
 async def _read_form(request: Request, settings: ServiceSettings):
     """The parsed form; its spooled upload files are closed when the block ends."""
     ctype = request.headers.get("content-type", "")
-    if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+    if not ctype.lower().startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         raise ApiError(415, "unsupported_content_type",
                        f"content type {ctype or 'none'!r}: send multipart/form-data")
     limit = settings.max_images_per_request + 16  # the real count check names the limit below
-    async with request.form(max_files=limit, max_fields=limit) as form:
+    try:
+        form = await request.form(max_files=limit, max_fields=limit)
+    except HTTPException as err:  # starlette answers its own caps with 400: over ours is a 413
+        if "Too many files" in str(err.detail):
+            raise ApiError(413, "too_many_images",
+                           f"more than {settings.max_images_per_request} images in one request") from None
+        raise
+    try:
         yield form
+    finally:
+        await form.close()
 
 
 async def _read_locate_request(request: Request, settings: ServiceSettings) -> list[tuple[str, bytes]]:

@@ -144,6 +144,10 @@ def read_manifest(path: str | os.PathLike, columns: ManifestColumns = ManifestCo
         raise UserError(f"manifest {path} cannot be read: {err}") from err
 
     paths = table.column(columns.path)
+    if pa.types.is_large_string(paths.type) or (
+        pa.types.is_dictionary(paths.type) and pa.types.is_string(paths.type.value_type)
+    ):  # polars' strings, pandas categoricals
+        paths = paths.cast(pa.string())
     if paths.type != pa.string():
         raise UserError(f"manifest {path}: column '{columns.path}' holds {paths.type}, not paths")
     _check_no_nulls(path, columns.path, paths)
@@ -289,7 +293,9 @@ def class_map_source(file: str, offset: int, cmap_offset: int, cmap_size: int):
     """Where this input's class map is: a path, tar bytes, or None when it has none."""
     if offset < 0:
         p = class_map_path(file)
-        return p if p.is_file() else None
+        # os.path.isfile, not Path.is_file: a name too long for a ".classmap.png" sibling has none
+        # (Path.is_file raises ENAMETOOLONG).
+        return p if os.path.isfile(p) else None
     if cmap_offset < 0:
         return None
     return read_bytes(file, cmap_offset, cmap_size)

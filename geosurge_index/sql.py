@@ -13,7 +13,8 @@
 Parameters reach queries as DuckDB variables: `params={"radius_km": 25}` runs
 `SET VARIABLE radius_km = 25` before the query, which reads it with `getvariable('radius_km')`.
 `run` executes a script of statements and returns the last one's result; statements that would
-attach, detach or load other databases or extensions, or write files (COPY), are refused.
+attach, detach or load other databases or extensions, or write files (COPY, EXPORT, a PREPAREd
+COPY), are refused, and the configuration is locked (settings like profiling_output write files).
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ CREATE MACRO geoguessr_score(distance_km) AS
 
 # Statement types that would reach beyond the index, predictions and truth given on the command
 # line, or write files (COPY ... TO could overwrite cells.duckdb itself): results leave through
-# write_result (--format / --output) instead.
-_REFUSED = {"ATTACH", "DETACH", "LOAD", "EXTENSION", "EXPORT", "COPY", "COPY_DATABASE"}
+# write_result (--format / --output) instead. PREPARE/EXECUTE are refused because a prepared
+# statement hides its type (`PREPARE p AS COPY ...; EXECUTE p`). Settings that write files
+# (profiling_output, log_query_path) are closed by locking the configuration in `connect`.
+_REFUSED = {"ATTACH", "DETACH", "LOAD", "EXTENSION", "EXPORT", "COPY", "COPY_DATABASE", "PREPARE", "EXECUTE"}
 _YIELDS_ROWS = {"SELECT", "EXPLAIN", "PRAGMA", "CALL", "RELATION"}
 
 
@@ -109,6 +112,11 @@ def connect(
         con.execute("CREATE TABLE truth AS SELECT * FROM _truth_arrow")
         con.unregister("_truth_arrow")
     set_params(con, params or {})
+    # no downloads into ~/.duckdb, no secrets stored on disk; then no SET/PRAGMA of a setting from
+    # here on (SET VARIABLE still works): some settings write files (profiling_output, log_query_path)
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET allow_persistent_secrets = false")
+    con.execute("SET lock_configuration = true")
     return con
 
 
@@ -213,6 +221,8 @@ def _explain(err: Exception, query: str) -> str:
     head = " ".join(query.strip().split())[:80]
     if "read-only mode" in msg or "Can only update base table" in msg or "Cannot drop" in msg:
         return f"the index is read-only; `{head}` was refused ({msg})"
+    if "configuration has been locked" in msg:
+        return f"SQL: settings cannot change in a read-only session (some write files); `{head}` was refused"
     for view, flag in (("predictions", "--predictions PRED_DIR"), ("truth", "--truth FILE"),
                        ("cells", "an INDEX_DIR"), ("levels", "an INDEX_DIR")):
         if re.search(rf"Table with name {view} does not exist", msg):
@@ -249,6 +259,9 @@ def write_result(
         out = Path(output)
         if out.parent and not out.parent.is_dir():
             raise UserError(f"--output {out}: folder {out.parent} does not exist")
+        if out.resolve() in _attached_files(con):
+            raise UserError(f"--output {out} is the index's database, which geosurge sql never changes; "
+                            "write the result elsewhere")
         options = {"csv": "FORMAT csv, HEADER true", "json": "FORMAT json", "parquet": "FORMAT parquet"}[fmt]
         rel.to_view("_result", replace=True)
         counted = con.execute(f"COPY (SELECT * FROM _result) TO {_sql_str(str(out))} ({options})").fetchall()
@@ -256,6 +269,12 @@ def write_result(
     if fmt == "parquet":
         raise UserError("--format parquet needs --output FILE")
     return _write_stream(rel, fmt, sys.stdout)
+
+
+def _attached_files(con) -> set[Path]:
+    """The database files attached to this session (the index's cells.duckdb)."""
+    paths = {r[0] for r in con.execute("SELECT path FROM duckdb_databases() WHERE path IS NOT NULL").fetchall()}
+    return {Path(p).resolve() for p in paths}
 
 
 def _write_stream(rel, fmt: str, stream) -> int:

@@ -139,8 +139,11 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     train = _build(TrainSettings, raw.get("train", {}), "train")
     if train.precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"recipe [train] precision = {train.precision!r}: auto, bf16 or fp32")
-    if train.batch_size < 1 or train.effective_batch < 1 or train.epochs < 1:
-        raise UserError("recipe [train]: batch_size, effective_batch and epochs must be positive")
+    if train.batch_size < 1 or train.effective_batch < 1 or train.epochs < 1 or train.patience < 1:
+        raise UserError("recipe [train]: batch_size, effective_batch, epochs and patience must be positive")
+    if not train.lr_decay > 0:
+        raise UserError(f"recipe [train] lr_decay = {train.lr_decay}: the lr is multiplied by it every epoch, "
+                        "so it must be positive (1 = no decay)")
     if data.synthetic is None and not (data.cells and data.train):
         raise UserError(f"recipe {path}: [data] needs `cells` (a CELLS_DIR) and `train` (manifests or shards)")
     return Recipe(model_config_from(raw.get("model", {})), data, train, str(raw.get("out", "runs/geosurge")), str(path))
@@ -469,9 +472,16 @@ class Trainer:
             self.ddp = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.accum = max(1, ts.effective_batch // (ts.batch_size * self.dist.world))
+        per_step = ts.batch_size * self.dist.world * self.accum
+        if len(self.train_split) < per_step:  # an epoch would take no optimizer step and learn nothing
+            raise UserError(f"the training split has {len(self.train_split)} samples, fewer than one optimizer "
+                            f"step of {per_step} (batch_size {ts.batch_size} x {self.dist.world} processes x "
+                            f"{self.accum} accumulation): lower [train] effective_batch")
 
         self.state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "best_val_loss": math.inf,
-                      "best_epoch": None, "bad_epochs": 0, "world_size": self.dist.world, "seed": ts.seed}
+                      "best_epoch": None, "bad_epochs": 0}
+        # what this run's batch order depends on: saved with every checkpoint, always this run's values
+        order = {"world_size": self.dist.world, "seed": ts.seed, "batch_size": ts.batch_size}
         if ckpt_dir is not None:
             meta = unpack_train_state(ckpt_dir, self.optimizer, self.scheduler)
             for k in self.state:
@@ -479,11 +489,14 @@ class Trainer:
                     self.state[k] = meta[k]
             if self.state["best_val_loss"] is None:
                 self.state["best_val_loss"] = math.inf
-            if self.state["batch_in_epoch"] and meta.get("world_size") != self.dist.world:
-                raise UserError(f"{ckpt_dir} stopped mid-epoch with {meta.get('world_size')} processes; "
-                                f"resume it with the same number (now {self.dist.world})")
+            changed = [f"{k} {meta[k]} -> {v}" for k, v in order.items() if k in meta and meta[k] != v]
+            if self.state["batch_in_epoch"] and changed:
+                raise UserError(f"{ckpt_dir} stopped mid-epoch; its batch order depends on the number of "
+                                f"processes, [train] seed and batch_size, which changed ({', '.join(changed)}): "
+                                "resume with the same values")
             self.log(f"resuming from {ckpt_dir} (epoch {self.state['epoch'] + 1}, "
                      f"batch {self.state['batch_in_epoch']}, step {self.state['global_step']})")
+        self.state.update(order)
         self.skipped: Counter = Counter()
 
     # -- helpers -----------------------------------------------------------------------------
@@ -532,6 +545,15 @@ class Trainer:
         targets = torch.as_tensor(split.targets[ok_rows], device=self.device).long()
         return x, cm, targets, ok_rows
 
+    def _placeholder_inputs(self):
+        """One black image (and an all-background class map) whose targets are -1 at every level."""
+        import torch
+
+        s = self.config.image_size
+        x = torch.zeros(1, 3, s, s, device=self.device)
+        cm = torch.zeros(1, s, s, dtype=torch.long, device=self.device) if self.config.fusion.enabled else None
+        return x, cm, torch.full((1, self.cells.n_levels), -1, dtype=torch.long, device=self.device)
+
     def _autocast(self):
         import torch
 
@@ -569,15 +591,20 @@ class Trainer:
         self.ddp.train()
         pb = bar(total=len(batches) * ts.batch_size * self.dist.world, desc=f"epoch {epoch + 1}", unit="img",
                  initial=start * ts.batch_size * self.dist.world) if self.progress and self.dist.main else None
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
         for i, (rows, batch) in enumerate(self._loader(self.train_split, batches[start:]), start=start):
             x, cm, targets, _ = self._inputs(self.train_split, rows, batch)
             last = (i + 1) % self.accum == 0
             sync = self.ddp.no_sync() if (self.dist.world > 1 and not last) else _null()
+            real = x is not None and len(x) > 0
+            if not real:
+                # Nothing decodable. Still a forward through DDP (a backward without one skips DDP's
+                # all-reduce on this process only and desynchronises the others): one placeholder
+                # sample with no cell at any level, whose loss and gradients are exactly 0.
+                x, cm, targets = self._placeholder_inputs()
             with sync:
-                if x is not None and len(x):
-                    with self._autocast():
-                        loss, per_level, correct, _ = self.ddp(x, cm, targets)
+                with self._autocast():
+                    loss, per_level, correct, _ = self.ddp(x, cm, targets)
+                if real:
                     n = len(targets)
                     sums["loss"] += float(loss.detach()) * n
                     sums["n"] += n
@@ -585,8 +612,6 @@ class Trainer:
                     sums["level_loss"] += per_level.float().cpu().numpy() * valid
                     sums["correct"] += correct.cpu().numpy()
                     sums["valid"] += valid
-                else:  # nothing decodable: a zero loss keeps every process in the same all-reduce
-                    loss = sum(p.sum() * 0.0 for p in trainable)
                 (loss / self.accum).backward()
             if last:
                 self.optimizer.step()

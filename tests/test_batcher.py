@@ -182,3 +182,20 @@ def test_stopped_batcher_refuses_and_fails_what_was_queued():
     first, queued = run(main())
     assert isinstance(queued, BatcherClosed)
     assert first == 1  # the batch in the model when stop() came was finished and answered
+
+
+def test_stop_while_a_batch_is_being_gathered_fails_its_items_instead_of_hanging():
+    async def main():
+        fn = Recorder()
+        b = MicroBatcher(fn, max_batch_size=4, max_wait_s=30.0)  # the collector waits for more
+        await b.start()
+        waiting = asyncio.ensure_future(b.submit(1))
+        await asyncio.sleep(0.05)  # taken off the queue into the batch being gathered
+        assert b.queued == 0
+        await b.stop()
+        done, _ = await asyncio.wait([waiting], timeout=2)
+        return fn, waiting, bool(done)
+
+    fn, waiting, answered = run(main())
+    assert answered and isinstance(waiting.exception(), BatcherClosed)
+    assert fn.batches == []

@@ -164,6 +164,9 @@ def test_read_cells_refuses_bad_dirs(part, tmp_path):
     (tmp_path / "cells.parquet").unlink()
     with pytest.raises(FormatError, match="cells.parquet missing"):
         cells.read_cells(tmp_path)
+    (tmp_path / "assignments.parquet").write_bytes(b"not parquet")
+    with pytest.raises(FormatError, match="assignments.parquet: unreadable"):
+        cells.read_assignments(tmp_path)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -205,6 +208,10 @@ def test_cli_partition_bad_rows(tmp_path, capsys):
     meta = json.loads((tmp_path / "c" / "partition.json").read_text())
     assert meta["n_input"] == 3 and meta["n_skipped_invalid"] == 2
     assert cells.read_assignments(tmp_path / "c")[0].tolist() == [0]
+    # too few points for --tau-min: an error, not an empty (useless) partition
+    assert main(["partition", str(csv), "--out", str(tmp_path / "d"), "--skip-invalid"]) == 2
+    assert "no cell holds --tau-min 50 of the 1 valid points" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "partition.json").exists()
 
 
 def test_bench_partition_runs(tmp_path, capsys):

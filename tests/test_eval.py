@@ -162,6 +162,13 @@ def test_eval_cli_bad_inputs(world, tmp_path, capsys):  # noqa: F811
     assert "no such file" in capsys.readouterr().err
     assert main(["eval", str(world.pred_dir), "--truth", str(world.truth_csv), "--index", str(tmp_path)]) == 2
     assert "cells.duckdb" in capsys.readouterr().err
+    missing = tmp_path / "no" / "out.json"  # a missing output folder: a clear error, no traceback
+    for argv in (["eval", str(world.pred_dir), "--truth", str(world.truth_csv), "--json", str(missing)],
+                 ["coverage", str(world.cells_dir), "--truth", str(world.truth_csv), "--json", str(missing)],
+                 ["map", "predictions", str(world.pred_dir), "--output", str(missing)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "does not exist" in err and "Traceback" not in err
 
 
 # --- coverage -----------------------------------------------------------------------------------

@@ -139,6 +139,26 @@ def test_newer_format_version(exported, tmp_path):
         GeoIndex.open(d)
 
 
+def test_manifest_must_cover_every_file_read(exported, tmp_path):
+    d = _copy(exported, tmp_path)
+    good = json.loads((d / MANIFEST).read_text())
+    m = json.loads(json.dumps(good))
+    del m["files"]["cells.duckdb"]  # the cells table would be read unchecked
+    (d / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(FormatError, match="cells.duckdb not covered"):
+        GeoIndex.open(d)
+    m = json.loads(json.dumps(good))
+    del m["files"]["level_3.faiss"]["bytes"]
+    (d / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(FormatError, match="malformed"):
+        GeoIndex.open(d)
+    m = json.loads(json.dumps(good))
+    m["levels"] = "level_1.faiss"
+    (d / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(FormatError, match="malformed"):
+        GeoIndex.open(d)
+
+
 def test_corrupt_faiss_file_with_matching_manifest_is_a_format_error(exported, tmp_path):
     from geosurge_index.index import _sha256
 

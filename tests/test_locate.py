@@ -65,8 +65,9 @@ def test_ledger_resumes_and_refuses_other_runs(tmp_path):
     assert store.begin(cfg) == set()
     store.write_chunk(1, _rows([4, 5, 6, 7]))
     (tmp_path / "out" / ".part-00002.parquet.tmp-123").write_bytes(b"half a shard")
+    (tmp_path / "out" / "._summary.json.tmp-123").write_bytes(b"{")
     assert store.begin(cfg) == {1}
-    assert not list((tmp_path / "out").glob(".part-*"))  # the killed run's temporary is gone
+    assert not list((tmp_path / "out").glob(".*"))  # the killed run's temporaries are gone
     with pytest.raises(UserError, match=r"settings.top_k: was 5, now 7"):
         store.begin(_config(settings={"top_k": 7}))
     with pytest.raises(UserError, match="inputs' ids, paths or tar contents changed"):
@@ -373,6 +374,19 @@ def test_bulk_ten_crop_is_recorded_and_matches_the_locator(index_dir, locator10,
     capsys.readouterr()
     assert cli_main(argv) == 2
     assert "settings.ten_crop" in capsys.readouterr().err
-    with pytest.raises(UserError, match="--ray"):
-        locate.run_job(locate.LocateJob(str(index_dir), [str(folder)], str(tmp_path / "r"), ten_crop=True),
-                       ray_address="local")
+
+
+def test_odd_paths_become_error_rows_or_skip_the_class_map(tmp_path):
+    """A worker must never raise: a NUL in a manifest path is an error row; an image whose name is
+    too long for a `.classmap.png` sibling is decoded without one."""
+    spec = locate.DecodeSpec(32, 32)
+    bad = locate.decode_input_row("/tmp/a\0b.jpg", -1, -1, -1, -1, spec)
+    assert bad.pixels is None and bad.error.startswith("unreadable:")
+    long = tmp_path / ("x" * 245 + ".jpg")
+    long.write_bytes(good_images()["a.jpg"])
+    ok = locate.decode_input_row(str(long), -1, -1, -1, -1, spec)
+    assert ok.error is None and ok.pixels.shape == (32, 32, 3) and ok.class_map is None
+    broken = tmp_path / "b.jpg"  # an unreadable class map fails its image, as an error row
+    broken.write_bytes(good_images()["a.jpg"])
+    class_map_path(broken).write_bytes(b"not a png")
+    assert locate.decode_input_row(str(broken), -1, -1, -1, -1, spec).error.startswith("decode_failed:")

@@ -67,3 +67,24 @@ def test_ray_run_matches_local_run_and_resumes_it(ray_local, index_dir, tmp_path
     assert [r["id"] for r in again] == [r["id"] for r in want]
     assert [r["cell_l7"] for r in again] == [r["cell_l7"] for r in want]
     assert json.loads((out / "_summary.json").read_text())["errors"] == local["errors"]
+
+
+def test_ray_ten_crop_matches_local(ray_local, index_dir, tmp_path):
+    from _locate_fixtures import encode, photo
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(encode(photo(100, 75, seed=40 + i), "JPEG"))
+    (folder / "bad.jpg").write_bytes(b"")
+    runs = {}
+    for name, address in (("local", None), ("ray", "local")):
+        summary = locate.run_job(_job(index_dir, [folder], tmp_path / name, ten_crop=True, save_embeddings=True),
+                                 ray_address=address)
+        assert summary["complete"] and summary["errors"] == 1
+        runs[name] = pq.read_table(sorted((tmp_path / name).glob("part-*.parquet"))).to_pylist()
+    assert [r["id"] for r in runs["ray"]] == [r["id"] for r in runs["local"]]
+    for g, w in zip(runs["ray"], runs["local"], strict=True):
+        assert g["error"] == w["error"] and g["cell_l7"] == w["cell_l7"]
+        if w["embedding"]:
+            assert g["embedding"] == pytest.approx(w["embedding"], abs=1e-5)

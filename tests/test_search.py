@@ -129,6 +129,20 @@ def test_beam_keeps_only_paths_reaching_finest_level():
     assert res.topk_probs[0, 2] == 0 and res.best_cells.tolist() == [[1, 1]]
 
 
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_single_level_tree_searches_with_any_beam(backend):
+    # a 1-level partition (one tau_max value) expands no level: the default beam must not fail
+    e = np.eye(4, dtype=np.float32)
+    tree = CellTree.from_parents([None], [np.zeros(3)], [np.zeros(3)], [["a", "b", "c"]])
+    index = GeoIndex.from_arrays([e[:3]], [0.1], tree, backend=backend)
+    assert parse_beam("512,256,128,64,32,16", 1) == () and parse_beam(4, 1) == ()
+    for beam in (4, "512,256,128,64,32,16"):
+        res = index.search(e[[1]], top_k=2, beam=beam)
+        assert res.topk_cells[0, 0] == 1 and res.best_cells.tolist() == [[1]]
+    ex = index.search(e[[1]], top_k=2, exhaustive=True)
+    np.testing.assert_allclose(ex.topk_probs, res.topk_probs, rtol=1e-6)
+
+
 def test_bad_inputs(small):
     h, q, _ = small
     index = GeoIndex.from_arrays(h.tables, h.temperatures, h.tree())
@@ -200,15 +214,16 @@ def test_search_cli_round_trip(tmp_path, small):
                  str(tmp_path / "out.parquet")]) == 2
 
     # Parquet input with ids, a missing, a short and a zero embedding: one row each, in order
-    emb = [q[0].tolist(), None, q[1][:5].tolist(), [0.0] * q.shape[1], q[2].tolist()]
-    pq.write_table(pa.table({"id": ["u", "v", "w", "x", "y"],
+    # (and one of tiny values whose float32 norm underflows to 0: an error row, not a failed run)
+    emb = [q[0].tolist(), None, q[1][:5].tolist(), [0.0] * q.shape[1], q[2].tolist(), [1e-40] * q.shape[1]]
+    pq.write_table(pa.table({"id": ["u", "v", "w", "x", "y", "z"],
                              "embedding": pa.array(emb, pa.list_(pa.float32()))}), tmp_path / "emb.parquet")
     assert main(["search", str(idx), "--embeddings", str(tmp_path / "emb.parquet"), "--out",
                  str(tmp_path / "out2.parquet"), "--top-k", "3", "--beam", "2", "--exhaustive"]) == 0
     rows = pq.read_table(tmp_path / "out2.parquet").to_pylist()
-    assert [r["id"] for r in rows] == ["u", "v", "w", "x", "y"]
+    assert [r["id"] for r in rows] == ["u", "v", "w", "x", "y", "z"]
     assert [r["error"].split(":")[0] if r["error"] else None for r in rows] == [
-        None, "missing_embedding", "bad_embedding", "bad_embedding", None]
+        None, "missing_embedding", "bad_embedding", "bad_embedding", None, "bad_embedding"]
     ex = index.search(q[[0, 2]], top_k=3, exhaustive=True)
     assert [rows[0]["topk_cells"], rows[4]["topk_cells"]] == ex.topk_cells.tolist()
     assert rows[1]["lat"] is None and rows[1]["cell_l1"] is None

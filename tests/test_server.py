@@ -136,6 +136,13 @@ def test_locate_one_multipart_image(client):
     check_result(res, "a.jpg", 96, 72, top_k=3, cells=True)
 
 
+def test_content_type_is_case_insensitive(client):
+    body = (b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n" + jpeg(1) + b"\r\n--x--\r\n")
+    r = client.post("/v1/locate", content=body, headers={"content-type": "Multipart/Form-Data; boundary=x"})
+    assert r.status_code == 200, r.text
+
+
 def test_locate_several_images_every_format_in_order(client):
     imgs = {k: v for k, v in good_images().items() if k in ("a.jpg", "b.png", "c.webp", "rotated.jpg", "alpha.png")}
     files = [("images", (name, data, "application/octet-stream")) for name, data in imgs.items()]
@@ -286,6 +293,16 @@ def test_bad_input_corpus_gets_4xx_and_the_server_stays_up(client):
     assert post_files(client, {"images": ("a.jpg", jpeg(), "image/jpeg")}).status_code == 200
 
 
+def test_far_too_many_images_is_413_not_a_form_parser_400(client):
+    # beyond the form parser's own cap (max_images_per_request + 16 files) the answer stays 413
+    files = [("images", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(40)]
+    r = post_files(client, files)
+    assert r.status_code == 413 and r.json()["kind"] == "too_many_images", r.text
+    r = client.post("/predict", data={"entries": '{"geolocation": {"visual": {"modelName": "g"}}}'},
+                    files=[("image", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(40)])
+    assert r.status_code == 413, r.text
+
+
 def test_one_bad_image_fails_the_request_and_names_it(client):
     files = [("images", ("good.jpg", jpeg(), "image/jpeg")), ("images", ("bad.jpg", b"", "image/jpeg"))]
     r = post_files(client, files)
@@ -419,3 +436,14 @@ def test_geosurge_serve_subprocess_takes_settings_from_the_environment(index):
     finally:
         server.stop()
     assert server.proc.returncode is not None
+
+
+def test_load_report_counts_each_request_once():
+    from geosurge_index.cli.serve import LoadReport
+
+    r = LoadReport(latencies_s=[0.1, 0.2, 0.3, 0.4, 0.5], statuses={200: 4, 503: 1},
+                   failures=["request 4: HTTP 503", "request 5: ConnectError"], transport_errors=1,
+                   wall_s=1.0)
+    assert r.requests == 6  # the 503 is an answer and a failure, but one request
+    assert r.percentile(50) == 0.3 and r.percentile(100) == 0.5
+    assert "transport failures 1" in r.summary()

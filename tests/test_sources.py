@@ -42,6 +42,12 @@ def test_parquet_manifest_custom_columns_and_no_id(tmp_path):
     pq.write_table(pa.table({"file": ["a.jpg", "b.jpg"], "key": [10, 11]}), tmp_path / "k.parquet")
     t = sources.read_manifest(tmp_path / "k.parquet", sources.ManifestColumns(path="file", id="key"))
     assert t.column("id").to_pylist() == ["10", "11"]
+    # polars writes large strings, pandas categoricals come back as dictionaries: both are paths
+    paths = pa.array(["a.jpg", "b.jpg"])
+    for col in (paths.cast(pa.large_string()), paths.dictionary_encode()):
+        pq.write_table(pa.table({"path": col}), tmp_path / "l.parquet")
+        t = sources.read_manifest(tmp_path / "l.parquet")
+        assert t.column("path").to_pylist() == [str(tmp_path.resolve() / n) for n in ("a.jpg", "b.jpg")]
 
 
 @pytest.mark.parametrize(

@@ -109,6 +109,33 @@ def test_attach_detach_load_copy_refused(world, statement):  # noqa: F811
     assert db.read_bytes() == before
 
 
+@pytest.mark.parametrize("statement", [
+    "PREPARE p AS COPY (SELECT 1 AS a) TO '{out}' (FORMAT csv); EXECUTE p",
+    "SET profiling_output = '{out}'; PRAGMA enable_profiling",
+    "SET log_query_path = '{out}'",
+    "SET lock_configuration = false",
+    "SET autoinstall_known_extensions = true",
+])
+def test_no_file_writes_through_prepare_or_settings(world, tmp_path, statement):  # noqa: F811
+    out = tmp_path / "written.txt"
+    con = _session(world, truth=False)
+    try:
+        with pytest.raises(UserError, match="not allowed|read-only"):
+            sql.run(con, statement.format(out=out) + "; SELECT 1")
+        assert sql.run(con, "SET VARIABLE v = 3; SELECT getvariable('v')").fetchall() == [(3,)]
+    finally:
+        con.close()
+    assert not out.exists()
+
+
+def test_output_over_the_index_database_is_refused(world, capsys):  # noqa: F811
+    db = world.index_dir / "cells.duckdb"
+    before = db.read_bytes()
+    assert main(["sql", str(world.index_dir), "SELECT 1 AS a", "--format", "csv", "--output", str(db)]) == 2
+    assert "never changes" in capsys.readouterr().err
+    assert db.read_bytes() == before
+
+
 def test_cli_update_fails_with_clear_error(world, capsys):  # noqa: F811
     db = world.index_dir / "cells.duckdb"
     before = db.read_bytes()

@@ -121,6 +121,38 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(world, tmp_path, 
     assert not (tmp_path / "c" / "partial").exists()
 
 
+def test_checkpoints_record_the_batch_order_of_the_run_that_wrote_them(world, tmp_path, monkeypatch):
+    """A run resumed at an epoch boundary with another process count (allowed) must record its own
+    count, seed and batch size, so that a later mid-epoch resume is checked against those."""
+    Trainer(recipe(world, epochs=1), tmp_path / "r", progress=False).run()
+    f = tmp_path / "r" / "epoch-0001" / "train_state.json"
+    state = json.loads(f.read_text())
+    assert (state["world_size"], state["seed"], state["batch_size"]) == (1, 5, 16)
+    f.write_text(json.dumps({**state, "world_size": 2, "seed": 9}))  # as if trained by 2 processes, seed 9
+    real_save = Trainer._save
+
+    def save_then_die(self, name, epoch_done, metrics=None):
+        out = real_save(self, name, epoch_done, metrics)
+        if name == "partial":
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(Trainer, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(recipe(world, checkpoint_every_steps=1), tmp_path / "r", resume=True, progress=False).run()
+    monkeypatch.setattr(Trainer, "_save", real_save)
+    partial = json.loads((tmp_path / "r" / "partial" / "train_state.json").read_text())
+    assert (partial["world_size"], partial["seed"], partial["batch_in_epoch"]) == (1, 5, 2)
+    with pytest.raises(UserError, match="batch_size 16 -> 8"):
+        Trainer(recipe(world, batch_size=8), tmp_path / "r", resume=True, progress=False).run()
+
+
+def test_a_split_smaller_than_one_optimizer_step_is_refused(world, tmp_path):
+    # 64 samples, micro-batches of 16, effective batch 128: no epoch would ever step the optimizer
+    with pytest.raises(UserError, match="fewer than one optimizer step of 128"):
+        Trainer(recipe(world, effective_batch=128), tmp_path / "r", progress=False).run()
+
+
 def test_early_stopping_after_patience_epochs_without_improvement(world, tmp_path):
     # lr 0: the validation loss never improves after the first epoch
     res = Trainer(recipe(world, epochs=6, lr=0.0, patience=2), tmp_path / "run", progress=False).run()
@@ -153,6 +185,33 @@ def test_unreadable_images_are_skipped_and_counted(world, tmp_path):
     res = Trainer(r, tmp_path / "run", progress=False).run()
     assert res.metrics[0]["skipped_images"] == {"zero_bytes": 1, "not_an_image": 1}
     assert res.metrics[0]["train_samples"] == 62
+
+
+def test_an_undecodable_micro_batch_still_goes_through_the_model(world, tmp_path, monkeypatch):
+    """Under DDP a backward without a forward skips the gradient all-reduce on that process alone
+    and desynchronises the others: every micro-batch, even one with no readable image, must run
+    the (wrapped) model's forward, with a zero loss."""
+    from geosurge_index.model.geosurge import GeoSurgeModel
+
+    root, manifest = world
+    lat, lon = manifest.read_text().splitlines()[1].split(",")[1:3]
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,lat,lon,id\n" + "".join(f"{tmp_path / 'empty.jpg'},{lat},{lon},b{i}\n" for i in range(32)))
+    calls, real_forward = [], GeoSurgeModel.forward
+
+    def counting_forward(self, *args):
+        out = real_forward(self, *args)
+        calls.append(float(out[0].detach()))
+        return out
+
+    monkeypatch.setattr(GeoSurgeModel, "forward", counting_forward)
+    r = recipe(world, epochs=1)
+    r.data.train = str(bad)
+    res = Trainer(r, tmp_path / "run", progress=False).run()
+    assert calls == [0.0, 0.0]  # 32 rows = 2 micro-batches of 16, both forwarded, both loss 0
+    assert res.metrics[0]["train_samples"] == 0
+    assert res.metrics[0]["skipped_images"] == {"zero_bytes": 32}
 
 
 def test_exhaustive_best_is_the_best_path_product(world):
@@ -211,6 +270,12 @@ def test_recipes_parse_and_reject_mistakes(tmp_path):
     full = load_recipe(repo / "build" / "mp16.toml")
     assert full.model.backbone.pretrained == "openai/clip-vit-large-patch14-336"
     assert full.train.effective_batch == 1024 and full.train.lr == 1e-4 and full.train.patience == 4
+    # the rest of the paper's set-up (METHOD.md)
+    assert full.train.weight_decay == 1e-4 and full.train.lr_decay == 0.5 and full.train.precision == "auto"
+    m = full.model
+    assert m.segmenter.pretrained == "shi-labs/oneformer_ade20k_swin_large" and m.backbone.unfreeze_last_n == 0
+    assert (m.fusion.enabled, m.fusion.blocks, m.fusion.query_dim, m.fusion.latent_dim) == (True, 3, 128, 64)
+    assert m.embed_dim == 768 and m.init_temperature == 0.07 and m.image_size == 336
     bad = tmp_path / "bad.toml"
     bad.write_text('[modle]\npreset = "tiny"\n')
     with pytest.raises(UserError, match="unknown sections"):
@@ -220,6 +285,9 @@ def test_recipes_parse_and_reject_mistakes(tmp_path):
         load_recipe(bad)
     bad.write_text('[model]\npreset = "huge"\n[data]\ncells = "c"\ntrain = "t"\n')
     with pytest.raises(UserError, match="preset"):
+        load_recipe(bad)
+    bad.write_text('[data]\ncells = "c"\ntrain = "t"\n[train]\npatience = 0\n')
+    with pytest.raises(UserError, match="patience"):
         load_recipe(bad)
 
 

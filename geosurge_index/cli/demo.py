@@ -34,7 +34,7 @@ def register(subparsers) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from geosurge_index.demo import DEFAULT_RECIPE, DEMO_TAU_AT, DemoSettings
+    from geosurge_index.demo import DEFAULT_RECIPE, DemoSettings
 
     d = DemoSettings()
     p.add_argument("--out", "-o", type=Path, default=d.out_dir, metavar="OUT",
@@ -49,10 +49,10 @@ def register(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (default: the recipe's)")
     p.add_argument("--tau-min", type=int, default=None, metavar="N",
                    help=f"partition: drop cells with fewer than N photos (default: {d.tau_min} at "
-                        f"{DEMO_TAU_AT} training photos, in proportion to --train otherwise)")
+                        f"{d.n_train} training photos, in proportion to --train otherwise)")
     p.add_argument("--tau-max", default=None, metavar="N1,...,N7",
                    help="partition: split cells with more than this many photos, per level, coarsest first "
-                        f"(default: {','.join(map(str, d.tau_max))} at {DEMO_TAU_AT} training photos, "
+                        f"(default: {','.join(map(str, d.tau_max))} at {d.n_train} training photos, "
                         "in proportion to --train otherwise)")
     p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing what is built")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

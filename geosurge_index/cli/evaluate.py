@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from geosurge_index.errors import UserError
+
 DESCRIPTION = """\
 Score predictions against a ground truth: % of images within 1 / 25 / 200 / 750 / 2500 km
 (street / city / region / country / continent) of the true point by great-circle distance
@@ -51,6 +53,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_eval)
 
 
+def check_output_folder(path: str | None, flag: str) -> None:
+    """Before the work: an output file in a missing folder is a clear error, not a late traceback."""
+    if path is not None and not Path(path).resolve().parent.is_dir():
+        raise UserError(f"{flag} {path}: folder {Path(path).parent} does not exist")
+
+
 def format_rows(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -60,6 +68,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from geosurge_index.benchmarks import read_truth
     from geosurge_index.metrics import evaluate_predictions
 
+    check_output_folder(args.json, "--json")
     truth = read_truth(args.truth, id_column=args.id_column, lat_column=args.lat_column,
                        lon_column=args.lon_column, skip_invalid=args.skip_invalid)
     report = evaluate_predictions(args.pred_dir, truth, args.index, skip_missing=args.skip_missing)

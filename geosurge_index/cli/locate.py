@@ -71,8 +71,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ten-crop", action="store_true",
                    help="test-time ten-crop averaging (the paper's evaluation setting): embed the 4 corner "
                         "crops and the centre crop of a 1.143x resize and their mirror images, and search "
-                        "with the L2-normalised mean; 10x the encoder work (default: one centre crop). "
-                        "Not yet with --ray")
+                        "with the L2-normalised mean; 10x the encoder work (default: one centre crop)")
     g = p.add_argument_group("execution")
     g.add_argument("--chunk-size", type=int, default=1024,
                    help="inputs per output shard, the unit of resume (default: %(default)s)")

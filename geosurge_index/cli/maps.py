@@ -57,6 +57,9 @@ def register(subparsers) -> None:
 
 
 def _kind(output: str) -> str:
+    from geosurge_index.cli.evaluate import check_output_folder
+
+    check_output_folder(output, "--output")
     suffix = Path(output).suffix.lower()
     if suffix == ".png":
         return "png"

@@ -115,13 +115,16 @@ def run_partition(args: argparse.Namespace) -> int:
           f"(columns {coords.lat_column}, {coords.lon_column}"
           f"{', id ' + coords.id_column if coords.id_column else ''}); "
           f"{coords.n_skipped_invalid:,} invalid rows skipped", file=sys.stderr)
-    if out.exists() and args.overwrite:
-        (out / cells_mod.META_FILE).unlink(missing_ok=True)  # the directory is incomplete until rewritten
     start = time.perf_counter()
     result = cells_mod.partition(
         coords.lat, coords.lon, settings, source=str(Path(args.coords).resolve()),
         n_input=coords.n_input, n_skipped_invalid=coords.n_skipped_invalid, progress=True)
     part_s = time.perf_counter() - start
+    if not len(result.cells.levels[-1]):  # a hierarchy without finest cells predicts nothing
+        raise UserError(f"{args.coords}: no cell holds --tau-min {settings.tau_min} of the "
+                        f"{len(coords):,} valid points; lower --tau-min")
+    if out.exists() and args.overwrite:
+        (out / cells_mod.META_FILE).unlink(missing_ok=True)  # the directory is incomplete until rewritten
     cells_mod.write_cells_dir(out, result.cells, result.assignments, rows=coords.rows, ids=coords.ids)
     print(cells_mod.format_summary(result.cells, len(coords)))
     print(f"{len(coords):,} points partitioned in {part_s:.1f} s; wrote {out}/ "
@@ -261,7 +264,7 @@ def run_bench(args: argparse.Namespace) -> int:
     sam, par, leaf = results["sample"], results["partition"], results["leaf_ids"]
     print(f"baseline (python + imports): {base:,.0f} MiB RSS")
     print(f"sampling {args.n:,} points:      {sam['seconds']:7.2f} s   peak RSS {sam['peak_rss_mib']:,.0f} MiB")
-    print(f"partitioning (7 levels):     {par['seconds']:7.2f} s   peak RSS {par['peak_rss_mib']:,.0f} MiB "
+    print(f"partitioning ({len(settings.tau_max)} levels):     {par['seconds']:7.2f} s   peak RSS {par['peak_rss_mib']:,.0f} MiB "
           f"(incl. the {args.n * 16 / 2**20:,.0f} MiB input)")
     print(f"writing CELLS_DIR:           {par['write_seconds']:7.2f} s")
     line = f"leaf ids, numpy:             {numpy_s:7.2f} s  ({leaf['numpy_s_per_million']:.2f} s per million, median of {args.repeats})"

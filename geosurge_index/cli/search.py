@@ -57,7 +57,9 @@ def register(subparsers) -> None:
                    help=".npy (n, dim), or Parquet file/folder with an `embedding` list column")
     p.add_argument("--out", required=True, metavar="FILE", help="output Parquet file")
     p.add_argument("--top-k", type=int, default=5, help="finest cells returned per query")
-    p.add_argument("--beam", default="512,256,128,64,32,16",
+    from geosurge_index.search import DEFAULT_BEAM
+
+    p.add_argument("--beam", default=",".join(map(str, DEFAULT_BEAM)),
                    help="B, paths kept at each of levels 1..6: one value, or one per level; wide "
                         "at the small coarse levels is cheap and catches paths that win on finer "
                         "levels (`geosurge bench search` measures agreement with --exhaustive)")
@@ -137,14 +139,17 @@ class EmbeddingBatch:
 
 
 def _check_rows(emb: np.ndarray, errors: list[str | None], ok_rows: np.ndarray) -> np.ndarray:
-    """Error rows for non-finite or all-zero embeddings; returns the rows still fine."""
+    """Error rows for non-finite embeddings and ones the engine cannot normalise (a float32 norm
+    of 0, e.g. all zeros or tiny values, or inf); returns the rows still fine."""
     finite = np.isfinite(emb).all(axis=1)
-    nonzero = np.abs(np.nan_to_num(emb)).sum(axis=1) > 0
+    with np.errstate(over="ignore", under="ignore"):
+        norms = np.linalg.norm(np.where(finite[:, None], emb, 0), axis=1)  # float32, as the engine
+    normal = (norms > 0) & np.isfinite(norms)
     for r in ok_rows[~finite].tolist():
         errors[r] = "bad_embedding: non-finite values"
-    for r in ok_rows[finite & ~nonzero].tolist():
-        errors[r] = "bad_embedding: all zeros"
-    return finite & nonzero
+    for r in ok_rows[finite & ~normal].tolist():
+        errors[r] = "bad_embedding: all zeros, or a norm too small or too large for float32"
+    return finite & normal
 
 
 def read_embedding_batches(path, dim: int, batch_size: int, *, id_column: str = "id",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import statistics
 import sys
@@ -87,25 +88,26 @@ def run_serve(args: argparse.Namespace) -> int:
 class LoadReport:
     latencies_s: list[float] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # transport errors and non-200 answers
+    transport_errors: int = 0  # requests that got no HTTP answer (not in `statuses`)
     wall_s: float = 0.0
 
     @property
     def requests(self) -> int:
-        return sum(self.statuses.values()) + len(self.failures)
+        return sum(self.statuses.values()) + self.transport_errors
 
     def percentile(self, q: float) -> float:
         xs = sorted(self.latencies_s)
         if not xs:
             return float("nan")
-        return xs[min(len(xs) - 1, max(0, round(q / 100 * len(xs)) - 1))]
+        return xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))]  # nearest rank
 
     def summary(self) -> str:
         rps = self.requests / self.wall_s if self.wall_s else float("nan")
         return (f"{self.requests} requests in {self.wall_s:.2f} s = {rps:.1f} req/s; latency "
                 f"p50 {self.percentile(50) * 1000:.0f} ms, p99 {self.percentile(99) * 1000:.0f} ms, "
                 f"mean {statistics.fmean(self.latencies_s) * 1000 if self.latencies_s else float('nan'):.0f} ms;"
-                f" statuses {dict(sorted(self.statuses.items()))}; transport failures {len(self.failures)}")
+                f" statuses {dict(sorted(self.statuses.items()))}; transport failures {self.transport_errors}")
 
 
 async def _load(url: str, images: list[bytes], clients: int, requests: int, headers: dict,
@@ -125,6 +127,7 @@ async def _load(url: str, images: list[bytes], clients: int, requests: int, head
                                       headers=headers)
             except httpx.HTTPError as err:
                 report.failures.append(f"request {i}: {type(err).__name__}: {err}")
+                report.transport_errors += 1
                 continue
             report.latencies_s.append(time.perf_counter() - t0)
             report.statuses[r.status_code] = report.statuses.get(r.status_code, 0) + 1

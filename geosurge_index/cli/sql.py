@@ -10,8 +10,9 @@ from geosurge_index.errors import UserError
 
 DESCRIPTION = """\
 Query an index, its predictions and a ground truth with DuckDB SQL. Nothing can change the
-index: cells.duckdb is attached read-only, and ATTACH/DETACH/LOAD and COPY statements are
-refused (results leave through --format and --output).
+index: cells.duckdb is attached read-only; ATTACH/DETACH/LOAD, COPY/EXPORT and PREPARE/EXECUTE
+statements are refused and settings are locked (SET VARIABLE works); results leave through
+--format and --output.
 
 Views and tables:
   cells        one row per (level, cell): level, cell_index, s2_id, s2_token, s2_level,

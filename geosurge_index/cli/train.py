@@ -55,14 +55,23 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    import os
+
+    from geosurge_index.errors import UserError
     from geosurge_index.train import Trainer, load_recipe
 
+    for flag, value, least in (("--epochs", args.epochs, 1), ("--max-steps-per-epoch", args.max_steps_per_epoch, 0),
+                               ("--workers", args.workers, 0), ("--threads", args.threads, 0)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} {value}: must be at least {least}")
     recipe = load_recipe(args.recipe)
     for name in ("epochs", "max_steps_per_epoch", "workers", "device", "threads"):
         value = getattr(args, name)
         if value is not None:
             setattr(recipe.train, name, value)
     result = Trainer(recipe, args.out, resume=args.resume, progress=not args.no_progress).run()
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the summary is printed once, by rank 0
+        return 0
     if result.last_checkpoint is None:
         print(f"nothing to do: {result.run_dir} already finished ({result.epochs_run} epochs)")
     else:
@@ -106,12 +115,12 @@ def run_bench(args) -> int:
 
     from geosurge_index.machine import describe_machine
     from geosurge_index.model.geosurge import GeoSurgeModel, parameter_report
+    from geosurge_index.train import resolve_device
 
     config, name, _ = resolve_config(args, "tiny")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device, 0)  # UserError (not a traceback) for cuda without CUDA
     amp = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     print(f"machine: {describe_machine(libraries=('torch', 'transformers'))}; device {device}, "
           f"{'bf16 autocast' if amp else 'fp32'}")
