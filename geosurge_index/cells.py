@@ -368,18 +368,22 @@ def _check_meta_keys(meta: dict, where: str | Path) -> None:
 def read_cells(directory: str | Path) -> CellsTable:
     """Read and check a CELLS_DIR's cells.parquet + partition.json (FormatError when missing,
     corrupted or of a newer format version)."""
-    import pyarrow.parquet as pq
-
     directory = Path(directory)
     meta = _read_meta(directory)
-    cells_path = directory / CELLS_FILE
-    if not cells_path.is_file():
-        raise FormatError(f"{directory}: {CELLS_FILE} missing")
+    return cells_from_arrow(_read_parquet(directory, CELLS_FILE), meta, where=directory / CELLS_FILE)
+
+
+def _read_parquet(directory: Path, name: str):
+    """One Parquet file of a CELLS_DIR; FormatError when missing or unreadable."""
+    import pyarrow.parquet as pq
+
+    path = directory / name
+    if not path.is_file():
+        raise FormatError(f"{directory}: {name} missing")
     try:
-        table = pq.read_table(cells_path)
+        return pq.read_table(path)
     except (OSError, ValueError) as err:
-        raise FormatError(f"{cells_path}: unreadable: {err}") from None
-    return cells_from_arrow(table, meta, where=cells_path)
+        raise FormatError(f"{path}: unreadable: {err}") from None
 
 
 def cells_from_arrow(table, meta: dict, *, where: str | Path = "cells table") -> CellsTable:
@@ -423,17 +427,10 @@ def cells_from_arrow(table, meta: dict, *, where: str | Path = "cells table") ->
 
 def read_assignments(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(rows int64 (n,), assignments int32 (n, n_levels) with -1 where none) of a CELLS_DIR."""
-    import pyarrow.parquet as pq
-
     directory = Path(directory)
     meta = _read_meta(directory)
     path = directory / ASSIGNMENTS_FILE
-    if not path.is_file():
-        raise FormatError(f"{directory}: {ASSIGNMENTS_FILE} missing")
-    try:
-        table = pq.read_table(path)
-    except (OSError, ValueError) as err:
-        raise FormatError(f"{path}: unreadable: {err}") from None
+    table = _read_parquet(directory, ASSIGNMENTS_FILE)
     names = ["row"] + [f"level_{k}" for k in range(1, len(meta["tau_max"]) + 1)]
     missing = [c for c in names if c not in table.column_names]
     if missing:
