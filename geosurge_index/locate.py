@@ -580,19 +580,22 @@ def run_job(job: LocateJob, ray_address: str | None = None, predictor: Predictor
     from geosurge_index.progress import bar
 
     plan = plan_job(job)
-    n_todo = len(plan.pending_rows())
-    with bar(total=n_todo, desc="locate", unit="img") as progress:
-        if n_todo == 0:
-            stats = RunStats()
-        elif ray_address is not None:
-            from geosurge_index.distributed import run_ray
+    try:
+        n_todo = len(plan.pending_rows())
+        with bar(total=n_todo, desc="locate", unit="img") as progress:
+            if n_todo == 0:
+                stats = RunStats()
+            elif ray_address is not None:
+                from geosurge_index.distributed import run_ray
 
-            stats = run_ray(plan, ray_address, progress=progress, **(ray_options or {}))
-        else:
-            stats = run_local(plan, predictor, progress=progress)
-    summary = summarize(plan, stats, "ray" if ray_address is not None else "local")
-    if summary["complete"]:
-        plan.store.finish(summary)
+                stats = run_ray(plan, ray_address, progress=progress, **(ray_options or {}))
+            else:
+                stats = run_local(plan, predictor, progress=progress)
+        summary = summarize(plan, stats, "ray" if ray_address is not None else "local")
+        if summary["complete"]:
+            plan.store.finish(summary)
+    finally:
+        plan.store.release()
     return summary
 
 

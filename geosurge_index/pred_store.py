@@ -30,6 +30,7 @@ from geosurge_index.errors import FormatError, UserError
 from geosurge_index.formats import read_json
 
 RUN_FILE = "_run.json"
+LOCK_FILE = "_lock"  # flock-ed while a run writes; the kernel releases it when the process dies
 SUMMARY_FILE = "_summary.json"
 RUN_FORMAT = "geosurge-locate-run"
 RUN_FORMAT_VERSION = 1
@@ -108,6 +109,29 @@ class PredStore:
 
     def __init__(self, out_dir: str | os.PathLike):
         self.dir = Path(out_dir)
+        self._lock_fd: int | None = None
+
+    def _lock(self) -> None:
+        """One writer per PRED_DIR: a second concurrent run would delete the first's temporaries.
+        An advisory flock, so a killed run (even kill -9) never leaves a stale lock behind."""
+        import fcntl
+
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"--out {self.dir} is being written by another running `geosurge locate`: "
+                            "wait for it to finish, or write to another folder") from None
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        """Let another run write here (also what the kernel does when this process dies)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- the ledger --------------------------------------------------------------------------
     def begin(self, config: RunConfig) -> set[int]:
@@ -115,6 +139,14 @@ class PredStore:
         if self.dir.exists() and not self.dir.is_dir():
             raise UserError(f"--out {self.dir} exists and is not a folder")
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            return self._begin(config)
+        except BaseException:
+            self.release()
+            raise
+
+    def _begin(self, config: RunConfig) -> set[int]:
         run_file = self.dir / RUN_FILE
         if run_file.exists():
             self._check_same_run(read_json(run_file, RUN_FORMAT, RUN_FORMAT_VERSION), config)

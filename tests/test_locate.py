@@ -87,6 +87,15 @@ def test_ledger_resumes_and_refuses_other_runs(tmp_path):
         stray.begin(cfg)
 
 
+def test_one_writer_per_pred_dir(tmp_path):
+    first = pred_store.PredStore(tmp_path / "out")
+    assert first.begin(_config()) == set()
+    with pytest.raises(UserError, match="another running"):
+        pred_store.PredStore(tmp_path / "out").begin(_config())
+    first.release()  # as when the first run ends, or the kernel when its process dies
+    assert pred_store.PredStore(tmp_path / "out").begin(_config()) == set()
+
+
 def test_chunk_assembler_writes_whole_chunks_in_row_order(tmp_path):
     store = pred_store.PredStore(tmp_path)
     cfg = _config()
