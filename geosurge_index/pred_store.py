@@ -239,3 +239,44 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(type(o))
+
+
+class ChunkAssembler:
+    """Collects prediction rows (any order, any batching) and writes each chunk once it is whole."""
+
+    def __init__(self, store: PredStore, config: RunConfig, row_column: str = "_row"):
+        self.store, self.config = store, config
+        self.parts: dict[int, list[tuple[np.ndarray, pa.Table]]] = {}
+        self.counts: Counter = Counter()
+        self.written = 0
+
+    def add(self, rows: np.ndarray, table: pa.Table) -> int:
+        """Add rows (global row numbers + their predictions); return the chunks written."""
+        cs = self.config.chunk_size
+        chunks = rows // cs
+        done = 0
+        for c in np.unique(chunks):
+            sel = np.flatnonzero(chunks == c)
+            self.parts.setdefault(int(c), []).append((rows[sel], table.take(pa.array(sel))))
+            self.counts[int(c)] += len(sel)
+            start, stop = chunk_bounds(int(c), cs, self.config.n_inputs)
+            if self.counts[int(c)] == stop - start:
+                self._write(int(c), start, stop)
+                done += 1
+        return done
+
+    def _write(self, c: int, start: int, stop: int) -> None:
+        parts = self.parts.pop(c)
+        del self.counts[c]
+        rows = np.concatenate([r for r, _ in parts])
+        table = pa.concat_tables([t for _, t in parts])
+        order = np.argsort(rows, kind="stable")
+        if not np.array_equal(rows[order], np.arange(start, stop)):
+            raise RuntimeError(f"chunk {c}: rows are not exactly {start}..{stop - 1} (duplicates or gaps)")
+        self.store.write_chunk(c, table.take(pa.array(order)))
+        self.written += 1
+
+    @property
+    def pending(self) -> int:
+        return len(self.parts)
+

@@ -280,7 +280,7 @@ class ServiceState:
 
 def open_locator(settings: ServiceSettings) -> LocatorLike:
     """`Locator.open` with the service's settings (device, default top_k, draft size, pixel cap, ten-crop)."""
-    from geosurge_index.locate import Locator
+    from geosurge_index.locate.locator import Locator
 
     if settings.index_dir is None or not Path(settings.index_dir).is_dir():
         raise UserError(f"INDEX_DIR {settings.index_dir} is not a folder")

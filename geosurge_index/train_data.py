@@ -185,7 +185,7 @@ class BatchDataset:
     `(rows, DecodedBatch)`. Unreadable images come back as error rows, never exceptions."""
 
     def __init__(self, split: Split, batches: list[np.ndarray], image_size: int, draft: bool = True):
-        from geosurge_index.locate import DecodeSpec
+        from geosurge_index.locate.decode import DecodeSpec
 
         self.split, self.batches = split, batches
         self.spec = DecodeSpec(image_size=image_size, draft_size=image_size if draft else 0)
@@ -194,7 +194,7 @@ class BatchDataset:
         return len(self.batches)
 
     def __getitem__(self, i: int):
-        from geosurge_index.locate import decode_rows
+        from geosurge_index.locate.decode import decode_rows
 
         rows = self.batches[i]
         return rows, decode_rows(self.split.table, rows, self.spec)

@@ -94,7 +94,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def job_from_args(args: argparse.Namespace):
-    from geosurge_index.locate import LocateJob
+    from geosurge_index.locate.job import LocateJob
     from geosurge_index.sources import ManifestColumns
 
     beam = args.beam
@@ -119,7 +119,7 @@ def job_from_args(args: argparse.Namespace):
 
 
 def run_locate(args: argparse.Namespace) -> int:
-    from geosurge_index.locate import run_job
+    from geosurge_index.locate.runner import run_job
 
     job = job_from_args(args)
     ray_opts = {"actors": args.ray_actors, "gpus_per_actor": args.ray_gpus_per_actor, "num_cpus": args.ray_cpus}
@@ -247,7 +247,7 @@ def random_index(out_dir, config=None, *, n_points: int = 4000, seed: int = 0, p
 
 
 def _decode_slice(args):
-    from geosurge_index.locate import decode_input_row
+    from geosurge_index.locate.decode import decode_input_row
 
     paths, spec = args
     for p in paths:
@@ -290,14 +290,10 @@ def run_locate_bench(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from geosurge_index.locate import (
-        DecodeSpec,
-        LocateJob,
-        Predictor,
-        default_workers,
-        resolve_device,
-        run_job,
-    )
+    from geosurge_index.locate.decode import DecodeSpec
+    from geosurge_index.locate.job import LocateJob, default_workers
+    from geosurge_index.locate.predictor import Predictor, resolve_device
+    from geosurge_index.locate.runner import run_job
     from geosurge_index.model import VisualEncoder, full_config, tiny_config
 
     w, h = (int(v) for v in args.size.lower().split("x"))
@@ -381,7 +377,7 @@ def _bench_gpu(encoder, device, args, flops_per_image: int, figures: dict, say) 
     import numpy as np
     import torch
 
-    from geosurge_index.locate import Predictor
+    from geosurge_index.locate.predictor import Predictor
 
     name = torch.cuda.get_device_name(device)
     peak = args.peak_tflops or next((v for k, v in BF16_PEAK_TFLOPS if k.lower() in name.lower()), None)

@@ -155,7 +155,7 @@ def _decode_message(path) -> str:
 def build(kind: str, pretrained: str | None, input_size: int, device: str = "auto"):
     """A pretrained segmenter from `from_pretrained` (a folder or the HF cache), on `device`."""
     from geosurge_index.errors import UserError
-    from geosurge_index.locate import resolve_device
+    from geosurge_index.locate.predictor import resolve_device
     from geosurge_index.model.config import SegmenterConfig
     from geosurge_index.model.segmenter import build_segmenter
 

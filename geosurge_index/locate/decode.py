@@ -1,0 +1,170 @@
+"""The reader stage: input rows, paths, bytes or PIL images -> model-size uint8 pixels and class
+maps (`DecodedBatch`). Pure CPU; runs in DataLoader worker processes or Ray tasks. One centre crop
+per image, or with `ten_crop` the 10 test-time crops. Failures become error strings, never exceptions."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from geosurge_index import sources
+from geosurge_index.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    Preprocess,
+    decode_image_with_size,
+    load_class_map,
+    open_class_map,
+)
+
+TEN_CROPS = 10  # test-time ten-crop: 4 corners + centre, and their mirrors
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """How images become model inputs. `draft_size` 0 decodes JPEGs at full size. `ten_crop`:
+    each image becomes the 10 test-time crops (`Preprocess.ten_crop_pixels`) instead of one."""
+
+    image_size: int
+    draft_size: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    ten_crop: bool = False
+
+    @property
+    def crops(self) -> int:
+        return TEN_CROPS if self.ten_crop else 1
+
+
+@dataclass
+class Decoded:
+    """One image, ready for the model, or the reason it is not."""
+
+    pixels: np.ndarray | None  # uint8 (S, S, 3) resized and centre-cropped; ten-crop: (10, S, S, 3)
+    class_map: np.ndarray | None  # uint8 (S, S) ADE20K ids, 255 unlabelled (ten-crop: (10, S, S));
+    #                               None: run the segmenter
+    width: int = 0  # the photo's size as seen (EXIF rotation applied, before draft scaling); 0 on error
+    height: int = 0
+    error: str | None = None  # "kind: message"
+
+
+def _decode(image_source, cmap_source, spec: DecodeSpec) -> Decoded:
+    """Bytes or a PIL image -> Decoded. Never raises on bad data: failures become `error`."""
+    try:
+        sized = decode_image_with_size(image_source, max_pixels=spec.max_pixels,
+                                       draft_size=spec.draft_size or None)
+        pre = Preprocess(spec.image_size)
+        if spec.ten_crop:
+            pixels = pre.ten_crop_pixels(sized.image)
+        else:
+            pixels = np.asarray(pre.resize_crop(sized.image), dtype=np.uint8)
+        cmap = None
+        if cmap_source is not None:
+            if spec.ten_crop:
+                from geosurge_index.model.inference import ten_crop_class_maps
+
+                cmap = ten_crop_class_maps(open_class_map(cmap_source), spec.image_size).astype(np.uint8)
+            else:
+                cmap = load_class_map(cmap_source, spec.image_size).astype(np.uint8)
+        return Decoded(pixels, cmap, sized.width, sized.height)
+    except ImageDecodeError as err:
+        return Decoded(None, None, error=f"{err.kind}: {err.message}")
+    except Exception as err:  # noqa: BLE001 - a bulk run never dies on one odd file
+        return Decoded(None, None, error=f"decode_failed: {type(err).__name__}: {err}")
+
+
+def decode_input_row(file: str, offset: int, size: int, cmo: int, cms: int, spec: DecodeSpec) -> Decoded:
+    """One row of the input table (`sources.INPUT_SCHEMA`) -> Decoded."""
+    try:
+        data = sources.read_bytes(file, offset, size)
+        cmap = sources.class_map_source(file, offset, cmo, cms)
+    except ImageDecodeError as err:
+        return Decoded(None, None, error=f"{err.kind}: {err.message}")
+    except Exception as err:  # noqa: BLE001 - e.g. a NUL in a manifest path: an error row, not a dead run
+        return Decoded(None, None, error=f"unreadable: {file}: {type(err).__name__}: {err}")
+    return _decode(data, cmap, spec)
+
+
+def decode_any(image, spec: DecodeSpec) -> Decoded:
+    """A path, bytes or PIL image (the `Locator` API) -> Decoded; a path's class map is used."""
+    if isinstance(image, (str, os.PathLike)):
+        return decode_input_row(os.fspath(image), -1, -1, -1, -1, spec)  # class map beside it too
+    if isinstance(image, (bytearray, memoryview)):
+        image = bytes(image)
+    return _decode(image, None, spec)
+
+
+@dataclass
+class DecodedBatch:
+    """A batch between the reader and the encoder. Rows are in input order."""
+
+    rows: np.ndarray  # int64 (n,) global input-row numbers (or 0..n-1 for Locator)
+    ok: np.ndarray  # bool (n,): decoded fine
+    pixels: object  # uint8 (n_ok, S, S, 3), a torch tensor (pinnable) or numpy
+    class_maps: object  # uint8 (n_ok, S, S); meaningful where has_map
+    has_map: np.ndarray  # bool (n_ok,)
+    width: np.ndarray  # int32 (n,)
+    height: np.ndarray  # int32 (n,)
+    errors: list  # (n,) str | None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def pin_memory(self) -> DecodedBatch:  # called by the DataLoader's pinning thread
+        self.pixels = self.pixels.pin_memory()
+        self.class_maps = self.class_maps.pin_memory()
+        return self
+
+
+def collate(rows: Sequence[int], decoded: Sequence[Decoded], image_size: int, as_torch: bool = True,
+            crops: int = 1) -> DecodedBatch:
+    """Decoded images -> one batch; `crops` 10 for ten-crop (pixels (n_ok, 10, S, S, 3))."""
+    ok = np.array([d.error is None for d in decoded], dtype=bool)
+    good = [d for d in decoded if d.error is None]
+    s = image_size
+    lead = (crops,) if crops > 1 else ()
+    pixels = np.stack([d.pixels for d in good]) if good else np.zeros((0, *lead, s, s, 3), np.uint8)
+    has_map = np.array([d.class_map is not None for d in good], dtype=bool)
+    maps = np.full((len(good), *lead, s, s), 255, dtype=np.uint8)
+    for i, d in enumerate(good):
+        if d.class_map is not None:
+            maps[i] = d.class_map
+    if as_torch:
+        import torch
+
+        pixels, maps = torch.from_numpy(pixels), torch.from_numpy(maps)
+    return DecodedBatch(
+        rows=np.asarray(rows, dtype=np.int64),
+        ok=ok,
+        pixels=pixels,
+        class_maps=maps,
+        has_map=has_map,
+        width=np.array([d.width for d in decoded], dtype=np.int32),
+        height=np.array([d.height for d in decoded], dtype=np.int32),
+        errors=[d.error for d in decoded],
+    )
+
+
+def decode_rows(table: pa.Table, rows: np.ndarray, spec: DecodeSpec, as_torch: bool = True) -> DecodedBatch:
+    """Rows `rows` of the input table -> a DecodedBatch (the reader stage, for one batch)."""
+    part = table.take(pa.array(rows)).select(["file", "offset", "size", "cmap_offset", "cmap_size"])
+    cols = [part.column(i).to_pylist() for i in range(5)]
+    decoded = [decode_input_row(*vals, spec) for vals in zip(*cols, strict=True)]
+    return collate(rows, decoded, spec.image_size, as_torch, spec.crops)
+
+
+class InputDataset:
+    """The reader stage as a torch map-style dataset: item i = one batch of pending rows, so that
+    a DataLoader worker decodes a whole batch and the main process receives it collated."""
+
+    def __init__(self, table: pa.Table, batches: list[np.ndarray], spec: DecodeSpec):
+        self.table, self.batches, self.spec = table, batches, spec
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> DecodedBatch:
+        return decode_rows(self.table, self.batches[i], self.spec)

@@ -1,0 +1,199 @@
+"""The Python API: `Locator.open(INDEX_DIR)`; `locator.locate([paths | bytes | PIL images]) ->
+[Prediction]`. The same reader, mapper and search stages as the bulk runner, on images in memory."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from geosurge_index.images import (
+    DEFAULT_MAX_PIXELS,
+)
+from geosurge_index.locate.decode import Decoded, DecodeSpec, collate, decode_any
+from geosurge_index.locate.predictor import Predictor, SearchSettings
+
+
+@dataclass(frozen=True)
+class CellPrediction:
+    """The best cell at one level (the ancestors of the best finest cell)."""
+
+    level: int
+    cell_index: int
+    s2_token: str
+    probability: float  # the level's softmax over all its cells, at this cell
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One of the top-k finest cells."""
+
+    cell_index: int
+    s2_token: str
+    probability: float
+    lat: float
+    lon: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's prediction. On error only `error`, `id` (and the size when known) are set."""
+
+    lat: float | None
+    lon: float | None
+    probability: float | None
+    cells: list[CellPrediction]
+    alternatives: list[Alternative]
+    country_code: str | None
+    country_name: str | None
+    admin1: str | None
+    town: str | None
+    width: int | None
+    height: int | None
+    error: str | None = None
+    id: str | None = None
+    embedding: list[float] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+PLACE_COLUMNS = ("country_code", "country_name", "admin1", "town")
+
+
+def _read_places(index_dir: Path, level: int) -> dict[str, list]:
+    """Place-name columns of one level's cells (None everywhere when the index has none)."""
+    import duckdb
+
+    from geosurge_index.index import CELLS_DB
+
+    con = duckdb.connect(str(index_dir / CELLS_DB), read_only=True)
+    try:
+        have = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
+                                          "WHERE table_name = 'cells'").fetchall()}
+        cols = [c if c in have else f"NULL AS {c}" for c in PLACE_COLUMNS]
+        t = con.sql(f"SELECT {', '.join(cols)} FROM cells WHERE level = $level ORDER BY cell_index",
+                    params={"level": level}).to_arrow_table()
+    finally:
+        con.close()
+    return {c: t.column(c).to_pylist() for c in PLACE_COLUMNS}
+
+
+class Locator:
+    """`Locator.open(INDEX_DIR)`; `locator.locate([paths | bytes | PIL images]) -> [Prediction]`.
+
+    One model call per `locate` (give it a batch). Safe to call from any one thread at a time,
+    and concurrent calls are serialised by a lock, so a server may call it from a worker thread.
+    """
+
+    def __init__(self, predictor: Predictor, spec: DecodeSpec, places: dict[str, list] | None = None):
+        if predictor.settings.ten_crop != spec.ten_crop:
+            raise ValueError("the predictor's and the decode spec's ten_crop settings differ")
+        self.predictor = predictor
+        self.spec = spec
+        self.index = predictor.index
+        n_finest = self.index.tree.sizes[-1]
+        self.places = places or {c: [None] * n_finest for c in PLACE_COLUMNS}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(
+        cls,
+        index_dir: str | os.PathLike,
+        *,
+        device: str = "auto",
+        top_k: int = 5,
+        beam: int | str | None = None,
+        draft_size: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        ten_crop: bool = False,
+    ) -> Locator:
+        """Load the index's encoder and search engine on `device` (auto: CUDA when available).
+        `ten_crop`: embed each image as the normalised mean of its 10 test-time crops."""
+        predictor = Predictor.open(index_dir, device, SearchSettings(top_k, beam, False, ten_crop))
+        size = predictor.image_size
+        places = _read_places(Path(index_dir), predictor.index.levels)
+        spec = DecodeSpec(size, size if draft_size is None else draft_size, max_pixels, ten_crop)
+        return cls(predictor, spec, places)
+
+    @property
+    def image_size(self) -> int:
+        return self.predictor.image_size
+
+    def decode(self, image) -> Decoded:
+        """The reader stage for one image (no model; thread-safe, may run in other threads)."""
+        return decode_any(image, self.spec)
+
+    def locate(self, images: Iterable, *, top_k: int | None = None, ids: Sequence[str] | None = None,
+               return_embeddings: bool = False) -> list[Prediction]:
+        """Paths, bytes, PIL images or `Decoded` (from `decode`) -> one Prediction each, in order.
+        An image that cannot be decoded gives a Prediction with `error` set, never an exception."""
+        images = list(images)
+        if not images:
+            return []
+        decoded = [im if isinstance(im, Decoded) else self.decode(im) for im in images]
+        batch = collate(np.arange(len(decoded)), decoded, self.image_size, crops=self.spec.crops)
+        if ids is None:
+            ids = [os.fspath(im) if isinstance(im, (str, os.PathLike)) else None for im in images]
+        ids = [None if i is None else str(i) for i in ids]
+        if len(ids) != len(images):
+            raise ValueError(f"{len(ids)} ids for {len(images)} images")
+        base = self.predictor
+        with self._lock:
+            pred = base if top_k in (None, base.settings.top_k) else Predictor(
+                base.encoder, base.index, base.device, replace(base.settings, top_k=top_k, save_embeddings=False))
+            _, result, emb = pred.predict_full(batch, [i or "" for i in ids], [i for i in ids])
+            level_probs = self._level_probabilities(emb, result.best_cells) if result is not None else None
+        return self._predictions(batch, ids, result, level_probs, emb if return_embeddings else None)
+
+    def _level_probabilities(self, emb: np.ndarray, best_cells: np.ndarray) -> np.ndarray:
+        """(n, L): each level's softmax over all its cells (cosine / temperature) at the best path."""
+        import torch
+
+        eng = self.index.engine
+        q = torch.from_numpy(np.ascontiguousarray(emb)).to(eng.device)
+        q = torch.nn.functional.normalize(q, dim=1)
+        out = np.empty(best_cells.shape, dtype=np.float64)
+        with torch.inference_mode():
+            for lv, vec in enumerate(eng.vectors):
+                logits = (q @ vec.T).double() / float(eng.temperatures[lv])
+                logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+                idx = torch.as_tensor(best_cells[:, lv], dtype=torch.int64, device=logp.device)
+                out[:, lv] = logp.gather(1, idx[:, None])[:, 0].exp().cpu().numpy()
+        return out
+
+    def _predictions(self, batch, ids, result, level_probs, emb) -> list[Prediction]:
+        tree = self.index.tree
+        finest = tree.levels - 1
+        out, r = [], 0
+        for i in range(len(batch)):
+            if not batch.ok[i]:
+                out.append(Prediction(None, None, None, [], [], None, None, None, None, None, None,
+                                      batch.errors[i], ids[i]))
+                continue
+            path = result.best_cells[r]
+            # Scalar look-ups: converting every level's tokens per call costs more than the search.
+            cells = [CellPrediction(lv + 1, int(c), tree.tokens[lv][int(c)].as_py(), float(level_probs[r, lv]))
+                     for lv, c in enumerate(path)]
+            alts = [Alternative(int(c), tree.tokens[finest][int(c)].as_py(), float(p), float(tree.mean_lat[finest][c]),
+                                float(tree.mean_lon[finest][c]))
+                    for c, p in zip(result.topk_cells[r], result.topk_probs[r], strict=True) if c >= 0]
+            best = int(path[-1])
+            place = [self.places[c][best] for c in PLACE_COLUMNS]
+            out.append(Prediction(
+                float(result.lat[r]), float(result.lon[r]), float(result.probability[r]), cells, alts,
+                *place, int(batch.width[i]), int(batch.height[i]), None, ids[i],
+                emb[r].tolist() if emb is not None else None,
+            ))
+            r += 1
+        return out

@@ -1,0 +1,175 @@
+"""The bulk locate job on Ray Data: the same stages as `locate.run_local`, spread over a cluster.
+
+  input rows (one block per pending chunk)
+    -> map_batches(decode_batch)            CPU tasks: the reader stage
+    -> map_batches(PredictActor)            GPU (or CPU) actors: encoder + search, model loaded once
+    -> iter_batches in the driver           the writer stage: `ChunkAssembler` + `PredStore`
+
+The driver owns the ledger exactly as a local run does: the same chunks, the same atomic shards,
+the same `_run.json`, so a Ray run resumes a local one and vice versa, without duplicates.
+Every worker must be able to import geosurge_index and read the inputs and INDEX_DIR at the same
+paths (a shared file system), as with any Ray Data job reading files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+
+from geosurge_index.errors import UserError
+from geosurge_index.locate.decode import DecodedBatch, DecodeSpec, decode_rows
+from geosurge_index.locate.job import Plan, RunStats, default_batch_size
+from geosurge_index.locate.predictor import Predictor, SearchSettings
+from geosurge_index.pred_store import ChunkAssembler, chunk_bounds
+
+ROW = "_row"
+
+
+def init_ray(address: str, num_cpus: int | None = None, object_store_mb: int = 256) -> bool:
+    """`local`: start a small private Ray instance here; `auto` or HOST:PORT / ray://: connect.
+    Returns True when this call connected (the caller then shuts Ray down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    common = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    try:
+        if address == "local":
+            ray.init(
+                num_cpus=num_cpus or os.cpu_count(),
+                object_store_memory=object_store_mb * 1024 * 1024,
+                **common,
+            )
+        else:
+            ray.init(address=address, **common)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise UserError(f"--ray {address}: cannot start or reach Ray ({err})") from err
+    return True
+
+
+def decode_batch(batch: pa.Table, spec: DecodeSpec) -> dict:
+    """Reader stage on Ray: input rows -> fixed-shape columns (zeros where decoding failed)."""
+    rows = np.arange(batch.num_rows)
+    db = decode_rows(batch, rows, spec, as_torch=False)
+    n, s = batch.num_rows, spec.image_size
+    lead = (spec.crops,) if spec.crops > 1 else ()  # ten-crop: (n, 10, S, S, 3)
+    pixels = np.zeros((n, *lead, s, s, 3), np.uint8)
+    maps = np.full((n, *lead, s, s), 255, np.uint8)
+    has_map = np.zeros(n, bool)
+    pixels[db.ok] = db.pixels
+    maps[db.ok] = db.class_maps
+    has_map[db.ok] = db.has_map
+    return {
+        ROW: batch.column(ROW).to_numpy(),
+        "id": np.asarray(batch.column("id").to_pylist(), dtype=object),
+        "path": np.asarray(batch.column("path").to_pylist(), dtype=object),
+        "ok": db.ok,
+        "pixels": pixels,
+        "class_map": maps,
+        "has_map": has_map,
+        "width": db.width,
+        "height": db.height,
+        "error": np.asarray([e or "" for e in db.errors], dtype=object),  # "" = fine (`ok` decides)
+    }
+
+
+class PredictActor:
+    """Encoder + search in a Ray actor: the model is loaded once per actor."""
+
+    def __init__(self, index_dir: str, device: str, settings: SearchSettings):
+        self.predictor = Predictor.open(index_dir, device, settings)
+
+    def __call__(self, batch: dict) -> pa.Table:
+        ok = np.asarray(batch["ok"], bool)
+        db = DecodedBatch(
+            rows=np.asarray(batch[ROW], np.int64),
+            ok=ok,
+            pixels=np.ascontiguousarray(batch["pixels"][ok]),
+            class_maps=np.ascontiguousarray(batch["class_map"][ok]),
+            has_map=np.asarray(batch["has_map"], bool)[ok],
+            width=np.asarray(batch["width"], np.int32),
+            height=np.asarray(batch["height"], np.int32),
+            errors=[None if o else str(e) for o, e in zip(ok, batch["error"], strict=True)],
+        )
+        table = self.predictor.predict(db, list(batch["id"]), list(batch["path"]))
+        return table.append_column(ROW, pa.array(db.rows))
+
+
+def run_ray(
+    plan: Plan,
+    address: str,
+    *,
+    actors: int | None = None,
+    gpus_per_actor: float | None = None,
+    num_cpus: int | None = None,
+    progress=None,
+) -> RunStats:
+    import ray
+
+    started = init_ray(address, num_cpus=num_cpus)
+    try:
+        return _run(plan, progress, actors, gpus_per_actor)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run(plan: Plan, progress, actors, gpus_per_actor) -> RunStats:
+    import ray
+
+    job = plan.job
+    resources = ray.cluster_resources()
+    n_gpus = int(resources.get("GPU", 0))
+    use_gpu = job.device != "cpu" and n_gpus > 0
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if use_gpu else 0.0
+    if actors is None:
+        actors = max(1, int(n_gpus / gpus_per_actor)) if use_gpu else 1
+    device = ("cuda" if use_gpu else "cpu") if job.device == "auto" else job.device
+    batch_size = job.batch_size or default_batch_size(use_gpu, job.ten_crop)
+
+    # The encoder's input size, without loading the model here: read it from the index's encoder.
+    image_size = _image_size(job.index_dir)
+    spec = DecodeSpec(image_size, image_size if job.draft_size is None else job.draft_size, job.max_pixels,
+                      job.ten_crop)
+
+    cs, n = plan.config.chunk_size, plan.config.n_inputs
+    blocks = []
+    for c in plan.pending_chunks:
+        start, stop = chunk_bounds(c, cs, n)
+        part = plan.table.slice(start, stop - start)
+        blocks.append(part.append_column(ROW, pa.array(np.arange(start, stop, dtype=np.int64))))
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours counts images; Ray's would interleave with it
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(decode_batch, fn_kwargs={"spec": spec}, batch_size=batch_size,
+                        batch_format="pyarrow", num_cpus=1)
+    ds = ds.map_batches(
+        PredictActor,
+        fn_constructor_kwargs={"index_dir": job.index_dir, "device": device, "settings": job.settings()},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=gpus_per_actor if use_gpu else 0,
+        num_cpus=1,  # Ray sets OMP_NUM_THREADS to it: torch uses that many threads on CPU
+    )
+    assembler = ChunkAssembler(plan.store, plan.config)
+    stats = RunStats()
+    for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        rows = out.column(ROW).to_numpy()
+        table = out.drop_columns([ROW])
+        assembler.add(rows, table)
+        stats.add(table)
+        if progress is not None:
+            progress.update(table.num_rows)
+    if assembler.pending:
+        raise RuntimeError(f"{assembler.pending} chunks were left incomplete by the Ray job")
+    return stats
+
+
+def _image_size(index_dir: str) -> int:
+    from geosurge_index.model import read_encoder_config
+
+    return int(read_encoder_config(index_dir).image_size)
