@@ -12,15 +12,19 @@ INDEX_DIR holds
   every other file, library versions. A folder without it is an incomplete export.
 
 Opening checks the manifest: a missing file, a size or checksum mismatch, or a newer format
-version raise FormatError before FAISS or DuckDB touch the files.
+version raise FormatError before FAISS or DuckDB touch the files. `IndexCells` is the one reader
+of cells.duckdb (the tree, place names, one cell); `sql.connect` attaches it for its SQL surface.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
+import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -311,25 +315,158 @@ def verify_index(index_dir: str | os.PathLike, *, checksums: bool = True) -> dic
     return manifest
 
 
-def read_tree(index_dir: str | os.PathLike, levels: int) -> CellTree:
-    """Load the `cells` table once into the engine's numpy tree."""
-    import duckdb
+# --- the cells database ---------------------------------------------------------------------------
 
-    con = duckdb.connect(str(Path(index_dir) / CELLS_DB), read_only=True)
-    try:
-        t = con.sql("SELECT level, parent_index, mean_lat, mean_lon, s2_token FROM cells "
-                    "ORDER BY level, cell_index").to_arrow_table()
-    finally:
-        con.close()
-    level = t["level"].to_numpy()
-    bounds = np.searchsorted(level, np.arange(1, levels + 2))
-    parent = t["parent_index"].fill_null(-1).to_numpy()
-    lat = t["mean_lat"].to_numpy(zero_copy_only=False)
-    lon = t["mean_lon"].to_numpy(zero_copy_only=False)
-    tok = t["s2_token"].combine_chunks()
-    sl = [slice(bounds[i], bounds[i + 1]) for i in range(levels)]
-    return CellTree.from_parents([parent[s] for s in sl], [lat[s] for s in sl],
-                                 [lon[s] for s in sl], [tok[s.start:s.stop] for s in sl])
+PLACE_COLUMNS = ("country_code", "country_name", "admin1", "town")  # place names of a cell's mean point
+_TREE_COLUMNS = ("level", "parent_index", "mean_lat", "mean_lon", "s2_token")
+
+
+class IndexCells:
+    """The one reader of INDEX_DIR/cells.duckdb (read-only): the tree, a level's place names, one
+    cell, the whole table. `IndexCells.open(index_dir)`; close it, or use it as a context manager.
+
+    Thread-safe: every call queries through its own DuckDB cursor (cursors are not shared
+    between threads), taken under a lock. A damaged file (not a DuckDB database, tables or
+    columns missing) raises FormatError naming it. `sql.connect` attaches the file itself:
+    its SQL surface needs the tables inside its own session.
+    """
+
+    def __init__(self, path: Path, con):
+        self.path = path
+        self._con = con
+        self._lock = threading.Lock()
+        self.columns: tuple[str, ...] = ()  # the `cells` table's columns, set by `open`
+
+    @classmethod
+    def open(cls, index_dir: str | os.PathLike) -> IndexCells:
+        import duckdb
+
+        path = index_file(index_dir, CELLS_DB)
+        try:
+            con = duckdb.connect(str(path), read_only=True)
+        except duckdb.Error as err:
+            raise FormatError(f"{path}: cannot open as a DuckDB database: {_first_line(err)}") from None
+        cells = cls(path, con)
+        try:
+            tables = {r[0] for r in cells._fetch("SELECT table_name FROM duckdb_tables()")}
+            for name in ("cells", "levels"):
+                if name not in tables:
+                    raise FormatError(f"{path} has no table `{name}`: not an index written by `geosurge export`")
+            cells.columns = tuple(r[0] for r in cells._fetch("DESCRIBE cells"))
+        except BaseException:
+            cells.close()
+            raise
+        return cells
+
+    def __enter__(self) -> IndexCells:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            con, self._con = self._con, None
+        if con is not None:
+            con.close()
+
+    @contextlib.contextmanager
+    def _cursor(self):
+        import duckdb
+
+        with self._lock:
+            if self._con is None:
+                raise ValueError(f"{self.path}: IndexCells is closed")
+            cur = self._con.cursor()
+        try:
+            yield cur
+        except duckdb.Error as err:
+            raise FormatError(f"{self.path}: cannot read the cells database: {_first_line(err)}") from None
+        finally:
+            cur.close()
+
+    def _fetch(self, query: str, params=None) -> list[tuple]:
+        with self._cursor() as cur:
+            return cur.execute(query, params).fetchall()
+
+    def _arrow(self, query: str, params=None) -> pa.Table:
+        with self._cursor() as cur:  # sql(), not execute(): Arrow straight from the relation, no copy
+            return cur.sql(query, params=params).to_arrow_table()
+
+    def table(self, level: int | None = None) -> pa.Table:
+        """Every column of the `cells` table (one level, or all), in (level, cell_index) order."""
+        where = "" if level is None else "WHERE level = ? "
+        return self._arrow(f"SELECT * FROM cells {where}ORDER BY level, cell_index",
+                           None if level is None else [level])
+
+    def level_table(self) -> pa.Table:
+        """The `levels` table: level, tau_max, n_cells, temperature, in level order."""
+        return self._arrow("SELECT * FROM levels ORDER BY level")
+
+    def tree(self, levels: int | None = None) -> CellTree:
+        """The engine's numpy tree of levels 1..`levels` (default: every level of `levels`)."""
+        if levels is None:
+            levels = len(self.level_table())
+        t = self._arrow(f"SELECT {', '.join(_TREE_COLUMNS)} FROM cells ORDER BY level, cell_index")
+        level = t["level"].to_numpy()
+        bounds = np.searchsorted(level, np.arange(1, levels + 2))
+        parent = t["parent_index"].fill_null(-1).to_numpy()
+        lat = t["mean_lat"].to_numpy(zero_copy_only=False)
+        lon = t["mean_lon"].to_numpy(zero_copy_only=False)
+        tok = t["s2_token"].combine_chunks()
+        sl = [slice(bounds[i], bounds[i + 1]) for i in range(levels)]
+        try:
+            return CellTree.from_parents([parent[s] for s in sl], [lat[s] for s in sl],
+                                         [lon[s] for s in sl], [tok[s.start:s.stop] for s in sl])
+        except ValueError as err:
+            raise FormatError(f"{self.path}: the cells table is not a tree of {levels} levels: {err}") from None
+
+    def places(self, level: int) -> dict[str, list]:
+        """The PLACE_COLUMNS of one level's cells in cell_index order (None everywhere for a
+        column the index lacks: an export with place_names=False)."""
+        cols = [c if c in self.columns else f"NULL::VARCHAR AS {c}" for c in PLACE_COLUMNS]
+        t = self._arrow(f"SELECT {', '.join(cols)} FROM cells WHERE level = ? ORDER BY cell_index", [level])
+        return {c: t.column(c).to_pylist() for c in PLACE_COLUMNS}
+
+    def cell(self, level: int, cell_index: int) -> dict | None:
+        """One cell's row as JSON-ready values (NaN -> None, other types -> str); None if absent."""
+        with self._cursor() as cur:
+            rel = cur.execute("SELECT * FROM cells WHERE level = ? AND cell_index = ?", [level, cell_index])
+            row = rel.fetchone()
+            if row is None:
+                return None
+            names = [d[0] for d in rel.description]
+        return {k: _jsonable(v) for k, v in zip(names, row, strict=True)}
+
+    def partition(self):
+        """The cells as a `cells.CellsTable` (for `cells.assign_points`), checked by
+        `cells.cells_from_arrow` as `cells.read_cells` checks a CELLS_DIR."""
+        from geosurge_index.cells import cells_from_arrow
+
+        tau_max = self.level_table()["tau_max"].to_pylist()
+        # the index keeps tau_max per level; the other partition settings do not matter to a reader
+        meta = {"tau_min": 0, "tau_max": [t or 0 for t in tau_max], "max_s2_level": 30, "source": str(self.path)}
+        return cells_from_arrow(self.table(), meta, where=f"{self.path} (table cells)")
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return str(v)
+
+
+def read_tree(index_dir: str | os.PathLike, levels: int) -> CellTree:
+    """The `cells` table as the engine's numpy tree (`IndexCells.tree`)."""
+    with IndexCells.open(index_dir) as cells:
+        return cells.tree(levels)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -458,12 +595,7 @@ class GeoIndex:
         levels = len(entries)
         dim = int(manifest["dim"])
         temps = np.array([e["temperature"] for e in entries], dtype=np.float64)
-        try:
-            tree = read_tree(d, levels)
-        except Exception as err:  # duckdb errors on a damaged file
-            if isinstance(err, UserError):
-                raise
-            raise FormatError(f"{d / CELLS_DB}: cannot read the cells table: {err}") from err
+        tree = read_tree(d, levels)  # FormatError naming cells.duckdb when it is damaged
         vectors, keep, level1 = [], [], None
         for e in entries:
             path = d / e["file"]

@@ -310,17 +310,12 @@ def read_cells_table(src: str | os.PathLike, level: int | None = None) -> pa.Tab
     import pyarrow.compute as pc
 
     from geosurge_index.errors import UserError
-    from geosurge_index.index import CELLS_DB
+    from geosurge_index.index import CELLS_DB, IndexCells
 
     d = Path(src)
     if (d / CELLS_DB).is_file():
-        from geosurge_index import sql
-
-        con = sql.connect(d)
-        try:
-            table = con.sql("SELECT * FROM cells ORDER BY level, cell_index").to_arrow_table()
-        finally:
-            con.close()
+        with IndexCells.open(d) as cells:  # FormatError naming a damaged cells.duckdb
+            table = cells.table()
     else:
         from geosurge_index.cells import cells_to_arrow, read_cells
 

@@ -8,11 +8,15 @@ per image. The SQL macros in `sql.py` use the same constants.
 An image without a usable prediction (missing from the predictions, or an error row) counts as
 wrong at every threshold with a score of 0 and an infinite error, unless the caller drops it:
 the benchmark's denominator stays the whole benchmark.
+
+numpy only: scoring a PRED_DIR or a partition, which reads files, is `evaluation.py`'s job.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -156,101 +160,16 @@ def evaluate_points(
     )
 
 
-def evaluate_predictions(pred_dir, truth, index_dir=None, *, skip_missing: bool = False) -> EvalReport:
-    """Score a PRED_DIR against a ground truth (`benchmarks.read_truth`).
-
-    Predictions join the truth on id (`benchmarks.match_ids`); with `index_dir` the true points
-    are placed in the index's cells and compared with the predicted cell at every level.
-    `skip_missing` leaves truth images without a prediction row out of the denominator (error
-    rows still count as wrong).
-    """
-    from geosurge_index import sql
-
-    con = sql.connect(index_dir, predictions=pred_dir, truth=truth)
-    try:
-        truth_cols = con.sql("SELECT * FROM truth LIMIT 0").columns
-        pred_cols = set(con.sql("SELECT * FROM predictions LIMIT 0").columns)
-        levels = [int(c.rsplit("_l", 1)[1]) for c in truth_cols if c.startswith("true_cell_l")]
-        levels = [lv for lv in levels if f"cell_l{lv}" in pred_cols]
-        cell_sel = "".join(f", p.cell_l{lv} AS p{lv}, t.true_cell_l{lv} AS t{lv}" for lv in levels)
-        # one row per truth image; a prediction id seen twice counts once
-        rows = con.sql(f"""
-            SELECT t.lat AS true_lat, t.lon AS true_lon, p.lat AS pred_lat, p.lon AS pred_lon,
-                   p.id IS NULL AS missing {cell_sel}
-            FROM truth t
-            LEFT JOIN (SELECT * FROM predictions QUALIFY row_number() OVER (PARTITION BY id) = 1) p
-                USING (id)
-        """).fetchnumpy()
-        n_predictions = int(con.sql("SELECT count(*) FROM predictions").fetchall()[0][0])
-    finally:
-        con.close()
-    missing = np.asarray(rows["missing"], dtype=bool)
-    keep = ~missing if skip_missing else np.ones(len(missing), dtype=bool)
-
-    def col(name, fill):
-        a = rows[name]
-        a = a.filled(fill) if np.ma.isMaskedArray(a) else np.asarray(a)
-        return a[keep]
-
-    pred_cells = true_cells = None
-    if levels:
-        pred_cells = np.stack([col(f"p{lv}", -1).astype(np.int64) for lv in levels], axis=1)
-        true_cells = np.stack([col(f"t{lv}", -1).astype(np.int64) for lv in levels], axis=1)
-    report = evaluate_points(
-        col("pred_lat", np.nan).astype(np.float64), col("pred_lon", np.nan).astype(np.float64),
-        col("true_lat", np.nan).astype(np.float64), col("true_lon", np.nan).astype(np.float64),
-        n_truth=len(missing), n_missing=int(missing[keep].sum()),
-        pred_cells=pred_cells, true_cells=true_cells,
-    )
-    report.n_predictions = n_predictions
-    return report
+# Moved to `evaluation` (they read a PRED_DIR or a partition, which a maths module must not),
+# importable from here for one more release. This shim is the only way back up to the reading
+# layer: loaded on first use only, through importlib so that the static import graph stays
+# acyclic (tests/test_imports.py), and removed with the old names.
+_MOVED = {"evaluate_predictions", "partition_coverage", "CoverageReport"}
 
 
-@dataclass
-class CoverageReport:
-    """How well a partition can answer a benchmark at best (`geosurge coverage`)."""
-
-    truth: str
-    n_points: int
-    n_finest_cells: int
-    inside_pct: dict[int, float]  # level -> % of true points inside a cell of that level
-    oracle: EvalReport  # predicts the mean point of the true finest cell (nearest one when outside all)
-    nearest: EvalReport  # predicts the finest cell mean nearest to the truth: the ceiling
-
-    def to_dict(self) -> dict:
-        return {"truth": self.truth, "n_points": self.n_points, "n_finest_cells": self.n_finest_cells,
-                "inside_pct": {str(k): v for k, v in self.inside_pct.items()},
-                "oracle": self.oracle.to_dict(), "nearest": self.nearest.to_dict()}
-
-
-def partition_coverage(cells, lat, lon, *, truth: str = "") -> CoverageReport:
-    """The partition's ceiling on a benchmark's true points (`cells`: a `cells.CellsTable`).
-
-    oracle: for a true point inside a finest cell, that cell's mean point (what a model that
-    always picks the right cell predicts); for a point outside every finest cell, the finest
-    cell whose mean point is nearest. nearest: always the nearest finest-cell mean point, the
-    best any prediction restricted to the partition's points can do.
-    """
-    from scipy.spatial import cKDTree
-
-    from geosurge_index import s2
-    from geosurge_index.cells import assign_points
-
-    lat = np.asarray(lat, dtype=np.float64)
-    lon = np.asarray(lon, dtype=np.float64)
-    assigned = assign_points(cells, lat, lon)
-    finest = cells.levels[-1]
-    if len(finest) == 0:
-        raise ValueError("the partition's finest level has no cells")
-    # chord distance between unit vectors is monotone in great-circle distance
-    tree = cKDTree(s2.latlon_to_xyz(finest.mean_lat, finest.mean_lon))
-    _, nearest = tree.query(s2.latlon_to_xyz(lat, lon))
-    true_cell = assigned[:, -1]
-    oracle = np.where(true_cell >= 0, true_cell, nearest)
-    inside = {lv + 1: 100.0 * float((assigned[:, lv] >= 0).mean()) if len(lat) else math.nan
-              for lv in range(cells.n_levels)}
-    return CoverageReport(
-        truth=truth, n_points=len(lat), n_finest_cells=len(finest), inside_pct=inside,
-        oracle=evaluate_points(finest.mean_lat[oracle], finest.mean_lon[oracle], lat, lon),
-        nearest=evaluate_points(finest.mean_lat[nearest], finest.mean_lon[nearest], lat, lon),
-    )
+def __getattr__(name: str):
+    if name in _MOVED:
+        warnings.warn(f"geosurge_index.metrics.{name} moved to geosurge_index.evaluation.{name}; "
+                      "the old name goes in the next release", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module("geosurge_index.evaluation"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

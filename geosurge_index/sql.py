@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from geosurge_index.coords import Coordinates
 from geosurge_index.errors import FormatError, UserError
-from geosurge_index.index import CELLS_DB, index_file
+from geosurge_index.index import CELLS_DB, IndexCells, index_file
 from geosurge_index.metrics import EARTH_RADIUS_KM, GEOGUESSR_MAX, GEOGUESSR_SCALE_KM
 
 FORMATS = ("table", "csv", "json", "parquet")
@@ -121,30 +121,9 @@ def connect(
 
 
 def index_cells(index_dir: str | os.PathLike):
-    """The index's cells as a `cells.CellsTable` (for `cells.assign_points`).
-
-    The `cells` table of cells.duckdb holds the partition's cells.parquet columns, checked by
-    `cells.cells_from_arrow` as `cells.read_cells` checks a CELLS_DIR.
-    """
-    import duckdb
-
-    from geosurge_index.cells import cells_from_arrow
-
-    db = index_file(index_dir, CELLS_DB)
-    try:
-        con = duckdb.connect(str(db), read_only=True)
-    except duckdb.Error as err:
-        raise FormatError(f"{db}: cannot open as a DuckDB database: {_first_line(err)}") from None
-    try:
-        table = con.sql("SELECT * FROM cells ORDER BY level, cell_index").to_arrow_table()
-        levels = con.execute("SELECT level, tau_max FROM levels ORDER BY level").fetchall()
-    except duckdb.Error as err:
-        raise FormatError(f"{db}: not an index's cells database: {_first_line(err)}") from None
-    finally:
-        con.close()
-    # the index keeps tau_max per level; the other partition settings do not matter to a reader
-    meta = {"tau_min": 0, "tau_max": [t or 0 for _, t in levels], "max_s2_level": 30, "source": str(db)}
-    return cells_from_arrow(table, meta, where=f"{db} (table cells)")
+    """The index's cells as a `cells.CellsTable` (for `cells.assign_points`): `IndexCells.partition`."""
+    with IndexCells.open(index_dir) as cells:
+        return cells.partition()
 
 
 def prediction_shards(pred_dir: str | os.PathLike) -> list[Path]:

@@ -15,7 +15,8 @@ from geopy.distance import great_circle
 from geosurge_index.benchmarks import match_ids, read_truth, truth_table
 from geosurge_index.cli import main
 from geosurge_index.errors import UserError
-from geosurge_index.metrics import EARTH_RADIUS_KM, THRESHOLDS_KM, evaluate_predictions
+from geosurge_index.evaluation import evaluate_predictions
+from geosurge_index.metrics import EARTH_RADIUS_KM, THRESHOLDS_KM
 
 DATA = Path(__file__).parent / "data"
 
@@ -175,7 +176,7 @@ def test_eval_cli_bad_inputs(world, tmp_path, capsys):  # noqa: F811
 
 def test_coverage_cli(world, tmp_path, capsys):  # noqa: F811
     from geosurge_index.cells import read_cells
-    from geosurge_index.metrics import partition_coverage
+    from geosurge_index.evaluation import partition_coverage
 
     out = tmp_path / "cov.json"
     code = main(["coverage", str(world.cells_dir), "--truth", str(world.truth_csv),

@@ -14,7 +14,9 @@ from geosurge_index.index import (
     CELLS_DB,
     INDEX_FORMAT_VERSION,
     MANIFEST,
+    PLACE_COLUMNS,
     GeoIndex,
+    IndexCells,
     export_index,
     read_manifest,
     verify_index,
@@ -244,3 +246,80 @@ def test_export_checkpoint_cli_end_to_end(tmp_path):
     assert GeoIndex.open(tmp_path / "index2").tree.sizes == index.tree.sizes
     # a second export into the same folder is refused without --overwrite
     assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "index")]) == 2
+
+
+# --- IndexCells: the one reader of cells.duckdb ---------------------------------------------------
+
+def test_index_cells_tree_places_and_cell(exported, hierarchy):
+    with IndexCells.open(exported) as cells:
+        tree = cells.tree(7)
+        mem = hierarchy.tree()
+        assert tree.sizes == hierarchy.sizes and cells.tree().sizes == tree.sizes
+        for lv in range(7):
+            np.testing.assert_array_equal(tree.parents[lv], mem.parents[lv])
+            np.testing.assert_allclose(tree.mean_lat[lv], mem.mean_lat[lv])
+        assert tree.tokens[6].to_pylist() == mem.tokens[6].to_pylist()
+        # the same rows as a direct DuckDB query
+        con = duckdb.connect(str(exported / CELLS_DB), read_only=True)
+        want = con.execute("SELECT country_code, town FROM cells WHERE level = 3 ORDER BY cell_index").fetchall()
+        row = con.execute("SELECT * FROM cells WHERE level = 2 AND cell_index = 1").fetchone()
+        names = [d[0] for d in con.description]
+        con.close()
+        places = cells.places(3)
+        assert list(places) == list(PLACE_COLUMNS) and len(places["town"]) == hierarchy.sizes[2]
+        assert list(zip(places["country_code"], places["town"], strict=True)) == want
+        got = cells.cell(2, 1)
+        assert list(got) == names and got["s2_token"] == row[names.index("s2_token")]
+        assert got["mean_lat"] == pytest.approx(row[names.index("mean_lat")])
+        json.dumps(got, allow_nan=False)  # JSON-ready
+        assert cells.cell(2, 10**6) is None and cells.cell(99, 0) is None
+        assert cells.table(level=5).num_rows == hierarchy.sizes[4]
+        assert cells.level_table()["tau_max"].to_pylist() == TAU
+        part = cells.partition()
+        assert [len(lc) for lc in part.levels] == hierarchy.sizes and list(part.tau_max) == TAU
+    with pytest.raises(ValueError, match="closed"):
+        cells.cell(1, 0)
+
+
+def test_index_cells_cell_from_many_threads(exported):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with IndexCells.open(exported) as cells:
+        n1 = cells.table(level=1).num_rows
+        keys = [(1 + k % 3, k % n1) for k in range(200)]
+        with ThreadPoolExecutor(8) as pool:
+            rows = list(pool.map(lambda key: cells.cell(*key), keys))
+        assert [(r["level"], r["cell_index"]) for r in rows] == keys
+
+
+def test_index_cells_without_place_names(hierarchy, tmp_path):
+    h = hierarchy
+    export_index(h.tables, h.temperatures, h.cells_table(), tmp_path / "i", place_names=False)
+    with IndexCells.open(tmp_path / "i") as cells:
+        assert cells.places(7) == {c: [None] * h.sizes[6] for c in PLACE_COLUMNS}
+        assert "town" not in cells.cell(7, 0)
+
+
+def test_index_cells_damaged_file_is_a_format_error(exported, tmp_path):
+    with pytest.raises(UserError, match="not a folder"):
+        IndexCells.open(tmp_path / "nope")
+    with pytest.raises(FormatError, match="has no cells.duckdb"):
+        IndexCells.open(tmp_path)
+    d = _copy(exported, tmp_path)
+    (d / CELLS_DB).write_bytes(b"not a database" * 100)
+    with pytest.raises(FormatError, match=f"{d / CELLS_DB}: cannot open"):
+        IndexCells.open(d)
+    with pytest.raises(FormatError, match="cells.duckdb"):  # through GeoIndex.open, no checksums
+        GeoIndex.open(d, verify=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    con = duckdb.connect(str(other / CELLS_DB))
+    con.execute("CREATE TABLE cells AS SELECT 1 AS level")
+    con.close()
+    with pytest.raises(FormatError, match="has no table `levels`"):
+        IndexCells.open(other)
+    con = duckdb.connect(str(other / CELLS_DB))
+    con.execute("CREATE TABLE levels AS SELECT 1 AS level")
+    con.close()
+    with IndexCells.open(other) as cells, pytest.raises(FormatError, match=f"{other / CELLS_DB}: cannot read"):
+        cells.tree(1)  # no parent_index, mean_lat, ... columns

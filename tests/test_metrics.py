@@ -10,13 +10,13 @@ from _eval_fixtures import world  # noqa: F401  (the shared fixture)
 from geopy.distance import great_circle
 
 from geosurge_index import metrics
+from geosurge_index.evaluation import partition_coverage
 from geosurge_index.metrics import (
     EARTH_RADIUS_KM,
     accuracy_at,
     evaluate_points,
     geoguessr_score,
     haversine_km,
-    partition_coverage,
 )
 
 
@@ -114,3 +114,25 @@ def test_partition_coverage_against_brute_force(world):  # noqa: F811
     assert rep.oracle.accuracy_pct == pytest.approx(accuracy_at(oracle_d))
     assert rep.oracle.geoguessr == pytest.approx(geoguessr_score(oracle_d).mean())
     assert all(rep.nearest.accuracy_pct[t] >= rep.oracle.accuracy_pct[t] for t in metrics.THRESHOLDS_KM)
+
+
+@pytest.mark.parametrize("name", ["evaluate_predictions", "partition_coverage", "CoverageReport"])
+def test_moved_names_still_importable_with_a_deprecation_warning(name):
+    from geosurge_index import evaluation
+
+    with pytest.warns(DeprecationWarning, match=f"metrics.{name} moved to geosurge_index.evaluation"):
+        assert getattr(metrics, name) is getattr(evaluation, name)
+    with pytest.raises(AttributeError):
+        metrics.no_such_name  # noqa: B018
+
+
+def test_metrics_is_pure_maths():
+    """Importing metrics loads no reader: no DuckDB, no sql / evaluation / index module."""
+    import subprocess
+    import sys
+
+    code = ("import sys, geosurge_index.metrics; "
+            "print(sorted(m for m in ('duckdb', 'geosurge_index.sql', 'geosurge_index.evaluation', "
+            "'geosurge_index.index') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

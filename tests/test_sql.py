@@ -16,7 +16,8 @@ from geosurge_index import sql
 from geosurge_index.benchmarks import read_truth
 from geosurge_index.cli import main
 from geosurge_index.errors import FormatError, UserError
-from geosurge_index.metrics import evaluate_predictions, haversine_km
+from geosurge_index.evaluation import evaluate_predictions
+from geosurge_index.metrics import haversine_km
 
 QUERIES = sorted((Path(__file__).parent.parent / "queries").glob("*.sql"))
 

@@ -60,7 +60,7 @@ def run_coverage(args: argparse.Namespace) -> int:
     from geosurge_index.cells import read_cells
     from geosurge_index.cli.evaluate import check_output_folder
     from geosurge_index.coords import read_coordinates
-    from geosurge_index.metrics import partition_coverage
+    from geosurge_index.evaluation import partition_coverage
 
     check_output_folder(args.json, "--json")
     cells = read_cells(args.cells_dir)

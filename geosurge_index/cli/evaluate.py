@@ -66,7 +66,7 @@ def format_rows(rows: list[tuple[str, str]]) -> str:
 
 def run_eval(args: argparse.Namespace) -> int:
     from geosurge_index.benchmarks import read_truth
-    from geosurge_index.metrics import evaluate_predictions
+    from geosurge_index.evaluation import evaluate_predictions
 
     check_output_folder(args.json, "--json")
     truth = read_truth(args.truth, id_column=args.id_column, lat_column=args.lat_column,

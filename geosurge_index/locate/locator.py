@@ -73,20 +73,10 @@ PLACE_COLUMNS = ("country_code", "country_name", "admin1", "town")
 
 def _read_places(index_dir: Path, level: int) -> dict[str, list]:
     """Place-name columns of one level's cells (None everywhere when the index has none)."""
-    import duckdb
+    from geosurge_index.index import IndexCells
 
-    from geosurge_index.index import CELLS_DB
-
-    con = duckdb.connect(str(index_dir / CELLS_DB), read_only=True)
-    try:
-        have = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
-                                          "WHERE table_name = 'cells'").fetchall()}
-        cols = [c if c in have else f"NULL AS {c}" for c in PLACE_COLUMNS]
-        t = con.sql(f"SELECT {', '.join(cols)} FROM cells WHERE level = $level ORDER BY cell_index",
-                    params={"level": level}).to_arrow_table()
-    finally:
-        con.close()
-    return {c: t.column(c).to_pylist() for c in PLACE_COLUMNS}
+    with IndexCells.open(index_dir) as cells:
+        return cells.places(level)
 
 
 class Locator:

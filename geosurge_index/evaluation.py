@@ -1,0 +1,111 @@
+"""Evaluation that reads artefacts: a PRED_DIR against a ground truth (through DuckDB, `sql.connect`),
+and a partition's ceiling on a benchmark (`cells.assign_points` on a `cells.CellsTable`).
+
+The scores themselves are `metrics.py`'s (pure numpy); this module gathers the aligned arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from geosurge_index import s2, sql
+from geosurge_index.cells import assign_points
+from geosurge_index.metrics import EvalReport, evaluate_points
+
+
+def evaluate_predictions(pred_dir, truth, index_dir=None, *, skip_missing: bool = False) -> EvalReport:
+    """Score a PRED_DIR against a ground truth (`benchmarks.read_truth`).
+
+    Predictions join the truth on id (`benchmarks.match_ids`); with `index_dir` the true points
+    are placed in the index's cells and compared with the predicted cell at every level.
+    `skip_missing` leaves truth images without a prediction row out of the denominator (error
+    rows still count as wrong).
+    """
+    con = sql.connect(index_dir, predictions=pred_dir, truth=truth)
+    try:
+        truth_cols = con.sql("SELECT * FROM truth LIMIT 0").columns
+        pred_cols = set(con.sql("SELECT * FROM predictions LIMIT 0").columns)
+        levels = [int(c.rsplit("_l", 1)[1]) for c in truth_cols if c.startswith("true_cell_l")]
+        levels = [lv for lv in levels if f"cell_l{lv}" in pred_cols]
+        cell_sel = "".join(f", p.cell_l{lv} AS p{lv}, t.true_cell_l{lv} AS t{lv}" for lv in levels)
+        # one row per truth image; a prediction id seen twice counts once
+        rows = con.sql(f"""
+            SELECT t.lat AS true_lat, t.lon AS true_lon, p.lat AS pred_lat, p.lon AS pred_lon,
+                   p.id IS NULL AS missing {cell_sel}
+            FROM truth t
+            LEFT JOIN (SELECT * FROM predictions QUALIFY row_number() OVER (PARTITION BY id) = 1) p
+                USING (id)
+        """).fetchnumpy()
+        n_predictions = int(con.sql("SELECT count(*) FROM predictions").fetchall()[0][0])
+    finally:
+        con.close()
+    missing = np.asarray(rows["missing"], dtype=bool)
+    keep = ~missing if skip_missing else np.ones(len(missing), dtype=bool)
+
+    def col(name, fill):
+        a = rows[name]
+        a = a.filled(fill) if np.ma.isMaskedArray(a) else np.asarray(a)
+        return a[keep]
+
+    pred_cells = true_cells = None
+    if levels:
+        pred_cells = np.stack([col(f"p{lv}", -1).astype(np.int64) for lv in levels], axis=1)
+        true_cells = np.stack([col(f"t{lv}", -1).astype(np.int64) for lv in levels], axis=1)
+    report = evaluate_points(
+        col("pred_lat", np.nan).astype(np.float64), col("pred_lon", np.nan).astype(np.float64),
+        col("true_lat", np.nan).astype(np.float64), col("true_lon", np.nan).astype(np.float64),
+        n_truth=len(missing), n_missing=int(missing[keep].sum()),
+        pred_cells=pred_cells, true_cells=true_cells,
+    )
+    report.n_predictions = n_predictions
+    return report
+
+
+@dataclass
+class CoverageReport:
+    """How well a partition can answer a benchmark at best (`geosurge coverage`)."""
+
+    truth: str
+    n_points: int
+    n_finest_cells: int
+    inside_pct: dict[int, float]  # level -> % of true points inside a cell of that level
+    oracle: EvalReport  # predicts the mean point of the true finest cell (nearest one when outside all)
+    nearest: EvalReport  # predicts the finest cell mean nearest to the truth: the ceiling
+
+    def to_dict(self) -> dict:
+        return {"truth": self.truth, "n_points": self.n_points, "n_finest_cells": self.n_finest_cells,
+                "inside_pct": {str(k): v for k, v in self.inside_pct.items()},
+                "oracle": self.oracle.to_dict(), "nearest": self.nearest.to_dict()}
+
+
+def partition_coverage(cells, lat, lon, *, truth: str = "") -> CoverageReport:
+    """The partition's ceiling on a benchmark's true points (`cells`: a `cells.CellsTable`).
+
+    oracle: for a true point inside a finest cell, that cell's mean point (what a model that
+    always picks the right cell predicts); for a point outside every finest cell, the finest
+    cell whose mean point is nearest. nearest: always the nearest finest-cell mean point, the
+    best any prediction restricted to the partition's points can do.
+    """
+    from scipy.spatial import cKDTree
+
+    lat = np.asarray(lat, dtype=np.float64)
+    lon = np.asarray(lon, dtype=np.float64)
+    assigned = assign_points(cells, lat, lon)
+    finest = cells.levels[-1]
+    if len(finest) == 0:
+        raise ValueError("the partition's finest level has no cells")
+    # chord distance between unit vectors is monotone in great-circle distance
+    tree = cKDTree(s2.latlon_to_xyz(finest.mean_lat, finest.mean_lon))
+    _, nearest = tree.query(s2.latlon_to_xyz(lat, lon))
+    true_cell = assigned[:, -1]
+    oracle = np.where(true_cell >= 0, true_cell, nearest)
+    inside = {lv + 1: 100.0 * float((assigned[:, lv] >= 0).mean()) if len(lat) else math.nan
+              for lv in range(cells.n_levels)}
+    return CoverageReport(
+        truth=truth, n_points=len(lat), n_finest_cells=len(finest), inside_pct=inside,
+        oracle=evaluate_points(finest.mean_lat[oracle], finest.mean_lon[oracle], lat, lon),
+        nearest=evaluate_points(finest.mean_lat[nearest], finest.mean_lon[nearest], lat, lon),
+    )
