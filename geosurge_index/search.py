@@ -1,7 +1,7 @@
 """Coarse-to-fine search of visual embeddings over the 7-level geocell hierarchy.
 
-Scores (the GeoSURGE inference rule). At level l the model's distribution over the level's cells
-is softmax(cosine(x, cell) / T_l). A finest cell c is scored by the product of the probabilities of
+Scores (GeoSURGE's inference rule, arXiv 2510.01448). At level l the model's distribution over
+the level's cells is softmax(cosine(x, cell) / T_l). A finest cell c is scored by the product of the probabilities of
 the cells on its path (c and its ancestors), i.e. the sum of their log-probabilities. Every
 finest cell has exactly one ancestor per level, so the per-level normalisers are common to all
 paths: ranking by the product equals ranking by the sum of the path's logits.
@@ -265,8 +265,7 @@ def level_logits(q, table, temperature):
     return torch.mm(q, table.T).div_(temperature)
 
 
-def exhaustive_topk(q, tables: Sequence, temperatures, parents: Sequence, top_k: int, *,
-                    level1=None, chunk_elements: int | None = None):
+def exhaustive_topk(q, tables: Sequence, temperatures, parents: Sequence, top_k: int, *, level1=None):
     """Every cell of every level, on torch tensors where they are (the engine's exhaustive mode,
     and training's validation on the training device). Call it without autograd (inference_mode).
 
@@ -279,9 +278,8 @@ def exhaustive_topk(q, tables: Sequence, temperatures, parents: Sequence, top_k:
     """
     import torch
 
-    budget = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
     widest = max(int(t.shape[0]) for t in tables)
-    step = max(1, budget // widest)  # 3 live (step x widest) matrices at most
+    step = max(1, CHUNK_ELEMENTS // widest)  # 3 live (step x widest) matrices at most
     cells, logps = [], []
     for a in range(0, q.shape[0], step):
         qc = q[a:a + step]
