@@ -3,8 +3,9 @@
 Scores (GeoSURGE's inference rule, arXiv 2510.01448). At level l the model's distribution over
 the level's cells is softmax(cosine(x, cell) / T_l). A finest cell c is scored by the product of
 the probabilities of the cells on its path (c and its ancestors), i.e. the sum of their
-log-probabilities. Every finest cell has exactly one ancestor per level, so the per-level normalisers are common to all
-paths: ranking by the product equals ranking by the sum of the path's logits.
+log-probabilities. Every finest cell has exactly one ancestor per level, so the per-level
+normalisers are common to all paths: ranking by the product equals ranking by the sum of the
+path's logits.
 
 Reported probabilities. `topk_probs` and `probability` are the path products renormalised over
 the finest cells that were scored:  P(c) = exp(s(c)) / sum_{c' in C} exp(s(c')),  s = sum of the
