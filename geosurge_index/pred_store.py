@@ -244,7 +244,7 @@ def _json_default(o):
 class ChunkAssembler:
     """Collects prediction rows (any order, any batching) and writes each chunk once it is whole."""
 
-    def __init__(self, store: PredStore, config: RunConfig, row_column: str = "_row"):
+    def __init__(self, store: PredStore, config: RunConfig):
         self.store, self.config = store, config
         self.parts: dict[int, list[tuple[np.ndarray, pa.Table]]] = {}
         self.counts: Counter = Counter()

@@ -1,10 +1,11 @@
 """Coarse-to-fine search of visual embeddings over the 7-level geocell hierarchy.
 
-Scores (METHOD.md, Inference). At level l the model's distribution over the level's cells is
-softmax(cosine(x, cell) / T_l). A finest cell c is scored by the product of the probabilities of
-the cells on its path (c and its ancestors), i.e. the sum of their log-probabilities. Every
-finest cell has exactly one ancestor per level, so the per-level normalisers are common to all
-paths: ranking by the product equals ranking by the sum of the path's logits.
+Scores (GeoSURGE's inference rule, arXiv 2510.01448). At level l the model's distribution over
+the level's cells is softmax(cosine(x, cell) / T_l). A finest cell c is scored by the product of
+the probabilities of the cells on its path (c and its ancestors), i.e. the sum of their
+log-probabilities. Every finest cell has exactly one ancestor per level, so the per-level
+normalisers are common to all paths: ranking by the product equals ranking by the sum of the
+path's logits.
 
 Reported probabilities. `topk_probs` and `probability` are the path products renormalised over
 the finest cells that were scored:  P(c) = exp(s(c)) / sum_{c' in C} exp(s(c')),  s = sum of the
@@ -16,13 +17,23 @@ path's logits (equivalently of its log-probabilities).
   (its denominator misses the unexplored cells). With a beam wide enough to keep every cell,
   both modes are identical.
 
+Per-level probabilities. `SearchEngine.level_probabilities(emb, paths)` gives, for each query
+and level, softmax(cosine / T_l) over all the level's cells at the path's cell: what `Locator`
+reports per level. The numerator needs only the path's cell; the normaliser needs every cell of
+the level (a GEMM per level, chunked), so callers ask for it only when they report it.
+
 Beam search. Level 1 is scored in full; at each finer level only the children of the best B
 paths kept at the level above are scored (B: one value, or one per level 1..L-1; default
-DEFAULT_BEAM, wide at the small coarse levels). Paths that cannot reach the finest level (a cell
-whose descendants were all discarded by tau_min) are never kept. Children are scored without a
-FAISS id-subset search (slower than a full search, MEASURED.md): on the CPU by FAISS's
-fvec_inner_products_by_idx reading the rows in place, else by a gather + bmm in torch; a level
-small compared with the candidates is scored by one dense GEMM instead.
+DEFAULT_BEAM, wide at the small coarse levels; see `parse_beam`). Paths that cannot reach the
+finest level (a cell whose descendants were all discarded by tau_min) are never kept. Children
+are not scored by a FAISS search restricted to an id subset (an IDSelector): on a flat index
+FAISS then takes its sequential kernel over every stored vector, testing each id, instead of a
+BLAS GEMM, which is slower than the full search it would replace. They are scored on the CPU by
+FAISS's fvec_inner_products_by_idx, which reads the rows in place, else by a gather + bmm in
+torch; a level small compared with the candidates is scored by one dense GEMM.
+
+Training's validation ranks the finest cells with the same exhaustive code
+(`exhaustive_topk`, on the training device's tensors).
 
 The engine is torch and device-generic: the same code runs on CPU tensors (zero-copy views of
 the FAISS storage) and on CUDA tensors (`backend="torch"` runs the GPU code path on the CPU for
@@ -199,9 +210,28 @@ class CellTree:
         return out
 
 
-def parse_beam(beam: int | Sequence[int] | str, levels: int) -> tuple[int, ...]:
-    """Cells kept at levels 1..L-1: one value for all, or one per level ("4,4,8,8,8,8"). A
-    schedule longer than L-1 (e.g. DEFAULT_BEAM on a shallower tree) is cut to L-1 values."""
+def default_beam(levels: int) -> tuple[int, ...]:
+    """DEFAULT_BEAM fitted to a tree of `levels` levels: its first L-1 values (the last value
+    repeated for a tree deeper than 7 levels)."""
+    n = max(0, levels - 1)
+    return DEFAULT_BEAM[:n] + (DEFAULT_BEAM[-1],) * max(0, n - len(DEFAULT_BEAM))
+
+
+def parse_beam(beam: int | Sequence[int] | str | None, levels: int) -> tuple[int, ...]:
+    """Cells kept at levels 1..L-1 of an L-level tree. The rule:
+
+    - None (or the DEFAULT_BEAM object itself, a default argument): no beam was given, so the
+      default applies, fitted to the tree (`default_beam`: cut to L-1 values);
+    - one value (an int, "8" or [8]): that many cells kept at every level 1..L-1;
+    - a schedule ("4,4,8,8,8,8", a sequence): exactly one value per level 1..L-1, else a UserError
+      naming the levels. Until the next release, a schedule equal to DEFAULT_BEAM but longer than
+      L-1 (the value `geosurge search --beam` used to default to) is still cut, with a
+      DeprecationWarning.
+    """
+    import warnings
+
+    if beam is None or beam is DEFAULT_BEAM:
+        return default_beam(levels)
     if isinstance(beam, str):
         try:
             beam = [int(v) for v in beam.replace(" ", "").split(",") if v]
@@ -213,16 +243,65 @@ def parse_beam(beam: int | Sequence[int] | str, levels: int) -> tuple[int, ...]:
         values = tuple(int(v) for v in beam)
         if len(values) == 1:
             values = values * (levels - 1)
-        elif tuple(values) == DEFAULT_BEAM[:len(values)] and len(values) > levels - 1:
+        elif values == DEFAULT_BEAM[:len(values)] and len(values) > levels - 1:
+            warnings.warn(f"beam {','.join(map(str, values))}: the default schedule given explicitly for a "
+                          f"{levels}-level tree is cut to {levels - 1} values; omit the beam to get the "
+                          "default, the cut goes in the next release", DeprecationWarning, stacklevel=3)
             values = values[:levels - 1]
     if len(values) != levels - 1:
+        which = f"levels 1..{levels - 1}" if levels > 2 else ("level 1" if levels == 2 else "no level")
         raise UserError(
-            f"beam: give one value or one per level 1..{levels - 1} (the levels whose cells are "
-            f"expanded), got {len(values)}"
+            f"beam: give one value or one per level expanded ({which} of this {levels}-level tree: "
+            f"{levels - 1} values), got {len(values)}"
         )
     if values and min(values) < 1:  # a 1-level tree expands no level: no values
         raise UserError("beam: every value must be >= 1")
     return values
+
+
+def level_logits(q, table, temperature):
+    """(n, d) unit queries x (n_l, d) unit cell vectors -> (n, n_l) cosine / T_l (a new tensor)."""
+    import torch
+
+    return torch.mm(q, table.T).div_(temperature)
+
+
+def exhaustive_topk(q, tables: Sequence, temperatures, parents: Sequence, top_k: int, *, level1=None):
+    """Every cell of every level, on torch tensors where they are (the engine's exhaustive mode,
+    and training's validation on the training device). Call it without autograd (inference_mode).
+
+    q (n, d) unit queries; tables[l] (n_l, d) unit cell vectors; temperatures[l] a float or
+    0-d tensor; parents[l] (n_l,) int64 tensors of parent cell_index (parents[0] unused);
+    level1: optional callable(start, stop) -> (stop - start, n_1) level-1 cosines of those query
+    rows (a FAISS GPU index). Path scores s_l = logits_l + s_{l-1}[parent], chunked over queries
+    so that no (rows x cells) matrix exceeds CHUNK_ELEMENTS. Returns ((n, k) finest cell_index
+    int64, (n, k) log-probabilities renormalised over every finest cell), best first.
+    """
+    import torch
+
+    widest = max(int(t.shape[0]) for t in tables)
+    step = max(1, CHUNK_ELEMENTS // widest)  # 3 live (step x widest) matrices at most
+    cells, logps = [], []
+    for a in range(0, q.shape[0], step):
+        qc = q[a:a + step]
+        if level1 is None:
+            s = level_logits(qc, tables[0], temperatures[0])
+        else:
+            s = level1(a, a + qc.shape[0]).div_(temperatures[0])
+        for lv in range(1, len(tables)):
+            nxt = level_logits(qc, tables[lv], temperatures[lv])
+            nxt.add_(s.index_select(1, parents[lv]))
+            s = nxt
+        k = min(top_k, s.shape[1])
+        logz = torch.logsumexp(s, dim=1, keepdim=True)
+        top, idx = torch.topk(s, k, dim=1)
+        cells.append(idx)
+        logps.append(top - logz)
+    if not cells:
+        k = min(top_k, int(tables[-1].shape[0]))
+        return (torch.zeros((0, k), dtype=torch.int64, device=q.device),
+                torch.zeros((0, k), dtype=q.dtype, device=q.device))
+    return torch.cat(cells), torch.cat(logps)
 
 
 class SearchEngine:
@@ -269,28 +348,20 @@ class SearchEngine:
         self._live = [t(m, torch.bool) for m in tree.live]
 
     # -- public -----------------------------------------------------------------------------
-    def search(self, emb, top_k: int = 5, beam: int | Sequence[int] | str = DEFAULT_BEAM,
+    def search(self, emb, top_k: int = 5, beam: int | Sequence[int] | str | None = None,
                exhaustive: bool = False, batch_size: int = 1024) -> SearchResult:
-        """Search n embeddings (n, d); they are L2-normalised here. See the module docstring."""
+        """Search n embeddings (n, d); they are L2-normalised here. See the module docstring.
+        `beam`: see `parse_beam` (None: DEFAULT_BEAM fitted to the tree); unused when exhaustive."""
         torch = self.torch
-        x = np.asarray(emb, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise UserError(f"embeddings must have shape (n, {self.dim}), got {x.shape}")
-        if not np.isfinite(x).all():
-            raise UserError("embeddings contain NaN or infinite values")
-        norms = np.linalg.norm(x, axis=1)
-        if x.shape[0] and norms.min() == 0:
-            raise UserError("embeddings contain an all-zero row")
+        x = self._unit_queries(emb)
         if top_k < 1:
             raise UserError("top_k must be >= 1")
         beams = parse_beam(beam, self.tree.levels)
         parts = []
         with torch.inference_mode():
-            for start in range(0, max(x.shape[0], 1), batch_size):
-                xb = x[start:start + batch_size] / norms[start:start + batch_size, None]
-                if xb.shape[0] == 0:
-                    break
-                q = torch.from_numpy(np.ascontiguousarray(xb)).to(self.device)
+            for start in range(0, x.shape[0], batch_size):
+                xb = x[start:start + batch_size]
+                q = torch.from_numpy(xb).to(self.device)
                 if exhaustive:
                     cells, logp = self._exhaustive(q, xb, top_k)
                 else:
@@ -301,31 +372,74 @@ class SearchEngine:
                                 torch.zeros((0, top_k)), top_k)
         return SearchResult.concat(parts)
 
+    def level_probabilities(self, emb, paths, batch_size: int = 1024) -> np.ndarray:
+        """(n, d) embeddings (L2-normalised here) and (n, L) paths (cell_index per level, e.g.
+        `SearchResult.best_cells`) -> (n, L) float64: at each level, the level's softmax over all
+        its cells (cosine / T_l) at the path's cell. The numerator is computed for the path's cell
+        only; the log-normaliser of each level from chunks of at most CHUNK_ELEMENTS scores, the
+        same per-level logits as the exhaustive mode."""
+        torch = self.torch
+        x = self._unit_queries(emb)
+        p = np.asarray(paths)
+        levels = self.tree.levels
+        if p.shape != (x.shape[0], levels) or not np.issubdtype(p.dtype, np.integer):
+            raise UserError(f"paths must be integers of shape ({x.shape[0]}, {levels}), got {p.dtype} {p.shape}")
+        sizes = np.asarray(self.tree.sizes)
+        if p.size and ((p < 0).any() or (p >= sizes[None, :]).any()):
+            raise UserError(f"paths hold a cell_index out of range (cells per level: {sizes.tolist()})")
+        out = np.empty(p.shape, dtype=np.float64)
+        with torch.inference_mode():
+            for start in range(0, x.shape[0], batch_size):
+                xb = x[start:start + batch_size]
+                q = torch.from_numpy(xb).to(self.device)
+                idx = torch.as_tensor(p[start:start + batch_size].astype(np.int64), device=self.device)
+                for lv in range(levels):
+                    rows = self.vectors[lv].index_select(0, idx[:, lv])
+                    num = (rows * q).sum(1).double() / float(self.temperatures[lv])
+                    logz = self._level_logsumexp(q, xb, lv)
+                    out[start:start + len(xb), lv] = (num - logz).exp().cpu().numpy()
+        return out
+
     # -- internals --------------------------------------------------------------------------
+    def _unit_queries(self, emb) -> np.ndarray:
+        """Checked (n, d) float32 embeddings, L2-normalised (a new contiguous array)."""
+        x = np.asarray(emb, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise UserError(f"embeddings must have shape (n, {self.dim}), got {x.shape}")
+        if not np.isfinite(x).all():
+            raise UserError("embeddings contain NaN or infinite values")
+        norms = np.linalg.norm(x, axis=1)
+        if x.shape[0] and norms.min() == 0:
+            raise UserError("embeddings contain an all-zero row")
+        return np.ascontiguousarray(x / norms[:, None])
+
     def _level1_cosines(self, q, xb: np.ndarray):
         if self.level1_scorer is not None:
             return self.torch.from_numpy(self.level1_scorer(xb)).to(self.device)
         return q @ self.vectors[0].T
 
-    def _exhaustive(self, q, xb, top_k):
-        """Every cell of every level: s_l = logits_l + s_{l-1}[parent]; chunked over queries."""
+    def _level_logits(self, q, xb: np.ndarray, lv: int):
+        """(m, n_l) cosine / T_l of m queries with every cell of level lv+1 (level 1 through the
+        level-1 scorer when there is one, as in the searches)."""
+        if lv == 0 and self.level1_scorer is not None:
+            return self._level1_cosines(q, xb).div_(self.temperatures[0])
+        return level_logits(q, self.vectors[lv], self.temperatures[lv])
+
+    def _level_logsumexp(self, q, xb: np.ndarray, lv: int):
+        """(n,) float64 log of the softmax normaliser of level lv+1, chunked over queries so that
+        no (queries x cells) matrix exceeds CHUNK_ELEMENTS."""
         torch = self.torch
-        widest = max(self.tree.sizes)
-        step = max(1, CHUNK_ELEMENTS // widest)  # 3 live (step x widest) matrices at most
-        cells, logps = [], []
-        for a in range(0, q.shape[0], step):
-            qc = q[a:a + step]
-            s = self._level1_cosines(qc, xb[a:a + step]).div_(self.temperatures[0])
-            for lv in range(1, self.tree.levels):
-                nxt = torch.mm(qc, self.vectors[lv].T).div_(self.temperatures[lv])
-                nxt.add_(s.index_select(1, self._parents[lv]))
-                s = nxt
-            k = min(top_k, s.shape[1])
-            logz = torch.logsumexp(s, dim=1, keepdim=True)
-            top, idx = torch.topk(s, k, dim=1)
-            cells.append(idx)
-            logps.append(top - logz)
-        return torch.cat(cells), torch.cat(logps)
+        step = max(1, CHUNK_ELEMENTS // max(1, self.tree.sizes[lv]))
+        parts = [torch.logsumexp(self._level_logits(q[a:a + step], xb[a:a + step], lv), dim=1).double()
+                 for a in range(0, q.shape[0], step)]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=q.device)
+
+    def _exhaustive(self, q, xb, top_k):
+        """Every cell of every level (`exhaustive_topk`), level 1 through the level-1 scorer."""
+        level1 = None
+        if self.level1_scorer is not None:
+            level1 = lambda a, b: self._level1_cosines(q[a:b], xb[a:b])  # noqa: E731
+        return exhaustive_topk(q, self.vectors, self.temperatures, self._parents, top_k, level1=level1)
 
     def _beam(self, q, xb, top_k, beams):
         torch = self.torch

@@ -34,7 +34,7 @@ from geosurge_index.model.config import PRESETS, ModelConfig
 
 TRAIN_STATE_FORMAT = "geosurge-train-state"
 TRAIN_STATE_VERSION = 1
-RUN_FORMAT = "geosurge-run"
+TRAIN_RUN_FORMAT = "geosurge-run"  # RUN_DIR/run.json (pred_store.RUN_FORMAT: PRED_DIR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,27 +328,45 @@ def find_resume_checkpoint(run_dir: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def ancestor_paths(cells) -> np.ndarray:
-    """int64 (levels, n_finest): the cell_index at every level of each finest cell's ancestor."""
-    n_levels = cells.n_levels
-    finest = len(cells.levels[-1])
-    paths = np.empty((n_levels, finest), dtype=np.int64)
-    paths[-1] = np.arange(finest)
-    for li in range(n_levels - 1, 0, -1):
-        paths[li - 1] = cells.levels[li].parent_index[paths[li]]
-    if (paths < 0).any():
-        raise FormatError("cells table: a cell below level 1 has no parent")
-    return paths
+def parent_tensors(cells, device) -> list:
+    """Per level, the int64 parent cell_index of its cells on `device` (level 1: all -1), as the
+    exhaustive search (`search.exhaustive_topk`) takes them."""
+    import torch
+
+    out = []
+    for li, lc in enumerate(cells.levels):
+        parent = np.asarray(lc.parent_index, dtype=np.int64)
+        if li and (parent < 0).any():
+            raise FormatError("cells table: a cell below level 1 has no parent")
+        out.append(torch.as_tensor(parent, device=device))
+    return out
 
 
-def exhaustive_best(log_probs: list, paths) -> Any:
-    """Best finest cell per row by the product of per-level probabilities along its path
-    (a sum of log-probabilities), over every finest cell. log_probs: per level (B, n_l)."""
-    score = None
-    for lp, idx in zip(log_probs, paths, strict=True):
-        s = lp.index_select(1, idx)
-        score = s if score is None else score + s
-    return score.argmax(dim=1)
+def search_tables(geo) -> tuple[list, Any]:
+    """The geo embeddings as the engine scores them: L2-normalised float32 tables and the
+    temperatures, detached (no autograd), on the training device."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        tables = [F.normalize(t.detach().float(), dim=-1) for t in geo.tables]
+        return tables, geo.temperatures.detach().float()
+
+
+def validation_best(emb, tables: list, temperatures, parents: list) -> Any:
+    """(B,) int64 best finest cell per row by the product of per-level probabilities along its
+    path, over every finest cell: the search engine's exhaustive mode (`search.exhaustive_topk`)
+    on the training device. `tables`, `temperatures`: from `search_tables`; `parents`: from
+    `parent_tensors`."""
+    import torch
+    import torch.nn.functional as F
+
+    from geosurge_index.search import exhaustive_topk
+
+    with torch.inference_mode(), torch.autocast(emb.device.type, enabled=False):
+        q = F.normalize(emb.detach().float(), dim=-1)
+        cells, _ = exhaustive_topk(q, tables, temperatures, parents, top_k=1)
+    return cells[:, 0]
 
 
 def normalise_pixels(pixels, device):
@@ -453,7 +471,7 @@ class Trainer:
             self.val_split = read_split("val", data.val, self.cells, path_column=data.path_column)
         else:
             self.train_split, self.val_split = holdout(self.train_split, data.val_fraction, ts.seed)
-        self.paths = torch.as_tensor(ancestor_paths(self.cells), device=self.device)
+        self.parents = parent_tensors(self.cells, self.device)
         finest = self.cells.levels[-1]
         self.finest_latlon = np.stack([finest.mean_lat, finest.mean_lon], axis=1)
 
@@ -682,6 +700,7 @@ class Trainer:
         valid_sum = np.zeros(levels)
         correct_sum = np.zeros(levels)
         rows_all, pred_all = [], []
+        tables, temperatures = search_tables(self.model.geo)  # scored as the exported index is
         with torch.no_grad():
             for rows, batch in self._loader(split, batches):
                 x, cm, targets, ok_rows = self._inputs(split, rows, batch)
@@ -696,7 +715,7 @@ class Trainer:
                 loss_sum += per_level.cpu().numpy() * valid
                 valid_sum += valid
                 correct_sum += correct.cpu().numpy()
-                best = exhaustive_best(self.model.geo.log_probs(emb.float()), self.paths)
+                best = validation_best(emb, tables, temperatures, self.parents)
                 rows_all.append(ok_rows)
                 pred_all.append(best.cpu().numpy())
         totals = self._reduce(np.concatenate([loss_sum, valid_sum, correct_sum]))
@@ -783,7 +802,7 @@ class Trainer:
 
         best = self.state["best_epoch"]
         write_json(self.run_dir / "run.json", {
-            "format": RUN_FORMAT, "format_version": 1, "last_checkpoint": last.name,
+            "format": TRAIN_RUN_FORMAT, "format_version": 1, "last_checkpoint": last.name,
             "best_checkpoint": f"epoch-{best:04d}" if best else None, "best_val_loss": self.state["best_val_loss"],
             "epochs_done": self.state["epoch"], "global_step": self.state["global_step"]})
 

@@ -9,10 +9,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from geosurge_index import s2
+from geosurge_index import search as search_mod
 from geosurge_index.errors import UserError
 from geosurge_index.index import GeoIndex, export_index
 from geosurge_index.pred_store import pred_schema
-from geosurge_index.search import CellTree, parse_beam, result_to_arrow
+from geosurge_index.search import (
+    DEFAULT_BEAM,
+    CellTree,
+    SearchEngine,
+    default_beam,
+    parse_beam,
+    result_to_arrow,
+)
 from geosurge_index.synthetic import synthetic_hierarchy, synthetic_queries
 
 
@@ -135,8 +143,8 @@ def test_single_level_tree_searches_with_any_beam(backend):
     e = np.eye(4, dtype=np.float32)
     tree = CellTree.from_parents([None], [np.zeros(3)], [np.zeros(3)], [["a", "b", "c"]])
     index = GeoIndex.from_arrays([e[:3]], [0.1], tree, backend=backend)
-    assert parse_beam("512,256,128,64,32,16", 1) == () and parse_beam(4, 1) == ()
-    for beam in (4, "512,256,128,64,32,16"):
+    assert parse_beam(None, 1) == () and parse_beam(4, 1) == ()
+    for beam in (4, None):
         res = index.search(e[[1]], top_k=2, beam=beam)
         assert res.topk_cells[0, 0] == 1 and res.best_cells.tolist() == [[1]]
     ex = index.search(e[[1]], top_k=2, exhaustive=True)
@@ -233,3 +241,93 @@ def test_search_cli_round_trip(tmp_path, small):
     assert main(["search", str(idx), "--embeddings", str(tmp_path / "bad.npy"), "--out",
                  str(tmp_path / "out3.parquet")]) == 2
     assert not (tmp_path / "out3.parquet").exists()
+
+
+def test_parse_beam_rule():
+    # no beam given: DEFAULT_BEAM fitted to the tree (cut; the last value repeated when deeper)
+    assert parse_beam(None, 7) == DEFAULT_BEAM == parse_beam(DEFAULT_BEAM, 7)
+    assert parse_beam(None, 3) == DEFAULT_BEAM[:2] == parse_beam(DEFAULT_BEAM, 3) == default_beam(3)
+    assert default_beam(9) == DEFAULT_BEAM + (DEFAULT_BEAM[-1],) * 2
+    # one value: every expanded level
+    assert parse_beam(8, 4) == parse_beam("8", 4) == parse_beam([8], 4) == (8, 8, 8)
+    # a schedule: exactly one value per expanded level, whatever its values
+    assert parse_beam("4, 4,8", 4) == (4, 4, 8)
+    for bad in ("4,4,8,8,16,16", [4, 4], "1,2,3,4,5,6"):
+        with pytest.raises(UserError, match=r"levels 1\.\.3 of this 4-level tree: 3 values"):
+            parse_beam(bad, 4)
+    with pytest.raises(UserError, match="level 1 of this 2-level tree"):
+        parse_beam("4,4", 2)
+    with pytest.raises(UserError, match=">= 1"):
+        parse_beam("4,0,8", 4)
+    with pytest.raises(UserError, match="integer"):
+        parse_beam("4,x", 4)
+    # the default's values written out for a shallower tree: still cut, for one release, loudly
+    with pytest.warns(DeprecationWarning, match="omit the beam"):
+        assert parse_beam("512,256,128,64,32,16", 3) == (512, 256)
+
+
+def _brute_level_probabilities(h, q: np.ndarray, paths: np.ndarray) -> np.ndarray:
+    """What `Locator` computed before: a full softmax over every cell of every level, in float64."""
+    x = q.astype(np.float64) / np.linalg.norm(q, axis=1, keepdims=True)
+    out = np.empty(paths.shape)
+    for lv, table in enumerate(h.tables):
+        logp = _log_softmax(x @ table.astype(np.float64).T / h.temperatures[lv])
+        out[:, lv] = np.exp(np.take_along_axis(logp, paths[:, lv:lv + 1].astype(np.int64), 1)[:, 0])
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_level_probabilities_equal_the_full_softmax(seed, backend, monkeypatch):
+    h = synthetic_hierarchy(300 + 200 * seed, dim=16, seed=seed, child_noise=1.0)
+    q, _ = synthetic_queries(h, 40, query_noise=2.0, seed=seed + 5)
+    index = GeoIndex.from_arrays(h.tables, h.temperatures, h.tree(), backend=backend)
+    res = index.search(q, top_k=3)
+    rng = np.random.default_rng(seed)
+    other = h.tree().ancestors(rng.integers(0, h.sizes[-1], len(q)))  # any path, not only the best
+    for paths in (res.best_cells, other):
+        want = _brute_level_probabilities(h, q, paths)
+        got = index.engine.level_probabilities(q, paths)
+        assert got.dtype == np.float64 and got.shape == paths.shape
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-9)
+    # chunked normalisers: no (queries x cells) score matrix above the budget, same answer
+    budget = 1000
+    shapes = []
+    real = search_mod.level_logits
+
+    def spy(qq, table, temperature):
+        shapes.append((qq.shape[0], table.shape[0]))
+        return real(qq, table, temperature)
+
+    monkeypatch.setattr(search_mod, "CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(search_mod, "level_logits", spy)
+    chunked = index.engine.level_probabilities(q, res.best_cells, batch_size=16)
+    assert shapes and max(a * b for a, b in shapes) <= max(budget, max(h.sizes))
+    assert all(a * b <= budget for a, b in shapes if b <= budget)
+    np.testing.assert_allclose(chunked, _brute_level_probabilities(h, q, res.best_cells), rtol=2e-5, atol=1e-9)
+
+
+def test_level_probabilities_through_a_level1_scorer(small):
+    import faiss
+
+    from geosurge_index.index import _FaissLevel1
+
+    h, q, _ = small
+    flat = faiss.IndexFlatIP(h.tables[0].shape[1])
+    flat.add(h.tables[0])
+    engine = SearchEngine(h.tree(), h.tables, h.temperatures, level1_scorer=_FaissLevel1(flat, "cpu"))
+    res = engine.search(q, top_k=2, exhaustive=True)
+    np.testing.assert_allclose(engine.level_probabilities(q, res.best_cells),
+                               _brute_level_probabilities(h, q, res.best_cells), rtol=2e-5, atol=1e-9)
+
+
+def test_level_probabilities_bad_paths(small):
+    h, q, _ = small
+    engine = GeoIndex.from_arrays(h.tables, h.temperatures, h.tree()).engine
+    with pytest.raises(UserError, match="shape"):
+        engine.level_probabilities(q, np.zeros((len(q), 3), np.int32))
+    bad = np.zeros((len(q), 7), np.int32)
+    bad[0, 6] = h.sizes[-1]
+    with pytest.raises(UserError, match="out of range"):
+        engine.level_probabilities(q, bad)
+    assert engine.level_probabilities(q[:0], np.zeros((0, 7), np.int32)).shape == (0, 7)

@@ -19,9 +19,10 @@ from geosurge_index.train import (
     Recipe,
     Trainer,
     TrainSettings,
-    ancestor_paths,
-    exhaustive_best,
     load_recipe,
+    parent_tensors,
+    search_tables,
+    validation_best,
 )
 from geosurge_index.train_data import BatchDataset, epoch_batches, read_split
 
@@ -214,17 +215,42 @@ def test_an_undecodable_micro_batch_still_goes_through_the_model(world, tmp_path
     assert res.metrics[0]["skipped_images"] == {"zero_bytes": 32}
 
 
-def test_exhaustive_best_is_the_best_path_product(world):
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_validation_best_is_the_engines_exhaustive_best(world, seed):
+    from geosurge_index.model.geo import GeoEmbeddings
+    from geosurge_index.search import CellTree, SearchEngine
+
     cells = cells_mod.read_cells(world[0] / "cells")
-    paths = ancestor_paths(cells)
-    for li in range(1, cells.n_levels):  # each path follows parent links
-        np.testing.assert_array_equal(cells.levels[li].parent_index[paths[li]], paths[li - 1])
-    g = torch.Generator().manual_seed(0)
-    logp = [torch.log_softmax(torch.randn(5, len(lc), generator=g), -1) for lc in cells.levels]
-    best = exhaustive_best(logp, torch.as_tensor(paths))
-    brute = np.array([[sum(float(logp[lvl][b, paths[lvl, f]]) for lvl in range(cells.n_levels))
-                       for f in range(paths.shape[1])] for b in range(5)])
-    np.testing.assert_array_equal(best.numpy(), brute.argmax(1))
+    torch.manual_seed(seed)
+    geo = GeoEmbeddings([len(lc) for lc in cells.levels], dim=12, init_std=1.0)
+    with torch.no_grad():  # random temperatures, one per level
+        geo.log_temperature.copy_(torch.log(torch.rand(cells.n_levels) * 0.3 + 0.03))
+    emb = torch.nn.functional.normalize(torch.randn(37, 12), dim=-1)
+    tables, temps = search_tables(geo)
+    best = validation_best(emb, tables, temps, parent_tensors(cells, "cpu"))
+    assert best.dtype == torch.int64 and best.shape == (37,)
+
+    tree = CellTree.from_parents([lc.parent_index for lc in cells.levels], [lc.mean_lat for lc in cells.levels],
+                                 [lc.mean_lon for lc in cells.levels], [[""] * len(lc) for lc in cells.levels])
+    engine = SearchEngine(tree, [t.numpy() for t in tables], temps.double().numpy())
+    ex = engine.search(emb.numpy(), top_k=1, exhaustive=True)
+    np.testing.assert_array_equal(best.numpy(), ex.best_cells[:, -1])
+    # ... which is the best product of per-level softmax probabilities along the path
+    logp = [lp.detach() for lp in (torch.log_softmax(geo.logits(emb, lv), -1) for lv in range(cells.n_levels))]
+    paths = tree.ancestors(np.arange(tree.sizes[-1]))
+    brute = sum(logp[lv][:, paths[:, lv]] for lv in range(cells.n_levels))
+    np.testing.assert_array_equal(best.numpy(), brute.argmax(1).numpy())
+
+
+def test_parent_tensors_refuse_an_orphan(world):
+    from geosurge_index.errors import FormatError
+
+    cells = cells_mod.read_cells(world[0] / "cells")
+    parents = parent_tensors(cells, "cpu")
+    assert [len(p) for p in parents] == [len(lc) for lc in cells.levels] and (parents[0] == -1).all()
+    cells.levels[2].parent_index[0] = -1
+    with pytest.raises(FormatError, match="no parent"):
+        parent_tensors(cells, "cpu")
 
 
 def test_batches_are_a_function_of_seed_epoch_and_rank():
@@ -270,7 +296,7 @@ def test_recipes_parse_and_reject_mistakes(tmp_path):
     full = load_recipe(repo / "build" / "mp16.toml")
     assert full.model.backbone.pretrained == "openai/clip-vit-large-patch14-336"
     assert full.train.effective_batch == 1024 and full.train.lr == 1e-4 and full.train.patience == 4
-    # the rest of the paper's set-up (METHOD.md)
+    # the rest of the GeoSURGE paper's training set-up (arXiv 2510.01448; README.md)
     assert full.train.weight_decay == 1e-4 and full.train.lr_decay == 0.5 and full.train.precision == "auto"
     m = full.model
     assert m.segmenter.pretrained == "shi-labs/oneformer_ade20k_swin_large" and m.backbone.unfreeze_last_n == 0

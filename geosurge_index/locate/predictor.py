@@ -11,7 +11,7 @@ from functools import partial
 import numpy as np
 import pyarrow as pa
 
-from geosurge_index.errors import UserError
+from geosurge_index.errors import FormatError, UserError
 from geosurge_index.images import (
     CLIP_MEAN,
     CLIP_STD,
@@ -36,6 +36,20 @@ class SearchSettings:
     ten_crop: bool = False  # pixels come as 10 crops per image; the embedding is their normalised mean
 
 
+def embedding_dim(encoder, index) -> int | None:
+    """The embedding width, from the encoder's config (`encoder.embed_dim`) and the index's tables
+    (`index.dim`); FormatError when they disagree, None when neither says."""
+    enc = getattr(encoder, "embed_dim", None)
+    if enc is None:
+        enc = getattr(getattr(encoder, "config", None), "embed_dim", None)
+    idx = getattr(index, "dim", None) if index is not None else None
+    if enc is not None and idx is not None and int(enc) != int(idx):
+        raise FormatError(f"the encoder makes {int(enc)}-d embeddings but the index's cell tables are "
+                          f"{int(idx)}-d: they come from different models")
+    dim = enc if enc is not None else idx
+    return None if dim is None else int(dim)
+
+
 class Predictor:
     """Encoder + index on one device: DecodedBatch -> PRED_DIR rows (a pyarrow Table)."""
 
@@ -46,6 +60,7 @@ class Predictor:
         self.index = index
         self.device = device
         self.settings = settings
+        self._embed_dim = embedding_dim(encoder, index)  # checked here: before any image is decoded
         self.image_size = int(encoder.image_size)
         self._mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
@@ -133,5 +148,9 @@ class Predictor:
 
     @property
     def embed_dim(self) -> int:
-        return int(getattr(self.encoder, "embed_dim", 768))
+        """The embedding width (the encoder's config, else the index's tables)."""
+        if self._embed_dim is None:
+            raise ValueError("the embedding width is unknown: the encoder has no `embed_dim` (nor "
+                             "`config.embed_dim`) and there is no index")
+        return self._embed_dim
 

@@ -9,6 +9,9 @@ The driver owns the ledger exactly as a local run does: the same chunks, the sam
 the same `_run.json`, so a Ray run resumes a local one and vice versa, without duplicates.
 Every worker must be able to import geosurge_index and read the inputs and INDEX_DIR at the same
 paths (a shared file system), as with any Ray Data job reading files.
+
+Ray is an optional extra (`pip install 'geosurge-index[ray]'`): this is the only module that
+imports it, and only inside functions (`require_ray`), so everything else works without it.
 """
 
 from __future__ import annotations
@@ -25,12 +28,24 @@ from geosurge_index.locate.predictor import Predictor, SearchSettings
 from geosurge_index.pred_store import ChunkAssembler, chunk_bounds
 
 ROW = "_row"
+RAY_EXTRA = "pip install 'geosurge-index[ray]'"
+
+
+def require_ray():
+    """The `ray` module with Ray Data, or a UserError saying how to install the extra."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  (ray without the [data] extra lacks its dependencies)
+    except ImportError as err:
+        raise UserError(f"--ray needs Ray Data, an optional extra that is not installed ({err}): "
+                        f"{RAY_EXTRA}") from err
+    return ray
 
 
 def init_ray(address: str, num_cpus: int | None = None, object_store_mb: int = 256) -> bool:
     """`local`: start a small private Ray instance here; `auto` or HOST:PORT / ray://: connect.
     Returns True when this call connected (the caller then shuts Ray down)."""
-    import ray
+    ray = require_ray()
 
     if ray.is_initialized():
         return False
@@ -106,8 +121,7 @@ def run_ray(
     num_cpus: int | None = None,
     progress=None,
 ) -> RunStats:
-    import ray
-
+    ray = require_ray()
     started = init_ray(address, num_cpus=num_cpus)
     try:
         return _run(plan, progress, actors, gpus_per_actor)
@@ -117,7 +131,7 @@ def run_ray(
 
 
 def _run(plan: Plan, progress, actors, gpus_per_actor) -> RunStats:
-    import ray
+    ray = require_ray()
 
     job = plan.job
     resources = ray.cluster_resources()

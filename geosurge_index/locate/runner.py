@@ -19,16 +19,13 @@ from geosurge_index.locate.job import (
     summarize,
 )
 from geosurge_index.locate.predictor import Predictor
-from geosurge_index.pred_store import (
-    ChunkAssembler,
-)
+from geosurge_index.pred_store import ChunkAssembler
 
 
 def _worker_init(_):
     import torch
 
     torch.set_num_threads(1)  # workers only decode; the model owns the other threads
-
 
 
 def run_local(plan: Plan, predictor: Predictor | None = None, progress=None) -> RunStats:
@@ -89,12 +86,15 @@ def _run_local(plan: Plan, predictor: Predictor, progress, cuda: bool, workers: 
     return stats
 
 
-
 def run_job(job: LocateJob, ray_address: str | None = None, predictor: Predictor | None = None,
             ray_options: dict | None = None) -> dict:
     """Plan, run (locally or on Ray), write `_summary.json`; return the summary."""
     from geosurge_index.progress import bar
 
+    if ray_address is not None:  # before the ledger is written: without Ray, say how to get it
+        from geosurge_index.locate.ray_runner import require_ray
+
+        require_ray()
     plan = plan_job(job)
     try:
         n_todo = len(plan.pending_rows())

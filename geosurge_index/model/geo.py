@@ -35,6 +35,3 @@ class GeoEmbeddings(nn.Module):
         with torch.autocast(emb.device.type, enabled=False):
             table = F.normalize(self.tables[level].float(), dim=-1)
             return emb.float() @ table.T / self.log_temperature[level].float().exp()
-
-    def log_probs(self, emb: torch.Tensor) -> list[torch.Tensor]:
-        return [F.log_softmax(self.logits(emb, lvl), dim=-1) for lvl in range(self.levels)]
