@@ -169,6 +169,20 @@ def test_locator_takes_paths_bytes_and_pil_and_reports_errors(locator, tmp_path)
     assert locator.locate([p], top_k=5)[0].alternatives.__len__() == 5
 
 
+def test_locator_computes_cell_probabilities_only_when_asked(locator, monkeypatch):
+    img = Image.new("RGB", (64, 48), (40, 120, 200))
+    calls = []
+    real = locator.index.engine.level_probabilities
+    monkeypatch.setattr(locator.index.engine, "level_probabilities",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    lean = locator.locate([img], cell_probabilities=False)[0]
+    assert calls == [] and [c.probability for c in lean.cells] == [None] * 7
+    full = locator.locate([img])[0]
+    assert calls == [1] and all(0 < c.probability <= 1 for c in full.cells)
+    assert [c.cell_index for c in lean.cells] == [c.cell_index for c in full.cells]
+    assert (lean.lat, lean.lon, lean.probability) == (full.lat, full.lon, full.probability)
+
+
 def test_locator_uses_class_map_beside_the_image(locator, tmp_path, monkeypatch):
     """A precomputed class map replaces the segmenter; the segmenter runs once per other image."""
     import torch

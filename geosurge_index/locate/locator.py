@@ -14,6 +14,7 @@ import numpy as np
 from geosurge_index.images import (
     DEFAULT_MAX_PIXELS,
 )
+from geosurge_index.index import PLACE_COLUMNS  # noqa: F401 - re-exported
 from geosurge_index.locate.decode import Decoded, DecodeSpec, collate, decode_any
 from geosurge_index.locate.predictor import Predictor, SearchSettings
 
@@ -25,7 +26,8 @@ class CellPrediction:
     level: int
     cell_index: int
     s2_token: str
-    probability: float  # the level's softmax over all its cells, at this cell
+    probability: float | None  # the level's softmax over all its cells, at this cell; None when
+    #                             `locate(..., cell_probabilities=False)` skipped computing it
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,6 @@ class Prediction:
         return asdict(self)
 
 
-PLACE_COLUMNS = ("country_code", "country_name", "admin1", "town")
 
 
 def _read_places(index_dir: Path, level: int) -> dict[str, list]:
@@ -125,9 +126,11 @@ class Locator:
         return decode_any(image, self.spec)
 
     def locate(self, images: Iterable, *, top_k: int | None = None, ids: Sequence[str] | None = None,
-               return_embeddings: bool = False) -> list[Prediction]:
+               return_embeddings: bool = False, cell_probabilities: bool = True) -> list[Prediction]:
         """Paths, bytes, PIL images or `Decoded` (from `decode`) -> one Prediction each, in order.
-        An image that cannot be decoded gives a Prediction with `error` set, never an exception."""
+        An image that cannot be decoded gives a Prediction with `error` set, never an exception.
+        `cell_probabilities=False` leaves `cells[i].probability` None: each level's softmax needs
+        every cell of the level (a GEMM per level), which a caller that ignores them should not pay."""
         images = list(images)
         if not images:
             return []
@@ -143,24 +146,10 @@ class Locator:
             pred = base if top_k in (None, base.settings.top_k) else Predictor(
                 base.encoder, base.index, base.device, replace(base.settings, top_k=top_k, save_embeddings=False))
             _, result, emb = pred.predict_full(batch, [i or "" for i in ids], [i for i in ids])
-            level_probs = self._level_probabilities(emb, result.best_cells) if result is not None else None
+            level_probs = None
+            if result is not None and cell_probabilities:
+                level_probs = self.index.engine.level_probabilities(emb, result.best_cells)
         return self._predictions(batch, ids, result, level_probs, emb if return_embeddings else None)
-
-    def _level_probabilities(self, emb: np.ndarray, best_cells: np.ndarray) -> np.ndarray:
-        """(n, L): each level's softmax over all its cells (cosine / temperature) at the best path."""
-        import torch
-
-        eng = self.index.engine
-        q = torch.from_numpy(np.ascontiguousarray(emb)).to(eng.device)
-        q = torch.nn.functional.normalize(q, dim=1)
-        out = np.empty(best_cells.shape, dtype=np.float64)
-        with torch.inference_mode():
-            for lv, vec in enumerate(eng.vectors):
-                logits = (q @ vec.T).double() / float(eng.temperatures[lv])
-                logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-                idx = torch.as_tensor(best_cells[:, lv], dtype=torch.int64, device=logp.device)
-                out[:, lv] = logp.gather(1, idx[:, None])[:, 0].exp().cpu().numpy()
-        return out
 
     def _predictions(self, batch, ids, result, level_probs, emb) -> list[Prediction]:
         tree = self.index.tree
@@ -173,7 +162,8 @@ class Locator:
                 continue
             path = result.best_cells[r]
             # Scalar look-ups: converting every level's tokens per call costs more than the search.
-            cells = [CellPrediction(lv + 1, int(c), tree.tokens[lv][int(c)].as_py(), float(level_probs[r, lv]))
+            cells = [CellPrediction(lv + 1, int(c), tree.tokens[lv][int(c)].as_py(),
+                                   None if level_probs is None else float(level_probs[r, lv]))
                      for lv, c in enumerate(path)]
             alts = [Alternative(int(c), tree.tokens[finest][int(c)].as_py(), float(p), float(tree.mean_lat[finest][c]),
                                 float(tree.mean_lon[finest][c]))
