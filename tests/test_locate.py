@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory):
-    from geosurge_index.cli.locate import random_index
+    from geosurge_index.synthetic import random_index
 
     return random_index(tmp_path_factory.mktemp("idx") / "index", n_points=1500, place_names=True)
 
@@ -122,15 +122,17 @@ def test_batches_never_span_chunks():
 
 
 def test_device_normalisation_matches_preprocess(locator):
-    """uint8 pixels normalised in `Predictor.encode` == images.Preprocess.to_array on the CPU."""
+    """uint8 pixels normalised in `Predictor.encode` == CLIP normalisation in float64 on the CPU."""
     import torch
 
+    from geosurge_index.geometry import CLIP_MEAN, CLIP_STD
     from geosurge_index.images import Preprocess
 
     img = photo(120, 90, seed=3)
     s = locator.image_size
     pre = Preprocess(s)
-    ref = torch.from_numpy(pre.to_array(img))[None]
+    ref64 = (np.asarray(pre.resize_crop(img), np.float64) / 255 - CLIP_MEAN) / CLIP_STD
+    ref = torch.from_numpy(ref64.transpose(2, 0, 1).astype(np.float32))[None]
     cmap = torch.full((1, s, s), 4, dtype=torch.int64)
     with torch.inference_mode():
         want = locator.predictor.encoder(ref, cmap).numpy()
@@ -326,11 +328,12 @@ def _ten_crop_reference(locator, img: Image.Image, class_map: Image.Image | None
     """The definition: the L2-normalised mean of the encoder's embeddings of the 10 crops."""
     import torch
 
+    from geosurge_index.geometry import clip_normalise
     from geosurge_index.images import Preprocess
     from geosurge_index.model import ten_crop_class_maps
 
     s = locator.image_size
-    crops = torch.from_numpy(Preprocess(s).ten_crop_arrays(img))
+    crops = clip_normalise(Preprocess(s).ten_crop_pixels(img))
     maps = None if class_map is None else torch.from_numpy(ten_crop_class_maps(class_map, s))
     with torch.inference_mode():
         each = locator.predictor.encoder(crops, maps)

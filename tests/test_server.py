@@ -23,7 +23,7 @@ from geosurge_index.synthetic import synthetic_jpegs
 
 
 def tiny_locator(root):
-    from geosurge_index.cli.locate import random_index
+    from geosurge_index.synthetic import random_index
     from geosurge_index.locate import Locator
 
     index_dir = random_index(root / "index", n_points=1500, place_names=True)

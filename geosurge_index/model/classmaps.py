@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from geosurge_index import geometry
 from geosurge_index.images import ImageDecodeError, class_map_path, decode_image
 from geosurge_index.model.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter
 
@@ -25,15 +26,10 @@ from geosurge_index.model.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmente
 def segment_pil(segmenter: Segmenter, img: Image.Image) -> np.ndarray:
     """RGB PIL -> uint8 (h, w) ADE20K ids, at the image's aspect with the short side at the
     segmenter's input size."""
-    w, h = img.size
-    s = segmenter.input_size
-    scale = s / min(w, h)
-    nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-    arr = np.asarray(img.resize((nw, nh), Image.BICUBIC), dtype=np.float32) / 255.0
+    nw, nh = geometry.short_side_size(*img.size, segmenter.input_size)
     device = next(segmenter.model.parameters()).device
-    x = torch.from_numpy(arr).permute(2, 0, 1)[None].to(device)
-    x = (x - torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)) / torch.tensor(
-        IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    px = np.asarray(img.resize((nw, nh), Image.BICUBIC), dtype=np.uint8)[None]
+    x = geometry.normalise(px, IMAGENET_MEAN, IMAGENET_STD, device)
     scores = F.interpolate(segmenter.class_scores(x).float(), size=(nh, nw), mode="bilinear", align_corners=False)
     return scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
 
