@@ -276,6 +276,26 @@ def test_bad_manifest_is_refused_before_any_work(index_dir, tmp_path, capsys):
     assert "duplicate ids" in capsys.readouterr().err
 
 
+def test_gzipped_manifest_and_single_image_are_located(index_dir, tmp_path):
+    """`geosurge locate` reads what training reads (`sources.input_kind`): a .csv.gz manifest."""
+    import gzip
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(encode(photo(seed=1), "JPEG"))
+    (tmp_path / "b.png").write_bytes(encode(photo(seed=2), "PNG"))
+    with gzip.open(tmp_path / "m.csv.gz", "wt") as f:
+        f.write("id,path
+m1,imgs/a.jpg
+")
+    out = tmp_path / "preds"
+    argv = ["locate", str(index_dir), str(tmp_path / "m.csv.gz"), str(tmp_path / "b.png"), "--out", str(out),
+            "--workers", "0", "--device", "cpu"]
+    assert cli_main(argv) == 0
+    rows = {r["id"]: r for r in read_preds(out).to_pylist()}
+    assert set(rows) == {"m1", str(tmp_path / "b.png")}
+    assert all(r["error"] is None and r["lat"] is not None for r in rows.values())
+
+
 def test_killed_run_resumes_without_duplicates_or_gaps(index_dir, tmp_path):
     """A real kill -9 in the middle of a run, then the same command again."""
     folder = tmp_path / "many"
