@@ -284,9 +284,7 @@ def test_gzipped_manifest_and_single_image_are_located(index_dir, tmp_path):
     (tmp_path / "imgs" / "a.jpg").write_bytes(encode(photo(seed=1), "JPEG"))
     (tmp_path / "b.png").write_bytes(encode(photo(seed=2), "PNG"))
     with gzip.open(tmp_path / "m.csv.gz", "wt") as f:
-        f.write("id,path
-m1,imgs/a.jpg
-")
+        f.write("id,path\nm1,imgs/a.jpg\n")
     out = tmp_path / "preds"
     argv = ["locate", str(index_dir), str(tmp_path / "m.csv.gz"), str(tmp_path / "b.png"), "--out", str(out),
             "--workers", "0", "--device", "cpu"]
