@@ -1,4 +1,4 @@
-"""Decoding images robustly, and turning them into model inputs.
+"""Decoding images robustly (crops and normalisation are `geometry`'s).
 
 Every decode failure is an `ImageDecodeError` with a short `kind` (zero_bytes, unreadable,
 not_an_image, truncated, too_many_pixels, unsupported_format) so that bulk runs can write an
@@ -15,17 +15,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from geosurge_index import geometry
+from geosurge_index.geometry import CLIP_MEAN, CLIP_STD, TEN_CROP_SCALE  # noqa: F401 - their old home
+
 # A decompression-bomb cap: 12 MP photos are common, 100 MP panoramas are not bombs; 20000x20000 is.
 DEFAULT_MAX_PIXELS = 100_000_000
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "MPO"})  # MPO: multi-picture JPEG from cameras
 
-# CLIP's normalisation (openai/clip-vit-*): the backbone expects it.
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
-
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-TEN_CROP_SCALE = 1.143  # ten-crop boxes are cut from a resize to this x the crop size (`Preprocess`)
 
 
 class ImageDecodeError(ValueError):
@@ -34,8 +31,6 @@ class ImageDecodeError(ValueError):
         self.kind = kind
         self.message = message
 
-
-ImageInput = "str | os.PathLike | bytes | Image.Image"
 
 ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 or 270 degrees
 
@@ -132,42 +127,19 @@ def decode_image(
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize the short side to `size` (bicubic), centre-crop `size` x `size`, CLIP-normalise."""
+    """The model's crops of an image at `size` (`geometry.centre_crop`, `geometry.ten_crop`):
+    short side resized to `size` (bicubic) and the centred square; or the ten test-time crops."""
 
     size: int = 336
 
     def resize_crop(self, img: Image.Image) -> Image.Image:
-        w, h = img.size
-        scale = self.size / min(w, h)
-        nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-        img = img.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - self.size) // 2, (nh - self.size) // 2
-        return img.crop((left, top, left + self.size, top + self.size))
-
-    def to_array(self, img: Image.Image) -> np.ndarray:
-        """RGB PIL -> float32 (3, size, size), normalised."""
-        arr = np.asarray(self.resize_crop(img), dtype=np.float32) / 255.0
-        return ((arr - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1).copy()
+        """RGB PIL -> the centre crop, a `size` x `size` PIL image."""
+        return Image.fromarray(geometry.centre_crop(*img.size, self.size).cut_pixels(img)[0])
 
     def ten_crop_pixels(self, img: Image.Image) -> np.ndarray:
         """Test-time ten-crop as uint8 (10, size, size, 3): the 4 corners and the centre at `size`
-        from a 1.143x resize, then their mirror images (`model.inference.ten_crop_class_maps` cuts
-        class maps with the same boxes)."""
-        big = round(self.size * TEN_CROP_SCALE)
-        w, h = img.size
-        scale = big / min(w, h)
-        img = img.resize((max(big, round(w * scale)), max(big, round(h * scale))), Image.BICUBIC)
-        W, H = img.size
-        s = self.size
-        boxes = [(0, 0), (W - s, 0), (0, H - s), (W - s, H - s), ((W - s) // 2, (H - s) // 2)]
-        crops = [img.crop((x, y, x + s, y + s)) for x, y in boxes]
-        crops += [c.transpose(Image.FLIP_LEFT_RIGHT) for c in crops]
-        return np.stack([np.asarray(c, dtype=np.uint8) for c in crops])
-
-    def ten_crop_arrays(self, img: Image.Image) -> np.ndarray:
-        """`ten_crop_pixels`, CLIP-normalised: float32 (10, 3, size, size)."""
-        arr = self.ten_crop_pixels(img).astype(np.float32) / 255.0
-        return ((arr - CLIP_MEAN) / CLIP_STD).transpose(0, 3, 1, 2).copy()
+        from a `geometry.TEN_CROP_SCALE` resize, then their mirror images."""
+        return geometry.ten_crop(*img.size, self.size).cut_pixels(img)
 
 
 def class_map_path(image_path: str | os.PathLike) -> Path:
@@ -189,15 +161,8 @@ def open_class_map(source) -> Image.Image:
 
 
 def load_class_map(path, size: int) -> np.ndarray:
-    """A class-map PNG (path, bytes or file object) -> int64 (size, size).
-
-    Resized (nearest) and centre-cropped exactly as `Preprocess` crops the image, so that the
-    map stays aligned with the pixels.
-    """
+    """A class-map PNG (path, bytes or file object) -> int64 (size, size): the centre crop of the
+    map's own size (nearest). The reader stage cuts a map with its image's `geometry.CropPlan`
+    instead, which is the same crop when the map has the image's aspect."""
     m = open_class_map(path)
-    w, h = m.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    m = m.resize((nw, nh), Image.NEAREST)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(m.crop((left, top, left + size, top + size)), dtype=np.int64)
+    return geometry.centre_crop(*m.size, size).cut_class_map(m)[0].astype(np.int64)

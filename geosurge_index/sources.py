@@ -1,4 +1,5 @@
-"""Input readers for bulk locate: folders, manifests and WebDataset tar shards -> one input table.
+"""Input readers for bulk locate, `geosurge segment` and training: folders, single images,
+manifests and WebDataset tar shards -> one input table.
 
 Every input is enumerated, deterministically, into an Arrow table with one row per image
 (`INPUT_SCHEMA`). A row says where the image's bytes are: a file (`offset` = -1), or a byte
@@ -15,6 +16,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -23,9 +25,11 @@ import pyarrow.compute as pc
 from geosurge_index.errors import UserError
 from geosurge_index.images import ImageDecodeError, class_map_path
 
+# The one list of each kind of input, for every reader (`input_kind` decides what a path is).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
+MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq", ".csv.gz", ".tsv.gz")
 TAR_SUFFIXES = (".tar",)
+COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.zst", ".tar.bz2", ".tar.xz")
 CLASS_MAP_SUFFIX = ".classmap.png"
 # WebDataset sample members that carry the image, in order of preference.
 TAR_IMAGE_EXTS = ("jpg", "jpeg", "webp", "png")
@@ -50,8 +54,14 @@ class ManifestColumns:
     id: str | None = None  # None: use "id" when the manifest has it, else the path
 
 
-def input_kind(source: str | os.PathLike) -> str:
-    """'folder', 'manifest' or 'tar' for one INPUT argument; UserError when it is none of them."""
+InputKind = Literal["folder", "image", "manifest", "tar"]
+
+
+def input_kind(source: str | os.PathLike) -> InputKind:
+    """What one input path is: 'folder', 'image' (.jpg/.jpeg/.png/.webp), 'manifest' (.csv, .tsv,
+    .parquet, .pq, .csv.gz, .tsv.gz) or 'tar' (an uncompressed WebDataset shard). UserError when
+    it does not exist or is none of them. Bulk locate, `geosurge segment` and training all ask
+    this one function."""
     p = Path(source)
     if p.is_dir():
         return "folder"
@@ -62,14 +72,18 @@ def input_kind(source: str | os.PathLike) -> str:
         return "manifest"
     if name.endswith(TAR_SUFFIXES):
         return "tar"
-    if name.endswith((".tar.gz", ".tgz", ".tar.zst", ".tar.bz2", ".tar.xz")):
+    if name.endswith(CLASS_MAP_SUFFIX):
+        raise UserError(f"input {source} is a class map (written by `geosurge segment`), not an image")
+    if name.endswith(IMAGE_SUFFIXES):
+        return "image"
+    if name.endswith(COMPRESSED_TAR_SUFFIXES):
         raise UserError(
             f"input {source} is a compressed tar; shards are read by byte range, so they must be "
             "uncompressed .tar files (img2dataset's default)"
         )
     raise UserError(
-        f"input {source} is neither a folder, a manifest (.csv, .tsv, .parquet) nor a WebDataset "
-        "shard (.tar)"
+        f"input {source} is neither a folder, an image (.jpg, .png, .webp), a manifest (.csv, .tsv, "
+        ".parquet, also .csv.gz/.tsv.gz) nor a WebDataset shard (.tar)"
     )
 
 
@@ -111,8 +125,14 @@ def read_folder(folder: str | os.PathLike) -> pa.Table:
     return _table(paths, paths, paths)
 
 
+def read_image(path: str | os.PathLike) -> pa.Table:
+    """One image file given as an input: one row, id = path = the path as given."""
+    p = os.fspath(path)
+    return _table([p], [p], [p])
+
+
 def read_manifest(path: str | os.PathLike, columns: ManifestColumns = ManifestColumns()) -> pa.Table:
-    """A CSV/TSV/Parquet manifest: a path column (relative paths are relative to the manifest's
+    """A CSV/TSV/Parquet manifest (CSV and TSV may be gzipped): a path column (relative paths are relative to the manifest's
     folder) and an optional id column. Missing columns, empty paths or ids: UserError."""
     path = Path(path)
     low = path.name.lower()
@@ -127,7 +147,7 @@ def read_manifest(path: str | os.PathLike, columns: ManifestColumns = ManifestCo
         else:
             import pyarrow.csv as pacsv
 
-            delim = "\t" if low.endswith(".tsv") else ","
+            delim = "\t" if low.endswith((".tsv", ".tsv.gz")) else ","
             parse = pacsv.ParseOptions(delimiter=delim)
             # Read ids and paths as strings: ids like 000123 keep their zeros.
             conv = pacsv.ConvertOptions(
@@ -234,18 +254,35 @@ def enumerate_inputs(
     """All INPUT arguments -> one input table, in argument order. Duplicate ids: UserError."""
     if not sources:
         raise UserError("no inputs given")
-    tables = []
-    for src in sources:
-        kind = input_kind(src)
-        if kind == "folder":
-            tables.append(read_folder(src))
-        elif kind == "manifest":
-            tables.append(read_manifest(src, columns))
-        else:
-            tables.append(read_tar(src))
-    table = pa.concat_tables(tables).combine_chunks()
+    table = pa.concat_tables([read_input(src, columns) for src in sources]).combine_chunks()
     check_unique_ids(table)
     return table
+
+
+def read_input(source: str | os.PathLike, columns: ManifestColumns = ManifestColumns()) -> pa.Table:
+    """One INPUT argument (any `input_kind`) -> its rows of the input table."""
+    kind = input_kind(source)
+    if kind == "folder":
+        return read_folder(source)
+    if kind == "image":
+        return read_image(source)
+    if kind == "manifest":
+        return read_manifest(source, columns)
+    return read_tar(source)
+
+
+def image_files(sources: list[str | os.PathLike], columns: ManifestColumns = ManifestColumns()) -> list[str]:
+    """Image files named by INPUT arguments (folders, images, manifests), in input order, each once
+    (for work done per file, such as writing class maps beside images). Tar shards: UserError."""
+    if not sources:
+        raise UserError("no inputs given")
+    tables = []
+    for src in sources:
+        if input_kind(src) == "tar":
+            raise UserError(f"input {src} is a WebDataset shard: class maps are written beside image files; "
+                            "give the shard's samples a classmap.png member instead")
+        tables.append(read_input(src, columns))
+    return list(dict.fromkeys(pa.concat_tables(tables).column("file").to_pylist()))
 
 
 def check_unique_ids(table: pa.Table) -> None:

@@ -1,4 +1,5 @@
-"""Synthetic geocell hierarchies with trained-like structure, for tests and `geosurge bench search`.
+"""Synthetic inputs for tests and benchmarks: geocell hierarchies with trained-like structure
+(`geosurge bench search`), photo-like JPEGs, and a whole random-weight INDEX_DIR (`random_index`).
 
 Shape: real S2 cells. Level-1 cells are distinct random S2 cells; going one level finer, a cell
 keeps 0..4 children following S2's split: 1 child = the same S2 cell (not split further), 2..4 =
@@ -168,3 +169,46 @@ def synthetic_jpegs(n: int, size: tuple[int, int] = (640, 480), seed: int = 0, q
         Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
         out.append(buf.getvalue())
     return out
+
+
+def write_synthetic_jpegs(folder, n: int, width: int, height: int, seed: int = 0) -> list:
+    """`synthetic_jpegs` written to `folder` as img000000.jpg, ...; returns their paths."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, data in enumerate(synthetic_jpegs(n, (width, height), seed)):
+        paths.append(folder / f"img{i:06d}.jpg")
+        paths[-1].write_bytes(data)
+    return paths
+
+
+def random_index(out_dir, config=None, *, n_points: int = 4000, seed: int = 0, place_names: bool = False):
+    """A real INDEX_DIR from a config-built model with random weights (default `tiny_config()`):
+    random points clustered around a few centres -> partition -> checkpoint -> export, the same
+    code as `geosurge partition` and `geosurge export`. For benchmarks and tests."""
+    from pathlib import Path
+
+    import torch
+
+    from geosurge_index import cells as cells_mod
+    from geosurge_index.index import export_checkpoint
+    from geosurge_index.model import GeoSurgeModel, save_checkpoint, tiny_config
+
+    out_dir = Path(out_dir)
+    work = out_dir.with_name(out_dir.name + ".build")
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform([-50, -170], [60, 170], size=(12, 2))
+    pick = rng.integers(0, len(centres), n_points)
+    lat = np.clip(centres[pick, 0] + rng.normal(0, 2, n_points), -89, 89)
+    lon = (centres[pick, 1] + rng.normal(0, 2, n_points) + 180) % 360 - 180
+    settings = cells_mod.PartitionSettings(tau_min=5, tau_max=(800, 400, 200, 100, 50, 25, 12))
+    part = cells_mod.partition(lat, lon, settings, source="random")
+    cells_mod.write_cells_dir(work / "cells", part.cells, part.assignments)
+    torch.manual_seed(seed)
+    config = config or tiny_config()
+    model = GeoSurgeModel(config, [len(lc) for lc in part.cells.levels])
+    save_checkpoint(work / "ckpt", model, epoch=0, cells_dir=work / "cells")
+    export_checkpoint(work / "ckpt", out_dir, place_names=place_names)
+    return out_dir

@@ -14,6 +14,7 @@ when `checkpoint_every_steps` is set), `metrics.jsonl` (one JSON object per epoc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -203,17 +204,15 @@ def init_distributed(device_kind: str) -> Dist:
 
 
 def resolve_device(name: str, dist_local_rank: int):
+    """`devices.resolve_device` with 'cuda' -> cuda:{dist_local_rank}, made this process's GPU."""
     import torch
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("train.device = cuda but no CUDA device is available")
-        if name == "cuda":
-            name = f"cuda:{dist_local_rank}"
-        torch.cuda.set_device(torch.device(name))
-    return torch.device(name)
+    from geosurge_index.devices import resolve_device as resolve
+
+    device = resolve(name, local_rank=dist_local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def _barrier(dist: Dist) -> None:
@@ -370,15 +369,10 @@ def validation_best(emb, tables: list, temperatures, parents: list) -> Any:
 
 
 def normalise_pixels(pixels, device):
-    """uint8 (B, S, S, 3) -> CLIP-normalised float (B, 3, S, S) on `device`."""
-    import torch
+    """uint8 (B, S, S, 3) -> CLIP-normalised float (B, 3, S, S) on `device` (`geometry.clip_normalise`)."""
+    from geosurge_index.geometry import clip_normalise
 
-    from geosurge_index.images import CLIP_MEAN, CLIP_STD
-
-    x = torch.as_tensor(pixels).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)
+    return clip_normalise(pixels, device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -612,7 +606,7 @@ class Trainer:
         for i, (rows, batch) in enumerate(self._loader(self.train_split, batches[start:]), start=start):
             x, cm, targets, _ = self._inputs(self.train_split, rows, batch)
             last = (i + 1) % self.accum == 0
-            sync = self.ddp.no_sync() if (self.dist.world > 1 and not last) else _null()
+            sync = self.ddp.no_sync() if (self.dist.world > 1 and not last) else contextlib.nullcontext()
             real = x is not None and len(x) > 0
             if not real:
                 # Nothing decodable. Still a forward through DDP (a backward without one skips DDP's
@@ -815,14 +809,6 @@ class Trainer:
         for d in ckpts[:-keep]:
             if best is None or d.name != f"epoch-{best:04d}":
                 shutil.rmtree(d, ignore_errors=True)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _worker_init(_):

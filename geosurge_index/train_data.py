@@ -1,7 +1,7 @@
 """Training data: geotagged images -> rows with cell targets, and the deterministic batch order.
 
-A split is read from manifests (CSV/Parquet with an image path column and lat/lon columns) or
-WebDataset tar shards as img2dataset writes them (`key.jpg` + `key.json` holding
+A split is read from manifests (CSV/TSV/Parquet, CSV and TSV also gzipped, with an image path
+column and lat/lon columns) or WebDataset tar shards as img2dataset writes them (`key.jpg` + `key.json` holding
 latitude/longitude, optionally `key.classmap.png`). Images are located with `sources` (the same
 reader bulk locate uses), coordinates with `coords`, targets with `cells.assign_points`.
 
@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from geosurge_index.errors import UserError
+from geosurge_index.sources import TAR_SUFFIXES
 
 
 @dataclass
@@ -58,7 +59,8 @@ def expand_sources(spec: str | list[str]) -> list[str]:
                 raise UserError(f"data source {s!r} matches no files")
             out.extend(hits)
         elif os.path.isdir(s):
-            hits = sorted(str(p) for p in Path(s).glob("*.tar"))
+            hits = sorted(str(p) for p in Path(s).iterdir()
+                          if p.name.lower().endswith(TAR_SUFFIXES) and p.is_file())
             if not hits:
                 raise UserError(f"data source {s} is a folder without .tar shards (give a manifest or shards)")
             out.extend(hits)
@@ -120,17 +122,19 @@ def _read_tar_split(path: str) -> tuple[pa.Table, np.ndarray, np.ndarray, int]:
 def read_split(name: str, spec: str | list[str], cells, *, path_column: str = "path",
                drop_no_cell: bool = False) -> Split:
     """Read every source of a split and assign its samples to cells."""
+    from geosurge_index import sources
     from geosurge_index.cells import assign_points
 
     tables, lats, lons, dropped = [], [], [], 0
     for src in expand_sources(spec):
-        low = src.lower()
-        if low.endswith(".tar"):
+        kind = sources.input_kind(src)  # the same dispatch as `geosurge locate`
+        if kind == "tar":
             t, la, lo, d = _read_tar_split(src)
-        elif low.endswith((".csv", ".tsv", ".parquet", ".pq", ".csv.gz")):
+        elif kind == "manifest":
             t, la, lo, d = _read_manifest_split(src, path_column)
         else:
-            raise UserError(f"data source {src}: expected a manifest (.csv, .parquet) or a .tar shard")
+            raise UserError(f"data source {src} is a single image: training needs coordinates, so give a "
+                            "manifest (.csv, .tsv, .parquet, also .csv.gz/.tsv.gz) or .tar shards")
         tables.append(t)
         lats.append(la)
         lons.append(lo)

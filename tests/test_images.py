@@ -2,11 +2,11 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from geosurge_index.geometry import CLIP_MEAN, CLIP_STD, TEN_CROP_SCALE, clip_normalise, crop_plan
 from geosurge_index.images import (
-    CLIP_MEAN,
-    CLIP_STD,
     ImageDecodeError,
     Preprocess,
     class_map_path,
@@ -95,11 +95,13 @@ def test_gif_is_unsupported():
 
 def test_preprocess_shapes_and_normalisation():
     img = Image.new("RGB", (90, 60), (255, 255, 255))
-    arr = Preprocess(32).to_array(img)
-    assert arr.shape == (3, 32, 32) and arr.dtype == np.float32
-    np.testing.assert_allclose(arr[:, 0, 0], (1 - CLIP_MEAN) / CLIP_STD, rtol=1e-5)
-    tens = Preprocess(32).ten_crop_arrays(img)
-    assert tens.shape == (10, 3, 32, 32)
+    crop = Preprocess(32).resize_crop(img)
+    assert crop.size == (32, 32)
+    arr = clip_normalise(np.asarray(crop)[None])
+    assert tuple(arr.shape) == (1, 3, 32, 32) and arr.dtype == torch.float32
+    np.testing.assert_allclose(arr[0, :, 0, 0].numpy(), (1 - CLIP_MEAN) / CLIP_STD, rtol=1e-5)
+    tens = Preprocess(32).ten_crop_pixels(img)
+    assert tens.shape == (10, 32, 32, 3) and tens.dtype == np.uint8
 
 
 def test_class_map_is_aligned_with_the_image_crop(tmp_path):
@@ -175,14 +177,65 @@ def test_probe_reads_the_header_only():
         assert err.value.kind == kind
 
 
-def test_ten_crop_pixels_are_the_ten_crop_arrays_before_normalisation():
+def test_ten_crop_pixels_and_their_normalisation():
     img = Image.effect_noise((90, 60), 60).convert("RGB")
     pre = Preprocess(32)
     px = pre.ten_crop_pixels(img)
     assert px.shape == (10, 32, 32, 3) and px.dtype == np.uint8
     np.testing.assert_array_equal(px[5], px[0][:, ::-1])  # the mirrors follow the five crops
+    # the corners and the centre of one bicubic resize to TEN_CROP_SCALE x 32 on the short side
+    short = round(32 * TEN_CROP_SCALE)
+    big = np.asarray(img.resize((round(90 * short / 60), short), Image.BICUBIC))
+    np.testing.assert_array_equal(px[0], big[:32, :32])
+    np.testing.assert_array_equal(px[3], big[-32:, -32:])
     want = ((px / np.float32(255.0) - CLIP_MEAN) / CLIP_STD).transpose(0, 3, 1, 2)
-    np.testing.assert_allclose(pre.ten_crop_arrays(img), want, atol=1e-6)
+    np.testing.assert_allclose(clip_normalise(px).numpy(), want, atol=1e-6)
+
+
+def _class_coloured(w: int, h: int, seed: int = 0) -> tuple[Image.Image, Image.Image]:
+    """An image whose colour encodes a class id in blocks of 40 x 40 pixels (id * 5 in every
+    channel: 0..50), and its class map at half the resolution (as `geosurge segment` stores maps
+    at the segmenter's size, not the image's)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 11, (h // 40, w // 40)).astype(np.uint8)
+    full = ids.repeat(40, 0).repeat(40, 1)
+    img = Image.fromarray(np.repeat(full[..., None] * 5, 3, axis=2), "RGB")
+    return img, Image.fromarray(full, "L").resize((w // 2, h // 2), Image.NEAREST)
+
+
+@pytest.mark.parametrize("ten", [False, True])
+@pytest.mark.parametrize("w,h", [(400, 240), (240, 400), (320, 320)])
+def test_class_map_cut_by_the_geometry_aligns_with_its_image(w, h, ten):
+    img, cmap = _class_coloured(w, h)
+    plan = crop_plan(*img.size, 64, ten=ten)
+    px = plan.cut_pixels(img)
+    maps = plan.cut_class_map(cmap)
+    assert px.shape == (plan.n_crops, 64, 64, 3) and maps.shape == (plan.n_crops, 64, 64)
+    v = px[..., 0].astype(int)
+    # Away from block edges (where bicubic blends two colours) a pixel equals its 8 neighbours and
+    # says its class: there it must be the map's class.
+    pad = np.pad(v, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    flat = np.ones(v.shape, bool)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            flat &= pad[:, dy:dy + 64, dx:dx + 64] == v
+    flat &= v % 5 == 0
+    assert flat.mean() > 0.3
+    np.testing.assert_array_equal((v // 5)[flat], maps[flat])
+
+
+def test_class_map_cut_like_its_image_in_the_reader_stage(tmp_path):
+    from geosurge_index.locate.decode import DecodeSpec, decode_any
+
+    img, cmap = _class_coloured(400, 240, seed=1)
+    img.save(tmp_path / "a.png")
+    cmap.save(class_map_path(tmp_path / "a.png"))
+    for ten in (False, True):
+        d = decode_any(tmp_path / "a.png", DecodeSpec(64, ten_crop=ten))
+        assert d.error is None and d.class_map is not None
+        plan = crop_plan(400, 240, 64, ten=ten)
+        np.testing.assert_array_equal(d.class_map, plan.cut_class_map(cmap)[0 if not ten else slice(None)])
+        np.testing.assert_array_equal(d.pixels, plan.cut_pixels(img)[0 if not ten else slice(None)])
 
 
 def test_open_class_map_from_bytes_and_refuses_rgb(tmp_path):

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory):
-    from geosurge_index.cli.locate import random_index
+    from geosurge_index.synthetic import random_index
 
     return random_index(tmp_path_factory.mktemp("idx") / "index", n_points=1500, place_names=True)
 
@@ -122,15 +122,17 @@ def test_batches_never_span_chunks():
 
 
 def test_device_normalisation_matches_preprocess(locator):
-    """uint8 pixels normalised in `Predictor.encode` == images.Preprocess.to_array on the CPU."""
+    """uint8 pixels normalised in `Predictor.encode` == CLIP normalisation in float64 on the CPU."""
     import torch
 
+    from geosurge_index.geometry import CLIP_MEAN, CLIP_STD
     from geosurge_index.images import Preprocess
 
     img = photo(120, 90, seed=3)
     s = locator.image_size
     pre = Preprocess(s)
-    ref = torch.from_numpy(pre.to_array(img))[None]
+    ref64 = (np.asarray(pre.resize_crop(img), np.float64) / 255 - CLIP_MEAN) / CLIP_STD
+    ref = torch.from_numpy(ref64.transpose(2, 0, 1).astype(np.float32))[None]
     cmap = torch.full((1, s, s), 4, dtype=torch.int64)
     with torch.inference_mode():
         want = locator.predictor.encoder(ref, cmap).numpy()
@@ -288,6 +290,24 @@ def test_bad_manifest_is_refused_before_any_work(index_dir, tmp_path, capsys):
     assert "duplicate ids" in capsys.readouterr().err
 
 
+def test_gzipped_manifest_and_single_image_are_located(index_dir, tmp_path):
+    """`geosurge locate` reads what training reads (`sources.input_kind`): a .csv.gz manifest."""
+    import gzip
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(encode(photo(seed=1), "JPEG"))
+    (tmp_path / "b.png").write_bytes(encode(photo(seed=2), "PNG"))
+    with gzip.open(tmp_path / "m.csv.gz", "wt") as f:
+        f.write("id,path\nm1,imgs/a.jpg\n")
+    out = tmp_path / "preds"
+    argv = ["locate", str(index_dir), str(tmp_path / "m.csv.gz"), str(tmp_path / "b.png"), "--out", str(out),
+            "--workers", "0", "--device", "cpu"]
+    assert cli_main(argv) == 0
+    rows = {r["id"]: r for r in read_preds(out).to_pylist()}
+    assert set(rows) == {"m1", str(tmp_path / "b.png")}
+    assert all(r["error"] is None and r["lat"] is not None for r in rows.values())
+
+
 def test_killed_run_resumes_without_duplicates_or_gaps(index_dir, tmp_path):
     """A real kill -9 in the middle of a run, then the same command again."""
     folder = tmp_path / "many"
@@ -340,11 +360,12 @@ def _ten_crop_reference(locator, img: Image.Image, class_map: Image.Image | None
     """The definition: the L2-normalised mean of the encoder's embeddings of the 10 crops."""
     import torch
 
+    from geosurge_index.geometry import clip_normalise
     from geosurge_index.images import Preprocess
     from geosurge_index.model import ten_crop_class_maps
 
     s = locator.image_size
-    crops = torch.from_numpy(Preprocess(s).ten_crop_arrays(img))
+    crops = clip_normalise(Preprocess(s).ten_crop_pixels(img))
     maps = None if class_map is None else torch.from_numpy(ten_crop_class_maps(class_map, s))
     with torch.inference_mode():
         each = locator.predictor.encoder(crops, maps)

@@ -256,16 +256,17 @@ def test_model_info_cli_counts_the_full_model(capsys):
 def test_ten_crop_class_maps_align_with_image_crops_and_average():
     from PIL import Image
 
-    from geosurge_index.images import CLIP_MEAN, CLIP_STD, Preprocess
+    from geosurge_index.geometry import clip_normalise
+    from geosurge_index.images import Preprocess
     from geosurge_index.model import embed_ten_crop, ten_crop_class_maps
 
     cols = (np.arange(100)[None, :].repeat(80, 0) * 2).astype(np.uint8)  # value encodes the column
     rgb = Image.fromarray(np.stack([cols] * 3, -1))
     maps = ten_crop_class_maps(Image.fromarray(cols, "L"), 64)
-    crops = Preprocess(64).ten_crop_arrays(rgb)
-    assert maps.shape == (10, 64, 64) and crops.shape == (10, 3, 64, 64)
-    pixels = (crops.transpose(0, 2, 3, 1) * CLIP_STD + CLIP_MEAN)[..., 0] * 255
-    assert np.abs(pixels - maps).mean() < 2  # same geometry, mirrors included
+    pixels = Preprocess(64).ten_crop_pixels(rgb)
+    assert maps.shape == (10, 64, 64) and pixels.shape == (10, 64, 64, 3)
+    assert np.abs(pixels[..., 0].astype(int) - maps).mean() < 2  # same geometry, mirrors included
+    crops = clip_normalise(pixels).numpy()
     torch.manual_seed(0)
     enc = VisualEncoder(tiny_config()).eval()
     x = torch.as_tensor(crops)[None].repeat(2, 1, 1, 1, 1)

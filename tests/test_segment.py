@@ -57,10 +57,9 @@ def test_maps_written_beside_images_bad_ones_counted_existing_kept(seg_dir, tmp_
     assert "6 images: 3 maps written, 1 skipped (map exists), 2 errors" in err, err
     assert "truncated 1" in err and "zero_bytes 1" in err and "empty.jpg" in err
 
-    from geosurge_index.cli.segment import build
-    from geosurge_index.model.classmaps import segment_pil
+    from geosurge_index.model.classmaps import load_segmenter, segment_pil
 
-    seg = build("segformer", str(seg_dir), 64, "cpu")
+    seg = load_segmenter("segformer", str(seg_dir), 64, "cpu")
     for p, (w, h) in {**sizes, other: (64, 96)}.items():
         m = Image.open(class_map_path(p))
         scale = 64 / min(w, h)

@@ -23,8 +23,8 @@ from geosurge_index.synthetic import synthetic_jpegs
 
 
 def tiny_locator(root):
-    from geosurge_index.cli.locate import random_index
     from geosurge_index.locate import Locator
+    from geosurge_index.synthetic import random_index
 
     index_dir = random_index(root / "index", n_points=1500, place_names=True)
     return index_dir, Locator.open(index_dir, device="cpu")

@@ -134,3 +134,35 @@ def test_tar_of_other_names(tmp_path):
             tar.addfile(info, io.BytesIO(blob))
     t = sources.read_tar(tmp_path / "d.tar")
     assert t.column("id").to_pylist() == ["a/1", "b/1"]
+
+
+def test_gzipped_manifests_and_single_images_are_inputs(tmp_path):
+    import gzip
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "x.jpg").write_bytes(good_images()["a.jpg"])
+    with gzip.open(tmp_path / "m.csv.gz", "wt") as f:
+        f.write("id,path\n00012,img/x.jpg\n")
+    with gzip.open(tmp_path / "m.tsv.gz", "wt") as f:
+        f.write("id\tpath\nt1\timg/x.jpg\n")
+    assert [sources.input_kind(tmp_path / n) for n in ("m.csv.gz", "m.tsv.gz", "img/x.jpg", "img")] == [
+        "manifest", "manifest", "image", "folder"]
+    t = sources.enumerate_inputs([tmp_path / "m.csv.gz", tmp_path / "m.tsv.gz", tmp_path / "img" / "x.jpg"])
+    x = str((tmp_path / "img" / "x.jpg").resolve())
+    assert t.column("id").to_pylist() == ["00012", "t1", str(tmp_path / "img" / "x.jpg")]
+    assert t.column("path").to_pylist()[:2] == [x, x]
+    (tmp_path / "img" / "x.classmap.png").write_bytes(class_map_png())
+    with pytest.raises(UserError, match="is a class map"):
+        sources.input_kind(tmp_path / "img" / "x.classmap.png")
+
+
+def test_image_files_for_per_file_work(tmp_path):
+    write_folder(tmp_path / "f", bad=False)
+    (tmp_path / "m.csv").write_text("path\nf/a.jpg\nf/a.jpg\n")
+    files = sources.image_files([tmp_path / "f", tmp_path / "m.csv", tmp_path / "f" / "a.jpg"])
+    assert len(files) == len(set(files))  # each file once, whichever input named it
+    assert files[: len(sources.read_folder(tmp_path / "f"))] == sources.read_folder(tmp_path / "f").column(
+        "file").to_pylist()
+    write_tar(tmp_path / "s.tar", 1)
+    with pytest.raises(UserError, match="WebDataset shard"):
+        sources.image_files([tmp_path / "s.tar"])

@@ -1,13 +1,15 @@
 """The `geosurge` command line: one subcommand per stage.
 
 Each stage's flags live in its own module under `geosurge_index.cli`, which exposes
-`register(subparsers)` and optionally `register_bench(bench_subparsers)`. Those modules import
-heavy libraries (torch, faiss, ray) only inside their handlers, so `geosurge --help` stays fast.
+`register(subparsers)` and optionally `register_bench(bench_subparsers)`. They parse flags and
+call the library (benchmarks: `geosurge_index.bench`), importing heavy libraries (torch, faiss,
+ray) only inside their handlers, so `geosurge --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 
@@ -30,12 +32,14 @@ COMMAND_MODULES = [
 
 
 def _load(name: str):
-    try:
-        return importlib.import_module(f"geosurge_index.cli.{name}")
-    except ModuleNotFoundError as err:
-        if err.name == f"geosurge_index.cli.{name}":
-            return None  # stage not built yet
-        raise
+    # No fallback: a subcommand whose module fails to import is a broken install, said loudly,
+    # never a subcommand that silently disappears from `geosurge --help`.
+    return importlib.import_module(f"geosurge_index.cli.{name}")
+
+
+def settings_from_args(cls, args: argparse.Namespace):
+    """A settings dataclass (e.g. a benchmark's) from the parsed flags of the same names."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK")
     for name in COMMAND_MODULES:
         module = _load(name)
-        if module is None:
-            continue
         module.register(sub)
         if hasattr(module, "register_bench"):
             module.register_bench(bench_sub)

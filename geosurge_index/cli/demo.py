@@ -97,28 +97,8 @@ def register_bench(bench_subparsers) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    import tempfile
-    import time
+    from geosurge_index.bench.demo import DemoWorldBench, run_demo_world_bench
+    from geosurge_index.cli import settings_from_args
 
-    import numpy as np
-
-    from geosurge_index import demo_world as dw
-    from geosurge_index.machine import describe_machine
-
-    cfg = dw.WorldConfig(image_size=args.size)
-    print(f"machine: {describe_machine(libraries=('numpy', 'PIL'))} (this benchmark uses one process)")
-    print(f"method: {args.n} photos of {args.size}x{args.size} px, MP-16-dense locations (seed {args.seed}); "
-          "wall-clock time of one run; the machine's other load is not controlled")
-    lat, lon = dw.sample_locations(args.n, args.seed)
-    keys = dw.photo_keys(args.seed, np.arange(args.n))
-    t0 = time.perf_counter()
-    for start in range(0, args.n, 256):
-        dw.render(lat[start:start + 256], lon[start:start + 256], keys[start:start + 256], cfg)
-    render_s = time.perf_counter() - t0
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        dw.generate_split(tmp, args.n, args.seed, cfg, progress=False)
-        total_s = time.perf_counter() - t0
-    print(f"render only:        {args.n / render_s * 60:>10,.0f} photos/min ({render_s:.1f} s)")
-    print(f"render + write all: {args.n / total_s * 60:>10,.0f} photos/min ({total_s:.1f} s)")
+    run_demo_world_bench(settings_from_args(DemoWorldBench, args))
     return 0

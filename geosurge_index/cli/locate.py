@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from geosurge_index.images import DEFAULT_MAX_PIXELS
@@ -144,26 +143,16 @@ def format_summary(s: dict, out: str) -> str:
     return "\n".join(lines)
 
 
-# -- bench -------------------------------------------------------------------------------------
-
-BENCH_DESCRIPTION = """\
-Measure bulk locate throughput on synthetic JPEGs (generated, nothing downloaded):
-  1. decode + resize only (the CPU's bound for any model), in 1 process and in --workers processes;
-  2. end to end with a small config-built model and index (the whole `geosurge locate` pipeline:
-     DataLoader workers, model, search, Parquet shards);
-  3. the full-size architecture (CLIP ViT-L/14-336 + fusion, random weights) on a few images, with
-     precomputed class maps (the segmenter skipped) and, with --with-segmenter, OneFormer Swin-L;
-  4. on CUDA: images/s per GPU with the full-size model in bf16, its FLOPs per image (counted with
-     torch.utils.flop_counter) and the fraction of the GPU's bf16 peak that reaches.
-Prints the machine, the method and every figure; --json writes them too.
-"""
+# -- bench (geosurge_index.bench.locate) ---------------------------------------------------------
 
 
 def register_bench(bench_subparsers) -> None:
+    from geosurge_index.bench.locate import DESCRIPTION
+
     p = bench_subparsers.add_parser(
         "locate",
         help="images/s of bulk locate vs. the decode-only bound; full-size model; GPU FLOP utilisation",
-        description=BENCH_DESCRIPTION,
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--images", type=int, default=256, help="synthetic images for steps 1-2 (default: %(default)s)")
@@ -184,225 +173,30 @@ def register_bench(bench_subparsers) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    figures = run_locate_bench(args)
+    from geosurge_index.bench.locate import LocateBench, run_locate_bench
+    from geosurge_index.cli import settings_from_args
+    from geosurge_index.errors import UserError
+
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size {args.size!r}: expected WxH, e.g. 1024x768") from None
+    figures = run_locate_bench(settings_from_args(LocateBench, argparse.Namespace(**vars(args), width=width,
+                                                                                    height=height)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)
     return 0
 
 
-# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by GPU name, most specific first.
-BF16_PEAK_TFLOPS = [
-    ("H200", 989.4), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4), ("GH200", 989.4),
-    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1), ("L40", 181.0),
-    ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0), ("RTX 4090", 165.2), ("RTX 3090", 71.0),
-    ("A6000", 154.8),
-]
+def __getattr__(name: str):
+    # `random_index` lived here; tests and benchmarks now take it from `geosurge_index.synthetic`.
+    if name == "random_index":
+        import warnings
 
+        from geosurge_index.synthetic import random_index
 
-def synthetic_jpegs(folder, n: int, width: int, height: int, seed: int = 0) -> list:
-    """`synthetic.synthetic_jpegs` written to `folder` as img000000.jpg, ..."""
-    from pathlib import Path
-
-    from geosurge_index.synthetic import synthetic_jpegs as jpeg_bytes
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, data in enumerate(jpeg_bytes(n, (width, height), seed)):
-        paths.append(folder / f"img{i:06d}.jpg")
-        paths[-1].write_bytes(data)
-    return paths
-
-
-def random_index(out_dir, config=None, *, n_points: int = 4000, seed: int = 0, place_names: bool = False):
-    """A real INDEX_DIR from a config-built model with random weights: random points clustered
-    around a few centres -> partition -> checkpoint -> `geosurge export`. For benches and tests."""
-    from pathlib import Path
-
-    import numpy as np
-
-    from geosurge_index import cells as cells_mod
-    from geosurge_index.index import export_checkpoint
-    from geosurge_index.model import GeoSurgeModel, save_checkpoint, tiny_config
-
-    out_dir = Path(out_dir)
-    work = out_dir.with_name(out_dir.name + ".build")
-    rng = np.random.default_rng(seed)
-    centres = rng.uniform([-50, -170], [60, 170], size=(12, 2))
-    pick = rng.integers(0, len(centres), n_points)
-    lat = np.clip(centres[pick, 0] + rng.normal(0, 2, n_points), -89, 89)
-    lon = (centres[pick, 1] + rng.normal(0, 2, n_points) + 180) % 360 - 180
-    settings = cells_mod.PartitionSettings(tau_min=5, tau_max=(800, 400, 200, 100, 50, 25, 12))
-    part = cells_mod.partition(lat, lon, settings, source="random")
-    cells_mod.write_cells_dir(work / "cells", part.cells, part.assignments)
-    import torch
-
-    torch.manual_seed(seed)
-    config = config or tiny_config()
-    model = GeoSurgeModel(config, [len(lc) for lc in part.cells.levels])
-    save_checkpoint(work / "ckpt", model, epoch=0, cells_dir=work / "cells")
-    export_checkpoint(work / "ckpt", out_dir, place_names=place_names)
-    return out_dir
-
-
-def _decode_slice(args):
-    from geosurge_index.locate.decode import decode_input_row
-
-    paths, spec = args
-    for p in paths:
-        decode_input_row(str(p), -1, -1, -1, -1, spec)
-    return len(paths)
-
-
-def decode_rate(paths, spec, workers: int) -> float:
-    """Images/s of read + decode + resize/crop alone (the reader stage), in `workers` processes."""
-    import multiprocessing as mp
-    import time
-
-    import numpy as np
-
-    if workers <= 1:
-        t = time.perf_counter()
-        _decode_slice((paths, spec))
-        return len(paths) / (time.perf_counter() - t)
-    parts = [list(p) for p in np.array_split(np.array(paths, dtype=object), workers * 4)]
-    with mp.get_context("fork").Pool(workers) as pool:
-        pool.map(_decode_slice, [(parts[0][:1], spec)] * workers)  # start the workers first
-        t = time.perf_counter()
-        pool.map(_decode_slice, [(p, spec) for p in parts])
-        return len(paths) / (time.perf_counter() - t)
-
-
-def count_flops(encoder_fn, *inputs) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        encoder_fn(*inputs)
-    return int(counter.get_total_flops())
-
-
-def run_locate_bench(args: argparse.Namespace) -> dict:
-    import tempfile
-    import time
-    from pathlib import Path
-
-    import numpy as np
-    import torch
-
-    from geosurge_index.locate.decode import DecodeSpec
-    from geosurge_index.locate.job import LocateJob, default_workers
-    from geosurge_index.locate.predictor import Predictor, resolve_device
-    from geosurge_index.locate.runner import run_job
-    from geosurge_index.model import VisualEncoder, full_config, tiny_config
-
-    w, h = (int(v) for v in args.size.lower().split("x"))
-    device = resolve_device(args.device)
-    workers = default_workers(device.type == "cuda") if args.workers is None else args.workers
-    cores = os.cpu_count() or 1
-    from geosurge_index.machine import describe_machine, machine_info
-
-    info = machine_info()
-    figures: dict = {"machine": info, "images": args.images, "size": [w, h], "workers": workers}
-    say = lambda s: print(s, flush=True)  # noqa: E731
-    say(f"machine: {describe_machine(info)}")
-    say(f"method: {args.images} synthetic {w}x{h} JPEGs (q90); decode with DCT draft to the model's "
-        f"input size, bicubic resize + centre crop; wall-clock rates after worker start-up")
-    with tempfile.TemporaryDirectory(prefix="geosurge-bench-") as tmp:
-        tmp = Path(tmp)
-        paths = synthetic_jpegs(tmp / "imgs", args.images, w, h)
-        small = tiny_config()
-        for size, label in ((small.image_size, "small model"), (336, "full-size model")):
-            spec = DecodeSpec(size, size)
-            r1 = decode_rate(paths, spec, 1)
-            rn = decode_rate(paths, spec, cores) if cores > 1 else r1
-            figures[f"decode_{size}px"] = {"1_process": r1, "all_cores": rn}
-            say(f"decode-only bound at {size} px ({label}): {r1:.1f} images/s in 1 process, "
-                f"{rn:.1f} in {cores} (all cores)")
-        full_decode = DecodeSpec(336, 0)
-        r_full = decode_rate(paths[: max(8, args.images // 8)], full_decode, 1)
-        figures["decode_336px_no_draft_1_process"] = r_full
-        say(f"  (without draft mode, 1 process: {r_full:.1f} images/s)")
-
-        # End to end with the small model: the real `geosurge locate` pipeline.
-        index_dir = random_index(tmp / "index", small)
-        t = time.perf_counter()
-        summary = run_job(LocateJob(index_dir=str(index_dir), inputs=[str(tmp / "imgs")], out_dir=str(tmp / "out"),
-                                    workers=workers, batch_size=args.batch_size, device=str(device)))
-        e2e = summary["this_run"]["images_per_s"]
-        figures["end_to_end_small_model"] = {"images_per_s": e2e, "wall_s": time.perf_counter() - t,
-                                              "device": str(device), "image_size": small.image_size}
-        say(f"end to end, small model ({small.image_size} px, {device}, {workers} decoding processes): "
-            f"{e2e:.1f} images/s (decode-only bound: {figures[f'decode_{small.image_size}px']['all_cores']:.1f})")
-
-        if args.full_images > 0 or device.type == "cuda":
-            torch.manual_seed(0)
-            say("building the full-size architecture (random weights) ...")
-            full = VisualEncoder(full_config(), weights=False).eval()
-            n_params = sum(p.numel() for p in full.parameters())
-            figures["full_model_parameters"] = n_params
-            cpu_pred = Predictor(full, None, torch.device("cpu"))
-            rng = np.random.default_rng(0)
-            one_px = torch.from_numpy(rng.integers(0, 256, (1, 336, 336, 3), dtype=np.uint8))
-            one_map = torch.from_numpy(rng.integers(0, 150, (1, 336, 336), dtype=np.uint8))
-            flops_map = count_flops(cpu_pred.encode, one_px, one_map, np.array([True]))
-            figures["full_flops_per_image_given_class_map"] = flops_map
-            say(f"full-size model: {n_params / 1e6:.1f} M parameters; {flops_map / 1e9:.1f} GFLOP per image "
-                "with a precomputed class map (torch.utils.flop_counter)")
-            if args.with_segmenter:
-                flops_seg = count_flops(cpu_pred.encode, one_px, one_map, np.array([False]))
-                figures["full_flops_per_image_with_segmenter"] = flops_seg
-                say(f"  with the OneFormer Swin-L segmenter: {flops_seg / 1e9:.1f} GFLOP per image")
-            if args.full_images > 0 and device.type == "cpu":
-                n = args.full_images
-                px = torch.from_numpy(rng.integers(0, 256, (n, 336, 336, 3), dtype=np.uint8))
-                maps = torch.from_numpy(rng.integers(0, 150, (n, 336, 336), dtype=np.uint8))
-                for with_map in (True, False) if args.with_segmenter else (True,):
-                    t = time.perf_counter()
-                    cpu_pred.encode(px, maps, np.full(n, with_map))
-                    dt = (time.perf_counter() - t) / n
-                    key = "full_cpu_s_per_image" + ("" if with_map else "_with_segmenter")
-                    figures[key] = dt
-                    say(f"full-size model on this CPU, fp32, {torch.get_num_threads()} threads, "
-                        f"{'class maps given' if with_map else 'segmenter run'}: {dt:.2f} s/image "
-                        f"({1 / dt:.3f} images/s; {flops_map / dt / 1e9:.1f} GFLOP/s)")
-            if device.type == "cuda":
-                figures["gpu"] = _bench_gpu(full, device, args, flops_map, figures, say)
-    return figures
-
-
-def _bench_gpu(encoder, device, args, flops_per_image: int, figures: dict, say) -> dict:
-    import time
-
-    import numpy as np
-    import torch
-
-    from geosurge_index.locate.predictor import Predictor
-
-    name = torch.cuda.get_device_name(device)
-    peak = args.peak_tflops or next((v for k, v in BF16_PEAK_TFLOPS if k.lower() in name.lower()), None)
-    pred = Predictor(encoder.to(device), None, device)
-    b = args.gpu_batch_size
-    rng = np.random.default_rng(0)
-    px = torch.from_numpy(rng.integers(0, 256, (b, 336, 336, 3), dtype=np.uint8)).pin_memory()
-    maps = torch.from_numpy(rng.integers(0, 150, (b, 336, 336), dtype=np.uint8)).pin_memory()
-    out = {"name": name, "bf16_peak_tflops": peak, "batch_size": b}
-    for with_map in (True, False):
-        has = np.full(b, with_map)
-        for _ in range(2):  # warm-up: kernels, autotuning, allocator
-            pred.encode(px, maps, has)
-        torch.cuda.synchronize(device)
-        n_batches = max(1, args.gpu_images // b)
-        t = time.perf_counter()
-        for _ in range(n_batches):
-            pred.encode(px, maps, has)  # host->device copy of uint8 pixels included
-        torch.cuda.synchronize(device)
-        rate = n_batches * b / (time.perf_counter() - t)
-        key = "class_map_given" if with_map else "with_segmenter"
-        flops = flops_per_image if with_map else count_flops(pred.encode, px[:1], maps[:1], np.array([False]))
-        frac = flops * rate / (peak * 1e12) if peak else None
-        out[key] = {"images_per_s": rate, "flops_per_image": flops, "fraction_of_bf16_peak": frac}
-        say(f"GPU {name}, bf16 autocast, batch {b}, {key.replace('_', ' ')}: {rate:.1f} images/s; "
-            f"{flops / 1e9:.1f} GFLOP/image -> {flops * rate / 1e12:.1f} TFLOP/s"
-            + (f" = {100 * frac:.1f}% of the {peak:.0f} TFLOP/s bf16 peak" if frac else ""))
-    return out
+        warnings.warn("geosurge_index.cli.locate.random_index moved to geosurge_index.synthetic.random_index",
+                      DeprecationWarning, stacklevel=2)
+        return random_index
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from collections import Counter
-from dataclasses import dataclass, field
 
 DESCRIPTION = """\
 Compute each image's semantic class map once and store it beside the image as
@@ -71,120 +68,29 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_segment)
 
 
-def image_paths(inputs: list[str], path_column: str = "path") -> list[str]:
-    """INPUT arguments -> image files, in input order, each once (a map belongs to a file, so the
-    ids that `geosurge locate` needs unique do not matter here). Tar shards: UserError."""
-    import pyarrow as pa
-
+def run_segment(args: argparse.Namespace) -> int:
     from geosurge_index import sources
     from geosurge_index.errors import UserError
+    from geosurge_index.images import class_map_path
 
-    if not inputs:
-        raise UserError("no inputs given")
-    columns = sources.ManifestColumns(path=path_column)
-    tables = []
-    for src in inputs:
-        kind = sources.input_kind(src)
-        if kind == "tar":
-            raise UserError(f"input {src} is a WebDataset shard: `geosurge segment` writes maps beside image "
-                            "files; give the shard's samples a classmap.png member instead")
-        tables.append(sources.read_folder(src) if kind == "folder" else sources.read_manifest(src, columns))
-    files = pa.concat_tables(tables).column("file").to_pylist()
-    return list(dict.fromkeys(files))
-
-
-@dataclass
-class SegmentSummary:
-    images: int = 0
-    written: int = 0
-    existing: int = 0
-    errors: Counter = field(default_factory=Counter)  # kind -> count
-    first_error: dict = field(default_factory=dict)  # kind -> "path: message" of its first case
-
-    def line(self) -> str:
-        n_err = sum(self.errors.values())
-        out = (f"segment: {self.images} images: {self.written} maps written, {self.existing} skipped "
-               f"(map exists), {n_err} errors")
-        if self.errors:
-            out += "\n  errors by kind: " + ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items()))
-            out += "".join(f"\n  first {k}: {msg}" for k, msg in sorted(self.first_error.items()))
-        return out
-
-
-def segment_images(paths: list, segmenter, *, overwrite: bool = False) -> SegmentSummary:
-    """Write `<stem>.classmap.png` beside each image with `model.classmaps.write_class_maps`, one
-    image at a time so that a failure is counted against its image and the run goes on."""
-    from geosurge_index.model.classmaps import write_class_maps
-    from geosurge_index.progress import bar
-
-    summary = SegmentSummary(images=len(paths))
-    with bar(total=len(paths), desc="segment", unit="img") as pbar:
-        for p in paths:
-            try:
-                counts = write_class_maps([p], segmenter, overwrite=overwrite, progress=False)
-            except OSError as err:  # the map could not be written (read-only folder, full disk)
-                counts = Counter({"write_failed": 1})
-                summary.first_error.setdefault("write_failed", f"{p}: {err}")
-            except (RuntimeError, ValueError) as err:  # the segmenter failed on this image
-                counts = Counter({"segment_failed": 1})
-                summary.first_error.setdefault("segment_failed", f"{p}: {type(err).__name__}: {err}")
-            summary.written += counts.pop("written", 0)
-            summary.existing += counts.pop("existing", 0)
-            for kind in counts:
-                if kind not in summary.first_error:
-                    summary.first_error[kind] = _decode_message(p)
-            summary.errors.update(counts)
-            pbar.update(1)
-            if summary.errors:
-                pbar.set_postfix(errors=sum(summary.errors.values()), refresh=False)
-    return summary
-
-
-def _decode_message(path) -> str:
-    """The decoder's message for an image write_class_maps counted as bad (it keeps only the kind);
-    asked once per kind."""
-    from geosurge_index.images import ImageDecodeError, decode_image
-
-    try:
-        decode_image(path)
-    except ImageDecodeError as err:
-        return f"{path}: {err.message}"
-    return f"{path}: cannot be decoded"
-
-
-def build(kind: str, pretrained: str | None, input_size: int, device: str = "auto"):
-    """A pretrained segmenter from `from_pretrained` (a folder or the HF cache), on `device`."""
-    from geosurge_index.errors import UserError
-    from geosurge_index.locate.predictor import resolve_device
-    from geosurge_index.model.config import SegmenterConfig
-    from geosurge_index.model.segmenter import build_segmenter
-
-    if input_size < 32:
-        raise UserError(f"--input-size {input_size}: too small for a segmenter (at least 32)")
-    cfg = SegmenterConfig(kind=kind, pretrained=pretrained or PRETRAINED[kind], arch=None, input_size=input_size)
-    dev = resolve_device(device)
-    return build_segmenter(cfg, None).to(dev)
-
-
-def run_segment(args: argparse.Namespace) -> int:
-    from geosurge_index.errors import UserError
-
-    paths = image_paths(list(args.inputs), args.path_column)
+    paths = sources.image_files(list(args.inputs), sources.ManifestColumns(path=args.path_column))
     if not paths:
         raise UserError(f"no images found in {', '.join(map(str, args.inputs))}")
     # Existing maps are counted before the (large) segmenter is loaded: a finished run costs nothing.
-    todo = paths if args.overwrite else [p for p in paths if not _has_map(p)]
-    summary = SegmentSummary(images=len(paths), existing=len(paths) - len(todo))
+    todo = paths if args.overwrite else [p for p in paths if not class_map_path(p).exists()]
+    if args.input_size < 32:
+        raise UserError(f"--input-size {args.input_size}: too small for a segmenter (at least 32)")
     if todo:
-        segmenter = build(args.segmenter, args.pretrained, args.input_size, args.device)
-        done = segment_images(todo, segmenter, overwrite=args.overwrite)
-        summary.written, summary.existing = done.written, summary.existing + done.existing
-        summary.errors, summary.first_error = done.errors, done.first_error
+        from geosurge_index.model.classmaps import load_segmenter, segment_images
+
+        segmenter = load_segmenter(args.segmenter, args.pretrained or PRETRAINED[args.segmenter], args.input_size,
+                                   args.device)
+        summary = segment_images(todo, segmenter, overwrite=args.overwrite)
+        summary.images, summary.existing = len(paths), summary.existing + len(paths) - len(todo)
+    else:
+        from geosurge_index.model.classmaps import SegmentSummary
+
+        summary = SegmentSummary(images=len(paths), existing=len(paths))
     print(summary.line(), file=sys.stderr)
     return 0
 
-
-def _has_map(path: str | os.PathLike) -> bool:
-    from geosurge_index.images import class_map_path
-
-    return class_map_path(path).exists()

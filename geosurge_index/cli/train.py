@@ -81,19 +81,15 @@ def run(args) -> int:
     return 0
 
 
-BENCH_DESCRIPTION = """\
-Measure the model's speed on this machine: training steps (forward + backward + AdamW, class
-maps given as if precomputed), encoder inference with class maps given, and the segmenter alone.
-Weights are random (config-built from the preset or recipe, nothing downloaded): speed does not
-depend on their values. Prints the machine, the method and images/s (median of the timed steps,
-after warm-up steps).
-"""
+# -- bench (geosurge_index.bench.train) ----------------------------------------------------------
 
 
 def register_bench(bench_subparsers) -> None:
+    from geosurge_index.bench.train import DESCRIPTION
+
     p = bench_subparsers.add_parser(
         "train", help="speed of training steps, encoder inference and segmentation (random weights)",
-        description=BENCH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p, "tiny")
     p.add_argument("--batch", type=int, default=8, help="images per step (default: %(default)s)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (default: %(default)s)")
@@ -108,69 +104,9 @@ def register_bench(bench_subparsers) -> None:
 
 
 def run_bench(args) -> int:
-    import statistics
-    import time
-
-    import torch
-
-    from geosurge_index.machine import describe_machine
-    from geosurge_index.model.geosurge import GeoSurgeModel, parameter_report
-    from geosurge_index.train import resolve_device
+    from geosurge_index.bench.train import TrainBench, run_train_bench
+    from geosurge_index.cli import settings_from_args
 
     config, name, _ = resolve_config(args, "tiny")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device, 0)  # UserError (not a traceback) for cuda without CUDA
-    amp = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    print(f"machine: {describe_machine(libraries=('torch', 'transformers'))}; device {device}, "
-          f"{'bf16 autocast' if amp else 'fp32'}")
-    torch.manual_seed(0)
-    model = GeoSurgeModel(config, [args.cells] * 7, weights=False).to(device)
-    total = parameter_report(model)[-1]
-    s, b = config.image_size, args.batch
-    print(f"model {name}: {s}px, fusion {'on' if config.fusion.enabled else 'off'}, segmenter {config.segmenter.kind}, "
-          f"{total[1]:,} parameters ({total[2]:,} trainable), {args.cells} cells x 7 levels; batch {b}")
-    x = torch.randn(b, 3, s, s, device=device)
-    cm = torch.randint(0, config.num_classes, (b, s, s), device=device) if config.fusion.enabled else None
-    targets = torch.randint(0, args.cells, (b, 7), device=device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def timed(fn) -> float:
-        times = []
-        for i in range(args.warmup + args.steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    def train_step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, *_ = model(x, cm, targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def encode():
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            model.encoder(x, cm)
-
-    model.train()
-    t = timed(train_step)
-    print(f"train step (forward + backward + AdamW, class maps given): {t:.3f} s/step, {b / t:.1f} img/s")
-    model.eval()
-    t = timed(encode)
-    print(f"encoder inference (class maps given): {t:.3f} s/batch, {b / t:.1f} img/s")
-    if config.fusion.enabled and model.encoder.segmenter is not None and not args.skip_segmenter:
-        def segment():
-            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                model.encoder.segment(x)
-
-        t = timed(segment)
-        print(f"segmenter {config.segmenter.kind} at {config.segmenter.input_size}px: {t:.3f} s/batch, {b / t:.1f} img/s")
-    print(f"method: median of {args.steps} timed steps after {args.warmup} warm-up step(s); random weights")
+    run_train_bench(config, name, settings_from_args(TrainBench, args))
     return 0

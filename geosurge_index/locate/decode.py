@@ -11,23 +11,20 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from geosurge_index import sources
+from geosurge_index import geometry, sources
+from geosurge_index.geometry import TEN_CROPS  # test-time ten-crop: 4 corners + centre, and their mirrors
 from geosurge_index.images import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
-    Preprocess,
     decode_image_with_size,
-    load_class_map,
     open_class_map,
 )
-
-TEN_CROPS = 10  # test-time ten-crop: 4 corners + centre, and their mirrors
 
 
 @dataclass(frozen=True)
 class DecodeSpec:
     """How images become model inputs. `draft_size` 0 decodes JPEGs at full size. `ten_crop`:
-    each image becomes the 10 test-time crops (`Preprocess.ten_crop_pixels`) instead of one."""
+    each image becomes the 10 test-time crops (`geometry.ten_crop`) instead of one."""
 
     image_size: int
     draft_size: int = 0
@@ -56,19 +53,12 @@ def _decode(image_source, cmap_source, spec: DecodeSpec) -> Decoded:
     try:
         sized = decode_image_with_size(image_source, max_pixels=spec.max_pixels,
                                        draft_size=spec.draft_size or None)
-        pre = Preprocess(spec.image_size)
-        if spec.ten_crop:
-            pixels = pre.ten_crop_pixels(sized.image)
-        else:
-            pixels = np.asarray(pre.resize_crop(sized.image), dtype=np.uint8)
-        cmap = None
-        if cmap_source is not None:
-            if spec.ten_crop:
-                from geosurge_index.model.inference import ten_crop_class_maps
-
-                cmap = ten_crop_class_maps(open_class_map(cmap_source), spec.image_size).astype(np.uint8)
-            else:
-                cmap = load_class_map(cmap_source, spec.image_size).astype(np.uint8)
+        # One crop plan for the pixels and the class map: the map is cut exactly like its image.
+        plan = geometry.crop_plan(*sized.image.size, spec.image_size, ten=spec.ten_crop)
+        pixels = plan.cut_pixels(sized.image)
+        cmap = None if cmap_source is None else plan.cut_class_map(open_class_map(cmap_source))
+        if not spec.ten_crop:
+            pixels, cmap = pixels[0], None if cmap is None else cmap[0]
         return Decoded(pixels, cmap, sized.width, sized.height)
     except ImageDecodeError as err:
         return Decoded(None, None, error=f"{err.kind}: {err.message}")

@@ -11,21 +11,10 @@ from functools import partial
 import numpy as np
 import pyarrow as pa
 
+from geosurge_index.devices import resolve_device  # noqa: F401 - its old home
 from geosurge_index.errors import FormatError, UserError
-from geosurge_index.images import (
-    CLIP_MEAN,
-    CLIP_STD,
-)
+from geosurge_index.geometry import clip_normalise
 from geosurge_index.locate.decode import TEN_CROPS, DecodedBatch
-
-
-def resolve_device(device: str = "auto"):
-    """'auto' | 'cpu' | 'cuda[:N]' -> torch.device (the index's rules: UserError without CUDA)."""
-    import torch
-
-    from geosurge_index.index import resolve_device as resolve
-
-    return torch.device(resolve(device))
 
 
 @dataclass(frozen=True)
@@ -54,16 +43,12 @@ class Predictor:
     """Encoder + index on one device: DecodedBatch -> PRED_DIR rows (a pyarrow Table)."""
 
     def __init__(self, encoder, index, device, settings: SearchSettings = SearchSettings()):
-        import torch
-
         self.encoder = encoder.eval()
         self.index = index
         self.device = device
         self.settings = settings
         self._embed_dim = embedding_dim(encoder, index)  # checked here: before any image is decoded
         self.image_size = int(encoder.image_size)
-        self._mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
-        self._std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
 
     @classmethod
     def open(cls, index_dir, device="auto", settings: SearchSettings = SearchSettings()) -> Predictor:
@@ -97,8 +82,7 @@ class Predictor:
         pixels = torch.as_tensor(pixels).to(self.device, non_blocking=cuda)
         has = torch.as_tensor(np.asarray(has_map, dtype=bool))
         maps = torch.as_tensor(class_maps).to(self.device, non_blocking=cuda) if bool(has.any()) else None
-        x = pixels.reshape(n * crops, s, s, 3).permute(0, 3, 1, 2).float()
-        x = x.div_(255.0).sub_(self._mean).div_(self._std)
+        x = clip_normalise(pixels.reshape(n * crops, s, s, 3))
         if crops > 1:
             x = x.view(n, crops, 3, s, s)
             encoder = partial(embed_ten_crop, self.encoder)

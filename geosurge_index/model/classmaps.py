@@ -1,15 +1,17 @@
 """Precomputing semantic class maps once per image: `<stem>.classmap.png` beside each image.
 
 Segmentation is the costly part of the encoder (OneFormer Swin-L ~8 s/image on a CPU), so
-training and bulk locate read stored maps instead (`images.class_map_path`, `images.load_class_map`).
-A map covers the whole image (aspect kept, short side = the segmenter's input size), so
-`load_class_map` can crop it exactly as `Preprocess` crops the image.
+training and bulk locate read stored maps instead (`images.class_map_path`). A map covers the
+whole image (aspect kept, short side = the segmenter's input size), so the reader stage cuts it
+with its image's `geometry.CropPlan`, exactly like the pixels. `segment_images` is the library
+behind `geosurge segment`.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from geosurge_index import geometry
 from geosurge_index.images import ImageDecodeError, class_map_path, decode_image
 from geosurge_index.model.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter
 
@@ -25,15 +28,10 @@ from geosurge_index.model.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmente
 def segment_pil(segmenter: Segmenter, img: Image.Image) -> np.ndarray:
     """RGB PIL -> uint8 (h, w) ADE20K ids, at the image's aspect with the short side at the
     segmenter's input size."""
-    w, h = img.size
-    s = segmenter.input_size
-    scale = s / min(w, h)
-    nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-    arr = np.asarray(img.resize((nw, nh), Image.BICUBIC), dtype=np.float32) / 255.0
+    nw, nh = geometry.short_side_size(*img.size, segmenter.input_size)
     device = next(segmenter.model.parameters()).device
-    x = torch.from_numpy(arr).permute(2, 0, 1)[None].to(device)
-    x = (x - torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)) / torch.tensor(
-        IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    px = np.asarray(img.resize((nw, nh), Image.BICUBIC), dtype=np.uint8)[None]
+    x = geometry.normalise(px, IMAGENET_MEAN, IMAGENET_STD, device)
     scores = F.interpolate(segmenter.class_scores(x).float(), size=(nh, nw), mode="bilinear", align_corners=False)
     return scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
 
@@ -62,3 +60,75 @@ def write_class_maps(paths: list[str | os.PathLike], segmenter: Segmenter, *, ov
         os.replace(tmp, out)
         counts["written"] += 1
     return counts
+
+
+def load_segmenter(kind: str, pretrained: str, input_size: int, device="auto") -> Segmenter:
+    """A pretrained segmenter (`kind` oneformer or segformer) from `from_pretrained` (a folder or
+    the Hugging Face cache; nothing is downloaded), on `device` (`devices.resolve_device`)."""
+    from geosurge_index.devices import resolve_device
+    from geosurge_index.errors import UserError
+    from geosurge_index.model.config import SegmenterConfig
+    from geosurge_index.model.segmenter import build_segmenter
+
+    if input_size < 32:
+        raise UserError(f"input size {input_size}: too small for a segmenter (at least 32)")
+    cfg = SegmenterConfig(kind=kind, pretrained=pretrained, arch=None, input_size=input_size)
+    return build_segmenter(cfg, None).to(resolve_device(device))
+
+
+@dataclass
+class SegmentSummary:
+    """What a `segment_images` run did, per image (`line()`: the report `geosurge segment` prints)."""
+
+    images: int = 0
+    written: int = 0
+    existing: int = 0
+    errors: Counter = field(default_factory=Counter)  # kind -> count
+    first_error: dict = field(default_factory=dict)  # kind -> "path: message" of its first case
+
+    def line(self) -> str:
+        n_err = sum(self.errors.values())
+        out = (f"segment: {self.images} images: {self.written} maps written, {self.existing} skipped "
+               f"(map exists), {n_err} errors")
+        if self.errors:
+            out += "\n  errors by kind: " + ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items()))
+            out += "".join(f"\n  first {k}: {msg}" for k, msg in sorted(self.first_error.items()))
+        return out
+
+
+def segment_images(paths: list, segmenter, *, overwrite: bool = False) -> SegmentSummary:
+    """Write `<stem>.classmap.png` beside each image with `model.classmaps.write_class_maps`, one
+    image at a time so that a failure is counted against its image and the run goes on."""
+    from geosurge_index.progress import bar
+
+    summary = SegmentSummary(images=len(paths))
+    with bar(total=len(paths), desc="segment", unit="img") as pbar:
+        for p in paths:
+            try:
+                counts = write_class_maps([p], segmenter, overwrite=overwrite, progress=False)
+            except OSError as err:  # the map could not be written (read-only folder, full disk)
+                counts = Counter({"write_failed": 1})
+                summary.first_error.setdefault("write_failed", f"{p}: {err}")
+            except (RuntimeError, ValueError) as err:  # the segmenter failed on this image
+                counts = Counter({"segment_failed": 1})
+                summary.first_error.setdefault("segment_failed", f"{p}: {type(err).__name__}: {err}")
+            summary.written += counts.pop("written", 0)
+            summary.existing += counts.pop("existing", 0)
+            for kind in counts:
+                if kind not in summary.first_error:
+                    summary.first_error[kind] = _decode_message(p)
+            summary.errors.update(counts)
+            pbar.update(1)
+            if summary.errors:
+                pbar.set_postfix(errors=sum(summary.errors.values()), refresh=False)
+    return summary
+
+
+def _decode_message(path) -> str:
+    """The decoder's message for an image write_class_maps counted as bad (it keeps only the kind);
+    asked once per kind."""
+    try:
+        decode_image(path)
+    except ImageDecodeError as err:
+        return f"{path}: {err.message}"
+    return f"{path}: cannot be decoded"

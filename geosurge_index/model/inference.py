@@ -1,8 +1,8 @@
 """Inference-time helpers around `VisualEncoder`: test-time ten-crop averaging.
 
-Ten-crop (the paper's test-time setting): the 4 corner crops and the centre crop of a 1.143x
-resize, and their mirror images (`images.Preprocess.ten_crop_arrays`); the embedding is the
-L2-normalised mean of the ten. Class maps, when precomputed, are cut with the same geometry.
+Ten-crop (the paper's test-time setting, `geometry.ten_crop`): the 4 corner crops and the centre
+crop of a `geometry.TEN_CROP_SCALE` resize, and their mirror images; the embedding is the
+L2-normalised mean of the ten. Class maps are cut with the same crop plan.
 """
 
 from __future__ import annotations
@@ -12,24 +12,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-TEN_CROP_SCALE = 1.143  # the same factor as images.Preprocess.ten_crop_arrays
+from geosurge_index import geometry
+from geosurge_index.geometry import TEN_CROP_SCALE  # noqa: F401 - its old home
 
 
 def ten_crop_class_maps(class_map: Image.Image | np.ndarray, size: int) -> np.ndarray:
-    """A class map (8-bit, any size) -> int64 (10, size, size), aligned with
-    `Preprocess(size).ten_crop_arrays` of its image (nearest-neighbour resize, same boxes, mirrored)."""
+    """A class map (8-bit, any size) -> int64 (10, size, size): the ten crops of the map's own size
+    (`geometry.ten_crop`, nearest), aligned with `Preprocess(size).ten_crop_pixels` of an image of
+    the map's aspect."""
     img = class_map if isinstance(class_map, Image.Image) else Image.fromarray(np.asarray(class_map, np.uint8), "L")
-    big = round(size * TEN_CROP_SCALE)
-    w, h = img.size
-    scale = big / min(w, h)
-    img = img.resize((max(big, round(w * scale)), max(big, round(h * scale))), Image.NEAREST)
-    arr = np.asarray(img)
-    H, W = arr.shape
-    s = size
-    boxes = [(0, 0), (W - s, 0), (0, H - s), (W - s, H - s), ((W - s) // 2, (H - s) // 2)]
-    crops = [arr[y:y + s, x:x + s] for x, y in boxes]
-    crops += [c[:, ::-1] for c in crops]
-    return np.stack(crops).astype(np.int64)
+    return geometry.ten_crop(*img.size, size).cut_class_map(img).astype(np.int64)
 
 
 def embed_ten_crop(encoder, crops: torch.Tensor, class_maps: torch.Tensor | None = None) -> torch.Tensor:

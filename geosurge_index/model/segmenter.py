@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from geosurge_index.images import CLIP_MEAN, CLIP_STD
+from geosurge_index.geometry import CLIP_MEAN, CLIP_STD
 from geosurge_index.model.backbone import load_pretrained
 from geosurge_index.model.config import SegmenterConfig
 

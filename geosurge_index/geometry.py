@@ -1,0 +1,136 @@
+"""Image geometry: where the model's crops lie in an image, and CLIP normalisation.
+
+A `CropPlan` says where the crops of one image are: resize the image (aspect kept) so that its
+short side is the crop size (centre crop) or `TEN_CROP_SCALE` times it (ten-crop), cut squares
+at fixed corners of that resize, and for ten-crop add their mirror images. The plan is made once
+from the image's size and applied both to its pixels (bicubic) and to its class map (nearest
+neighbour, whatever the map's resolution: the boxes are scaled to the map), so a class map is
+always cut exactly like its image.
+
+Pixels stay uint8 until they reach the model's device; `normalise` / `clip_normalise` turn them
+into the float input there (torch is imported only by those two).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+# Test-time ten-crop (the paper's evaluation setting): the 4 corner crops and the centre crop of a
+# resize to 1.143x the crop size, then their mirror images.
+TEN_CROP_SCALE = 1.143
+TEN_CROPS = 10
+
+# CLIP's normalisation (openai/clip-vit-*): the backbone expects it.
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+def short_side_size(width: int, height: int, short: int) -> tuple[int, int]:
+    """The size of a resize that keeps the aspect and puts the short side at `short` (rounded;
+    neither side below `short`)."""
+    scale = short / min(width, height)
+    return max(short, round(width * scale)), max(short, round(height * scale))
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """The crops of one image: resize it to `resized` (w, h), cut `size` x `size` squares whose
+    top-left corners in that resize are `corners`, then, with `mirror`, append each crop's mirror
+    image (so crop i + len(corners) mirrors crop i)."""
+
+    size: int
+    resized: tuple[int, int]
+    corners: tuple[tuple[int, int], ...]
+    mirror: bool = False
+
+    @property
+    def n_crops(self) -> int:
+        return len(self.corners) * (2 if self.mirror else 1)
+
+    def source_boxes(self, width: int, height: int) -> list[tuple[float, float, float, float]]:
+        """The crop boxes in the coordinates of a `width` x `height` picture of the same scene
+        (the image itself, or its class map at another resolution)."""
+        (rw, rh), s = self.resized, self.size
+        # multiply first: (x + s) * width / rw is exactly width at the right edge, never above it
+        return [(x * width / rw, y * height / rh, min(width, (x + s) * width / rw), min(height, (y + s) * height / rh))
+                for x, y in self.corners]
+
+    def _stack(self, crops: list[Image.Image]) -> np.ndarray:
+        """The crops, then with `mirror` their mirror images, as one uint8 array (PIL's flip is
+        faster than a copy of a reversed numpy view)."""
+        if self.mirror:
+            crops = crops + [c.transpose(Image.FLIP_LEFT_RIGHT) for c in crops]
+        first = np.asarray(crops[0], dtype=np.uint8)
+        out = np.empty((len(crops), *first.shape), dtype=np.uint8)
+        for i, c in enumerate(crops):
+            out[i] = first if i == 0 else np.asarray(c, dtype=np.uint8)
+        return out
+
+    def cut_pixels(self, img: Image.Image) -> np.ndarray:
+        """RGB PIL image -> uint8 (n_crops, size, size, 3): one bicubic resize, then the crops.
+        (Equal to a bicubic resize of each `source_boxes` box, which is what the map gets; one
+        resize of the whole image is cheaper when the crops overlap, as the ten crops do.)"""
+        big = img.resize(self.resized, Image.BICUBIC)
+        s = self.size
+        return self._stack([big.crop((x, y, x + s, y + s)) for x, y in self.corners])
+
+    def cut_class_map(self, class_map: Image.Image | np.ndarray) -> np.ndarray:
+        """An 8-bit class map of the image (any resolution, same scene) -> uint8 (n_crops, size,
+        size): the same boxes, nearest-neighbour."""
+        m = class_map if isinstance(class_map, Image.Image) else Image.fromarray(np.asarray(class_map, np.uint8), "L")
+        s = self.size
+        return self._stack([m.resize((s, s), Image.NEAREST, box=box) for box in self.source_boxes(*m.size)])
+
+
+def centre_crop(width: int, height: int, size: int) -> CropPlan:
+    """Short side resized to `size`, the centred `size` x `size` square."""
+    w, h = short_side_size(width, height, size)
+    return CropPlan(size, (w, h), (((w - size) // 2, (h - size) // 2),))
+
+
+def ten_crop(width: int, height: int, size: int) -> CropPlan:
+    """Short side resized to `TEN_CROP_SCALE` x `size`; the 4 corner squares and the centre one,
+    then their mirror images."""
+    w, h = short_side_size(width, height, round(size * TEN_CROP_SCALE))
+    s = size
+    corners = ((0, 0), (w - s, 0), (0, h - s), (w - s, h - s), ((w - s) // 2, (h - s) // 2))
+    return CropPlan(size, (w, h), corners, mirror=True)
+
+
+def crop_plan(width: int, height: int, size: int, *, ten: bool = False) -> CropPlan:
+    return ten_crop(width, height, size) if ten else centre_crop(width, height, size)
+
+
+# -- normalisation (torch) ----------------------------------------------------------------------
+
+
+@lru_cache(maxsize=32)
+def _constants(mean: tuple[float, ...], std: tuple[float, ...], device):
+    import torch
+
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
+
+
+def normalise(pixels, mean, std, device=None, *, non_blocking: bool = False):
+    """uint8 (B, S, S, 3) (numpy or torch) -> float32 (B, 3, S, S) = (pixels / 255 - mean) / std,
+    on `device` (default: where the pixels are). The uint8 crosses to the device (4x less than
+    float32; `non_blocking` from pinned memory) and the arithmetic runs there."""
+    import torch
+
+    if isinstance(pixels, np.ndarray) and not pixels.flags.writeable:  # e.g. np.asarray of a PIL image
+        pixels = pixels.copy()
+    x = torch.as_tensor(pixels)
+    if device is not None:
+        x = x.to(device, non_blocking=non_blocking)
+    m, s = _constants(tuple(float(v) for v in mean), tuple(float(v) for v in std), x.device)
+    return x.permute(0, 3, 1, 2).float().div_(255.0).sub_(m).div_(s)
+
+
+def clip_normalise(pixels, device=None, *, non_blocking: bool = False):
+    """uint8 (B, S, S, 3) -> CLIP-normalised float32 (B, 3, S, S) on `device`: the visual
+    encoder's input, for the predictor, training and the segmenter alike."""
+    return normalise(pixels, CLIP_MEAN, CLIP_STD, device, non_blocking=non_blocking)
