@@ -10,10 +10,11 @@ import httpx
 import pytest
 from _locate_fixtures import bad_images, encode, good_images, photo
 
+from geosurge_index.bench.serve import load_test
 from geosurge_index.cli import build_parser
-from geosurge_index.cli.serve import load_test
 from geosurge_index.errors import UserError
-from geosurge_index.server import ServerThread, create_app
+from geosurge_index.service.app import create_app
+from geosurge_index.service.runner import ServerThread
 from geosurge_index.settings import ServiceSettings
 from geosurge_index.synthetic import synthetic_jpegs
 
@@ -418,7 +419,7 @@ def test_serve_refuses_a_missing_index_dir(tmp_path):
 def test_geosurge_serve_subprocess_takes_settings_from_the_environment(index):
     """The CLI path: `geosurge serve INDEX_DIR` under uvicorn in its own process, settings from
     GEOSURGE_* variables (the API key among them)."""
-    from geosurge_index.cli.serve import ServeProcess
+    from geosurge_index.service.runner import ServeProcess
 
     index_dir, _ = index
     settings = ServiceSettings(index_dir=index_dir, api_key="env-key", max_batch_size=3, log_level="warning")
@@ -439,7 +440,7 @@ def test_geosurge_serve_subprocess_takes_settings_from_the_environment(index):
 
 
 def test_load_report_counts_each_request_once():
-    from geosurge_index.cli.serve import LoadReport
+    from geosurge_index.bench.serve import LoadReport
 
     r = LoadReport(latencies_s=[0.1, 0.2, 0.3, 0.4, 0.5], statuses={200: 4, 503: 1},
                    failures=["request 4: HTTP 503", "request 5: ConnectError"], transport_errors=1,
