@@ -18,8 +18,8 @@ class Route:
 
 ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/locate",
-          "images as multipart files ('images', repeatable, or 'image') or JSON\n"
-          '{"images": ["<base64>" | {"name": ..., "data": "<base64>"}, ...]}; '
+          "images as multipart files ('images', repeatable, or 'image'), or JSON\n"
+          '{"images": ["<base64>" | {"name": ..., "data": "<base64>"}, ...]};\n'
           "?top_k=5&include_cells=true", True),
     Route("GET", "/v1/cells/{level}/{cell_index}", "a cell's row from cells.duckdb (404 if unknown)", True),
     Route("GET", "/v1/index", "the index manifest (without its checksums)", True),
@@ -28,8 +28,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/readyz", "the index is loaded (503 and the reason until then)", False),
     Route("GET", "/ping", "immich machine-learning shape: answers 'pong'", False),
     Route("POST", "/predict",
-          "immich machine-learning shape: form fields 'entries'\n"
-          '({"geolocation": {"visual": {"modelName": "geosurge", "options": {"topK": 5}}}}) and \'image\'',
+          "immich machine-learning shape: form fields 'image' and 'entries'\n"
+          '({"geolocation": {"visual": {"modelName": "geosurge", "options": {"topK": 5}}}})',
           True),
 )
 
