@@ -569,3 +569,15 @@ def test_the_old_server_module_still_works_and_says_it_is_deprecated():
     assert server.create_app is app.create_app and server.ServerThread is runner.ServerThread
     assert server.free_port is runner.free_port and server.decode_upload is requests.decode_upload
     assert server.ApiError is requests.ApiError and server.LocateJob is state.ModelJob
+
+
+def test_bench_images_from_a_folder(tmp_path):
+    from geosurge_index.bench.serve import bench_images
+
+    for name in ("a.jpg", "b.PNG", "c.webp", "a.classmap.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    images, what = bench_images(tmp_path)
+    assert len(images) == 3 and "3 photos" in what
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no .jpg"):
+        bench_images(tmp_path / "empty")

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from geosurge_index.errors import UserError
 from geosurge_index.settings import ServiceSettings
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what --images sends
+from geosurge_index.sources import CLASS_MAP_SUFFIX, IMAGE_SUFFIXES
 
 
 @dataclass
@@ -85,12 +84,14 @@ def load_test(base_url: str, images: list[bytes], *, clients: int = 32, requests
 
 
 def bench_images(folder: Path | None) -> tuple[list[bytes], str]:
-    """The photos to send: a folder's JPEG/PNG files, or 16 synthetic 640x480 JPEGs."""
+    """The photos to send: a folder's images (as `geosurge locate` finds them, without recursion),
+    or 16 synthetic 640x480 JPEGs."""
     if folder is None:
         from geosurge_index.synthetic import synthetic_jpegs
 
         return synthetic_jpegs(16, quality=85), "16 synthetic 640x480 JPEGs"
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in Path(folder).iterdir()
+                   if p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.lower().endswith(CLASS_MAP_SUFFIX))
     if not files:
         raise UserError(f"{folder}: no {'/'.join(IMAGE_SUFFIXES)} files")
     return [p.read_bytes() for p in files], f"{len(files)} photos from {folder}"

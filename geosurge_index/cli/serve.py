@@ -76,7 +76,7 @@ def register_bench(bench_subparsers) -> None:
     p.add_argument("--requests", type=int, default=300,
                    help="requests in all, one image each (default: %(default)s)")
     p.add_argument("--images", type=Path, default=None,
-                   help="folder of JPEG/PNG photos to send (cycled); default: synthetic 640x480 JPEGs")
+                   help="folder of JPEG/PNG/WebP photos to send (cycled); default: synthetic 640x480 JPEGs")
     ServiceSettings.add_arguments(p)
     p.set_defaults(func=run_bench)
 
