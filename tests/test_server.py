@@ -10,10 +10,11 @@ import httpx
 import pytest
 from _locate_fixtures import bad_images, encode, good_images, photo
 
+from geosurge_index.bench.serve import load_test
 from geosurge_index.cli import build_parser
-from geosurge_index.cli.serve import load_test
 from geosurge_index.errors import UserError
-from geosurge_index.server import ServerThread, create_app
+from geosurge_index.service.app import create_app
+from geosurge_index.service.runner import ServerThread
 from geosurge_index.settings import ServiceSettings
 from geosurge_index.synthetic import synthetic_jpegs
 
@@ -418,7 +419,7 @@ def test_serve_refuses_a_missing_index_dir(tmp_path):
 def test_geosurge_serve_subprocess_takes_settings_from_the_environment(index):
     """The CLI path: `geosurge serve INDEX_DIR` under uvicorn in its own process, settings from
     GEOSURGE_* variables (the API key among them)."""
-    from geosurge_index.cli.serve import ServeProcess
+    from geosurge_index.service.runner import ServeProcess
 
     index_dir, _ = index
     settings = ServiceSettings(index_dir=index_dir, api_key="env-key", max_batch_size=3, log_level="warning")
@@ -439,7 +440,7 @@ def test_geosurge_serve_subprocess_takes_settings_from_the_environment(index):
 
 
 def test_load_report_counts_each_request_once():
-    from geosurge_index.cli.serve import LoadReport
+    from geosurge_index.bench.serve import LoadReport
 
     r = LoadReport(latencies_s=[0.1, 0.2, 0.3, 0.4, 0.5], statuses={200: 4, 503: 1},
                    failures=["request 4: HTTP 503", "request 5: ConnectError"], transport_errors=1,
@@ -447,3 +448,136 @@ def test_load_report_counts_each_request_once():
     assert r.requests == 6  # the 503 is an answer and a failure, but one request
     assert r.percentile(50) == 0.3 and r.percentile(100) == 0.5
     assert "transport failures 1" in r.summary()
+
+
+# -- the routes table, the timers, decoding (issue 11) -------------------------------------------
+
+
+def test_the_routes_table_is_the_apps_routes(tmp_path, capsys):
+    """`service/routes.py` lists the routes once: the app serves exactly those, asks for the API
+    key where the table says, and `geosurge serve --help` prints them."""
+    from fastapi.testclient import TestClient
+
+    from geosurge_index.service.routes import ROUTES
+
+    app = create_app(ServiceSettings(index_dir=tmp_path, api_key="k"))
+    served = {(m.upper(), path) for path, ops in app.openapi()["paths"].items() for m in ops}
+    assert served == {(r.method, r.path) for r in ROUTES}
+    client = TestClient(app)  # no lifespan: nothing loads, which the key check does not need
+    for r in ROUTES:
+        answer = client.request(r.method, r.path.replace("{level}", "1").replace("{cell_index}", "0"))
+        assert (answer.status_code == 401) == r.api_key, (r.path, answer.status_code)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert all(f"{r.method} {r.path}" in out for r in ROUTES)
+
+
+def _slow_multipart(fields: dict[str, tuple[str | None, bytes]], pause_s: float):
+    """A multipart body streamed in three parts with `pause_s` between them (a slow upload)."""
+    parts = []
+    for name, (filename, data) in fields.items():
+        disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        parts.append(f"--b\r\nContent-Disposition: {disp}\r\n\r\n".encode() + data + b"\r\n")
+    body = b"".join(parts) + b"--b--\r\n"
+    third = len(body) // 3
+
+    def gen():
+        yield body[:third]
+        threading.Event().wait(pause_s)
+        yield body[third:2 * third]
+        threading.Event().wait(pause_s)
+        yield body[2 * third:]
+
+    return gen(), {"content-type": "multipart/form-data; boundary=b"}
+
+
+@pytest.mark.parametrize("route", ["/v1/locate", "/predict"])
+def test_both_routes_time_from_the_body_read(server, client, route):
+    """/v1/locate and /predict start their latency timers at the same point, once the body is read:
+    a slow upload is not server time."""
+    import time
+
+    pause = 0.8
+    fields = {"images": ("a.jpg", jpeg(5))} if route == "/v1/locate" else {
+        "entries": (None, b'{"geolocation": {"visual": {"modelName": "g"}}}'), "image": ("a.jpg", jpeg(5))}
+    content, headers = _slow_multipart(fields, pause)
+    latencies = server.app.state.service.latencies
+    n = len(latencies)
+    t0 = time.perf_counter()
+    r = client.post(route, content=content, headers=headers)
+    wall = time.perf_counter() - t0
+    assert r.status_code == 200, r.text
+    assert len(latencies) == n + 1
+    assert latencies[-1] < wall - 1.5 * pause  # the 2 x pause upload is not in it
+
+
+def test_decoding_reads_the_header_once_and_refuses_bombs_before_any_pixel(index, monkeypatch):
+    """No second header probe in the service: the decoder's own probe applies the service's pixel
+    cap (413) before any pixel is decoded."""
+    from PIL import Image
+
+    from geosurge_index import images
+    from geosurge_index.service.requests import ApiError, decode_upload
+
+    _, locator = index
+    probes, loads = [], []
+    probe = images.probe_image
+    monkeypatch.setattr(images, "probe_image", lambda *a, **k: probes.append(1) or probe(*a, **k))
+    load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: loads.append(1) or load(self))
+
+    data = jpeg(1, 80, 70)
+    probes.clear(), loads.clear()
+    ok = decode_upload(locator, data, "ok.jpg", max_pixels=80 * 70)
+    assert (ok.width, ok.height) == (80, 70) and len(probes) == 1 and loads
+    probes.clear(), loads.clear()
+    with pytest.raises(ApiError) as err:
+        decode_upload(locator, data, "big.jpg", max_pixels=80 * 70 - 1)
+    assert err.value.status == 413 and err.value.kind == "too_many_pixels"
+    assert "big.jpg" in err.value.message and "80x70" in err.value.message
+    assert len(probes) == 1 and loads == []  # refused on the header, nothing decoded
+
+
+def test_open_locator_takes_the_settings_vocabulary(index):
+    """`Locator.open(settings=...)` takes the shared knobs (the service's as they are); a keyword
+    overrides one of them."""
+    from geosurge_index.locate import Locator
+    from geosurge_index.service.state import open_locator
+
+    index_dir, _ = index
+    settings = ServiceSettings(index_dir=index_dir, device="cpu", default_top_k=3, draft_size=0,
+                               max_pixels=5000, ten_crop=True)
+    served = open_locator(settings)
+    assert served.predictor.settings.top_k == 3 and served.predictor.settings.ten_crop
+    assert (served.spec.draft_size, served.spec.max_pixels, served.spec.ten_crop) == (0, 5000, True)
+    mine = Locator.open(index_dir, settings=settings, top_k=2, ten_crop=False)
+    assert mine.predictor.settings.top_k == 2 and not mine.spec.ten_crop and mine.spec.max_pixels == 5000
+    plain = Locator.open(index_dir, device="cpu")  # today's keywords, today's defaults
+    assert plain.predictor.settings.top_k == 5 and plain.spec.draft_size == plain.image_size
+
+
+def test_the_old_server_module_still_works_and_says_it_is_deprecated():
+    import importlib
+    import sys
+
+    sys.modules.pop("geosurge_index.server", None)
+    with pytest.warns(DeprecationWarning, match="geosurge_index.service"):
+        server = importlib.import_module("geosurge_index.server")
+    from geosurge_index.service import app, requests, runner, state
+
+    assert server.create_app is app.create_app and server.ServerThread is runner.ServerThread
+    assert server.free_port is runner.free_port and server.decode_upload is requests.decode_upload
+    assert server.ApiError is requests.ApiError and server.LocateJob is state.ModelJob
+
+
+def test_bench_images_from_a_folder(tmp_path):
+    from geosurge_index.bench.serve import bench_images
+
+    for name in ("a.jpg", "b.PNG", "c.webp", "a.classmap.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    images, what = bench_images(tmp_path)
+    assert len(images) == 3 and "3 photos" in what
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no .jpg"):
+        bench_images(tmp_path / "empty")

@@ -6,8 +6,6 @@ import argparse
 import json
 import sys
 
-from geosurge_index.images import DEFAULT_MAX_PIXELS
-
 DESCRIPTION = """\
 Geolocate images in bulk: every input becomes one row of PRED_DIR/part-*.parquet (the predicted
 lat/lon, its probability, the best cell per level, the top-k cells), or one error row when the
@@ -50,37 +48,24 @@ def register(subparsers) -> None:
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The job's own flags, and the inference knobs generated from `BulkSettings` (one declaration
+    for flags, GEOSURGE_* variables and help; flags > environment > defaults)."""
+    from geosurge_index.settings import BulkSettings
+
     g = p.add_argument_group("inputs")
     g.add_argument("--path-column", default="path", help="manifest column holding image paths (default: %(default)s)")
     g.add_argument("--id-column", default=None,
                    help="manifest column holding ids (default: 'id' when the manifest has one, else the path)")
-    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help="images with more pixels (width x height) become too_many_pixels error rows: "
-                        "a decompression-bomb cap (default: %(default)s)")
-    g.add_argument("--draft-size", type=int, default=None,
-                   help="decode JPEGs by DCT scaling to at least this many pixels on the short side "
-                        "(2-6x faster); 0 decodes at full size (default: the encoder's input size)")
+    BulkSettings.add_arguments(g, ["max_pixels", "draft_size"], switches=True)
     g = p.add_argument_group("search")
-    g.add_argument("--top-k", type=int, default=5, help="finest cells kept per image in topk_cells (default: %(default)s)")
-    g.add_argument("--beam", type=str, default=None,
-                   help="beam width: cells kept at levels 1..6, one value or six comma-separated "
-                        "(default: the index's default)")
+    BulkSettings.add_arguments(g, ["top_k", "beam"], switches=True)
     g.add_argument("--save-embeddings", action="store_true",
                    help="also store each image's visual embedding (768 floats) in an `embedding` column")
-    g.add_argument("--ten-crop", action="store_true",
-                   help="test-time ten-crop averaging (the paper's evaluation setting): embed the 4 corner "
-                        "crops and the centre crop of a 1.143x resize and their mirror images, and search "
-                        "with the L2-normalised mean; 10x the encoder work (default: one centre crop)")
+    BulkSettings.add_arguments(g, ["ten_crop"], switches=True)
     g = p.add_argument_group("execution")
     g.add_argument("--chunk-size", type=int, default=1024,
                    help="inputs per output shard, the unit of resume (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help="images per model call (default: 256 on CUDA, 32 on CPU; with --ten-crop 32 and 4)")
-    g.add_argument("--workers", type=int, default=None,
-                   help="decoding processes; 0 decodes in the main process (default: on CUDA all cores "
-                        "but one, at most 16; on the CPU a quarter of the cores, at least 1, and the model "
-                        "gets the remaining cores as torch threads)")
-    g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N (default: %(default)s)")
+    BulkSettings.add_arguments(g, ["batch_size", "workers", "device"], switches=True)
     g = p.add_argument_group("Ray (more than one machine)")
     g.add_argument("--ray", metavar="ADDRESS", default=None,
                    help="run on Ray Data: 'auto' (the cluster this machine belongs to), HOST:PORT or "
@@ -94,26 +79,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def job_from_args(args: argparse.Namespace):
     from geosurge_index.locate.job import LocateJob
+    from geosurge_index.settings import BulkSettings
     from geosurge_index.sources import ManifestColumns
 
-    beam = args.beam
-    if beam is not None and "," not in beam:
-        beam = int(beam)
-    return LocateJob(
-        index_dir=args.index_dir,
-        inputs=list(args.inputs),
-        out_dir=args.out,
+    return LocateJob.from_settings(
+        args.index_dir, list(args.inputs), args.out, BulkSettings.from_args(args),
         columns=ManifestColumns(path=args.path_column, id=args.id_column),
-        top_k=args.top_k,
-        beam=beam,
         save_embeddings=args.save_embeddings,
         chunk_size=args.chunk_size,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=args.device,
-        draft_size=args.draft_size,
-        max_pixels=args.max_pixels,
-        ten_crop=args.ten_crop,
     )
 
 

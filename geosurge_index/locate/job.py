@@ -9,15 +9,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from geosurge_index import sources
 from geosurge_index.errors import UserError
-from geosurge_index.images import (
-    DEFAULT_MAX_PIXELS,
-)
 from geosurge_index.locate.predictor import SearchSettings
 from geosurge_index.pred_store import (
     PredStore,
@@ -25,26 +23,51 @@ from geosurge_index.pred_store import (
     chunk_bounds,
     index_identity,
 )
+from geosurge_index.settings import BulkSettings, InferenceSettings
+
+_DEFAULTS = BulkSettings()  # the vocabulary's defaults: declared once, in `settings.py`
 
 
 @dataclass
 class LocateJob:
-    """Everything `geosurge locate` needs; one object shared by the local and the Ray runner."""
+    """Everything `geosurge locate` needs; one object shared by the local and the Ray runner.
+
+    The inference knobs (top_k .. ten_crop, workers) are `BulkSettings` fields, checked (and `beam`
+    '8' read as 8) on construction; a bad value is a `UserError` naming the setting. Build one
+    from keywords, as below, or from settings: `LocateJob.from_settings(index_dir, inputs, out_dir,
+    BulkSettings.from_env())`.
+    """
 
     index_dir: str
     inputs: list[str]
     out_dir: str
     columns: sources.ManifestColumns = field(default_factory=sources.ManifestColumns)
-    top_k: int = 5
-    beam: int | str | None = None
+    top_k: int = _DEFAULTS.top_k
+    beam: int | str | None = _DEFAULTS.beam
     save_embeddings: bool = False
     chunk_size: int = 1024
-    batch_size: int | None = None  # None: 256 on CUDA, 32 on CPU
-    workers: int | None = None  # decoding processes; None: `default_workers`; 0: in-process
-    device: str = "auto"
-    draft_size: int | None = None  # None: the encoder's input size; 0: off
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    ten_crop: bool = False  # test-time ten-crop averaging (10x the encoder work)
+    batch_size: int | None = _DEFAULTS.batch_size  # None: `default_batch_size` for the device
+    workers: int | None = _DEFAULTS.workers  # decoding processes; None: `default_workers`; 0: in-process
+    device: str = _DEFAULTS.device
+    draft_size: int | None = _DEFAULTS.draft_size  # None: the encoder's input size; 0: off
+    max_pixels: int = _DEFAULTS.max_pixels
+    ten_crop: bool = _DEFAULTS.ten_crop  # test-time ten-crop averaging (10x the encoder work)
+
+    def __post_init__(self) -> None:
+        for name, value in self.inference_settings().values().items():  # checked and normalised
+            setattr(self, name, value)
+
+    @classmethod
+    def from_settings(cls, index_dir: str, inputs: list[str], out_dir: str, settings: InferenceSettings,
+                      **job: Any) -> LocateJob:
+        """A job whose inference knobs are `settings`' (a `BulkSettings` also gives `workers`);
+        `job`: the other fields (columns, save_embeddings, chunk_size)."""
+        knobs = {k: v for k, v in settings.values().items() if k in BulkSettings.model_fields}
+        return cls(index_dir=index_dir, inputs=inputs, out_dir=out_dir, **knobs, **job)
+
+    def inference_settings(self) -> BulkSettings:
+        """This job's knobs as the shared settings vocabulary."""
+        return BulkSettings(**{name: getattr(self, name) for name in BulkSettings.model_fields})
 
     def settings(self) -> SearchSettings:
         return SearchSettings(self.top_k, self.beam, self.save_embeddings, self.ten_crop)

@@ -11,12 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from geosurge_index.images import (
-    DEFAULT_MAX_PIXELS,
-)
 from geosurge_index.index import PLACE_COLUMNS  # noqa: F401 - re-exported
 from geosurge_index.locate.decode import Decoded, DecodeSpec, collate, decode_any
 from geosurge_index.locate.predictor import Predictor, SearchSettings
+from geosurge_index.settings import UNSET, InferenceSettings
 
 
 @dataclass(frozen=True)
@@ -102,19 +100,28 @@ class Locator:
         cls,
         index_dir: str | os.PathLike,
         *,
-        device: str = "auto",
-        top_k: int = 5,
-        beam: int | str | None = None,
-        draft_size: int | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        ten_crop: bool = False,
+        settings: InferenceSettings | None = None,
+        device: str = UNSET,
+        top_k: int = UNSET,
+        beam: int | str | None = UNSET,
+        draft_size: int | None = UNSET,
+        max_pixels: int = UNSET,
+        ten_crop: bool = UNSET,
     ) -> Locator:
-        """Load the index's encoder and search engine on `device` (auto: CUDA when available).
-        `ten_crop`: embed each image as the normalised mean of its 10 test-time crops."""
-        predictor = Predictor.open(index_dir, device, SearchSettings(top_k, beam, False, ten_crop))
+        """Load the index's encoder and search engine. The knobs are `settings`' (default:
+        `InferenceSettings()`'s defaults: device auto = CUDA when available, top_k 5, the index's
+        beam, draft decoding to the encoder's size, ten_crop off), each overridden by the keyword of
+        the same name when given. `ten_crop`: embed each image as the normalised mean of its 10
+        test-time crops. `batch_size` does not apply: each `locate` call is one batch."""
+        given = {k: v for k, v in dict(device=device, top_k=top_k, beam=beam, draft_size=draft_size,
+                                       max_pixels=max_pixels, ten_crop=ten_crop).items() if v is not UNSET}
+        s = (settings or InferenceSettings()).inference()
+        if given:
+            s = s.with_(**given)
+        predictor = Predictor.open(index_dir, s.device, SearchSettings(s.top_k, s.beam, False, s.ten_crop))
         size = predictor.image_size
         places = _read_places(Path(index_dir), predictor.index.levels)
-        spec = DecodeSpec(size, size if draft_size is None else draft_size, max_pixels, ten_crop)
+        spec = DecodeSpec(size, size if s.draft_size is None else s.draft_size, s.max_pixels, s.ten_crop)
         return cls(predictor, spec, places)
 
     @property

@@ -1,0 +1,71 @@
+"""The immich machine-learning adapter: `GET /ping` and `POST /predict` (see `service/routes.py`),
+and the parsing of immich's `entries` form field. The answer is the same JSON as `/v1/locate`'s
+for one image, under the task name, with the photo's size as immich expects it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import PlainTextResponse
+from starlette.datastructures import UploadFile
+
+from geosurge_index.service.requests import ApiError, read_form
+from geosurge_index.service.state import ServiceState, prediction_json
+from geosurge_index.settings import ServiceSettings
+
+# The task and model type under which /predict answers, in immich's `entries` vocabulary.
+IMMICH_TASK = "geolocation"
+IMMICH_MODEL_TYPE = "visual"
+
+
+def immich_options(entries: Any, settings: ServiceSettings) -> dict:
+    """immich's `entries` JSON -> our options; 422 for a bad one, as immich answers."""
+    if not isinstance(entries, str):
+        raise ApiError(422, "bad_entries", "form field 'entries' (JSON) is required")
+    try:
+        request = json.loads(entries)
+        entry = request[IMMICH_TASK][IMMICH_MODEL_TYPE]
+        entry["modelName"]  # noqa: B018 - required by immich's schema, not used: one model here
+        opts = entry.get("options", {}) or {}
+        top_k = int(opts.get("topK", settings.default_top_k))
+        include_cells = bool(opts.get("includeCells", True))
+        others = set(request) - {IMMICH_TASK}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError):
+        raise ApiError(
+            422, "bad_entries",
+            'entries must look like {"geolocation": {"visual": {"modelName": "...", '
+            '"options": {"topK": 5}}}}',
+        ) from None
+    if others:
+        raise ApiError(422, "unsupported_task",
+                       f"this service answers only the {IMMICH_TASK!r} task, not {sorted(others)}")
+    if not 1 <= top_k <= settings.max_top_k:
+        raise ApiError(422, "bad_entries", f"topK must be between 1 and {settings.max_top_k}")
+    return {"top_k": top_k, "include_cells": include_cells}
+
+
+def immich_router(state: ServiceState, require_key) -> APIRouter:
+    """/ping and /predict over the shared state; `require_key` is the app's API-key dependency."""
+    router = APIRouter(tags=["immich"])
+    settings = state.settings
+
+    @router.get("/ping", response_class=PlainTextResponse)
+    async def ping() -> str:
+        return "pong"
+
+    @router.post("/predict", dependencies=[Depends(require_key)])
+    async def predict(request: Request) -> dict:
+        async with read_form(request, settings) as form:
+            options = immich_options(form.get("entries"), settings)
+            image = form.get("image")
+            if not isinstance(image, UploadFile):
+                raise ApiError(400, "missing_image", "send the photo as the multipart file field 'image'")
+            upload = (image.filename or "image", await image.read())
+        top_k = options["top_k"]
+        (decoded,), (pred,) = await state.answer([upload], top_k)
+        result = prediction_json(pred, decoded, top_k=top_k, include_cells=options["include_cells"])
+        return {IMMICH_TASK: result, "imageHeight": decoded.height, "imageWidth": decoded.width}
+
+    return router
