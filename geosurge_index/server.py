@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 
 from geosurge_index import images
+from geosurge_index.index import IndexCells
 from geosurge_index.service.app import api_key_dependency, create_app
 from geosurge_index.service.immich import IMMICH_MODEL_TYPE, IMMICH_TASK, immich_options
 from geosurge_index.service.requests import (
@@ -21,7 +22,6 @@ from geosurge_index.service.requests import (
 from geosurge_index.service.runner import ServerThread, free_port
 from geosurge_index.service.state import (
     PLACE_FIELDS,
-    CellStore,
     ModelJob,
     ServiceState,
     manifest_summary,
@@ -36,6 +36,7 @@ warnings.warn(
     stacklevel=2,
 )
 
+CellStore = IndexCells.open  # one reader of cells.duckdb now: `index.IndexCells`
 LocateJob = ModelJob  # the service's model job, renamed: `LocateJob` is the bulk job's name
 
 

@@ -581,3 +581,17 @@ def test_bench_images_from_a_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no .jpg"):
         bench_images(tmp_path / "empty")
+
+
+def test_per_level_probabilities_are_computed_only_when_cells_are_asked(index, server, client, monkeypatch):
+    _, locator = index
+    calls = []
+    real = locator.index.engine.level_probabilities
+    monkeypatch.setattr(locator.index.engine, "level_probabilities",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    files = {"images": ("a.jpg", jpeg(5), "image/jpeg")}
+    lean = client.post("/v1/locate?include_cells=false", files=files).json()["results"][0]
+    assert "cells" not in lean and calls == []
+    full = client.post("/v1/locate", files=files).json()["results"][0]
+    assert calls and all(0 < c["probability"] <= 1 for c in full["cells"])
+    assert (lean["lat"], lean["lon"]) == (full["lat"], full["lon"])

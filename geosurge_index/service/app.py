@@ -123,7 +123,7 @@ def create_app(settings: ServiceSettings, locator: LocatorLike | None = None) ->
         include_cells: bool = Query(True, description="include the best cell at every level"),
     ) -> dict:
         uploads = await read_locate_request(request, settings)
-        decoded, preds = await state.answer(uploads, top_k)
+        decoded, preds = await state.answer(uploads, top_k, include_cells)
         return {
             "results": [
                 prediction_json(p, d, top_k=top_k, include_cells=include_cells)

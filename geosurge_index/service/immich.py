@@ -64,7 +64,7 @@ def immich_router(state: ServiceState, require_key) -> APIRouter:
                 raise ApiError(400, "missing_image", "send the photo as the multipart file field 'image'")
             upload = (image.filename or "image", await image.read())
         top_k = options["top_k"]
-        (decoded,), (pred,) = await state.answer([upload], top_k)
+        (decoded,), (pred,) = await state.answer([upload], top_k, options["include_cells"])
         result = prediction_json(pred, decoded, top_k=top_k, include_cells=options["include_cells"])
         return {IMMICH_TASK: result, "imageHeight": decoded.height, "imageWidth": decoded.width}
 

@@ -54,7 +54,8 @@ class LocatorLike(Protocol):
 
     spec: DecodeSpec
 
-    def locate(self, images: list[Any], *, top_k: int | None = None) -> list[Any]: ...
+    def locate(self, images: list[Any], *, top_k: int | None = None,
+               cell_probabilities: bool = True) -> list[Any]: ...
 
 
 # -- decoding ----------------------------------------------------------------------------------

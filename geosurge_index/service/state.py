@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -18,13 +17,14 @@ from typing import Any
 
 from geosurge_index.batcher import BatcherClosed, BatcherFull, MicroBatcher
 from geosurge_index.errors import UserError
+from geosurge_index.index import PLACE_COLUMNS as PLACE_FIELDS  # of the best finest cell
+from geosurge_index.index import IndexCells
 from geosurge_index.locate.decode import Decoded
 from geosurge_index.service.requests import ApiError, DecodedImage, LocatorLike, decode_upload
 from geosurge_index.settings import ServiceSettings
 
 log = logging.getLogger("geosurge.server")
 
-PLACE_FIELDS = ("country_code", "country_name", "admin1", "town")  # of the best finest cell
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class ModelJob:
 
     decoded: Decoded
     top_k: int
+    include_cells: bool = True  # per-level cells (and their probabilities) are wanted
 
 
 class ServiceState:
@@ -43,7 +44,7 @@ class ServiceState:
         self.settings = settings
         self.locator: LocatorLike | None = None
         self.load_error: str | None = None
-        self.cells: CellStore | None = None
+        self.cells: IndexCells | None = None  # /v1/cells
         self.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
         self.batcher = MicroBatcher(
             self._run_batch,
@@ -70,9 +71,11 @@ class ServiceState:
         self.locator = locator
 
     def _run_batch(self, jobs: list[ModelJob]) -> list[Any]:
-        """On the model thread: one `locate` call for the whole batch, with the largest top_k asked."""
+        """On the model thread: one `locate` call for the whole batch, with the largest top_k asked;
+        per-level probabilities (a softmax over every cell of every level) only when a job wants them."""
         assert self.locator is not None
-        return self.locator.locate([job.decoded for job in jobs], top_k=max(job.top_k for job in jobs))
+        return self.locator.locate([job.decoded for job in jobs], top_k=max(job.top_k for job in jobs),
+                                   cell_probabilities=any(job.include_cells for job in jobs))
 
     @property
     def ready(self) -> bool:
@@ -82,12 +85,13 @@ class ServiceState:
         reason = self.load_error or "the index is still loading"
         return ApiError(503, "not_ready", f"not ready: {reason}", headers={"Retry-After": "5"})
 
-    async def answer(self, uploads: Sequence[tuple[str, bytes]], top_k: int) -> tuple[list[DecodedImage], list[Any]]:
+    async def answer(self, uploads: Sequence[tuple[str, bytes]], top_k: int,
+                     include_cells: bool = True) -> tuple[list[DecodedImage], list[Any]]:
         """Read uploads -> (decoded images, predictions), timed into `latencies`. Every route
         that locates calls this once its request is read, so all are timed from the same point."""
         t0 = time.perf_counter()
         decoded = await self.decode_all(uploads)
-        preds = await self.predict([ModelJob(d.decoded, top_k) for d in decoded])
+        preds = await self.predict([ModelJob(d.decoded, top_k, include_cells) for d in decoded])
         self.latencies.append(time.perf_counter() - t0)
         return decoded, preds
 
@@ -160,50 +164,6 @@ def prediction_json(pred: Any, image: DecodedImage, *, top_k: int, include_cells
 # -- the index -----------------------------------------------------------------------------------
 
 
-class CellStore:
-    """Read-only lookups in INDEX_DIR/cells.duckdb (one cursor per call: cursors are not shared)."""
-
-    def __init__(self, index_dir: Path):
-        import duckdb
-
-        from geosurge_index.index import CELLS_DB
-
-        path = Path(index_dir) / CELLS_DB
-        self._con = duckdb.connect(str(path), read_only=True) if path.exists() else None
-        self._lock = threading.Lock()
-
-    def cell(self, level: int, cell_index: int) -> dict | None:
-        if self._con is None:
-            return None
-        with self._lock:
-            cur = self._con.cursor()
-        try:
-            rel = cur.execute(
-                "SELECT * FROM cells WHERE level = ? AND cell_index = ?", [level, cell_index]
-            )
-            row = rel.fetchone()
-            if row is None:
-                return None
-            names = [d[0] for d in rel.description]
-        finally:
-            cur.close()
-        return {k: _jsonable(v) for k, v in zip(names, row, strict=True)}
-
-    def close(self) -> None:
-        if self._con is not None:
-            self._con.close()
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return str(v)
-
-
 def manifest_summary(index_dir: Path) -> dict:
     """manifest.json without its per-file checksums (what a client wants to know about the index)."""
     from geosurge_index.index import read_manifest
@@ -222,12 +182,12 @@ def open_locator(settings: ServiceSettings) -> LocatorLike:
     return Locator.open(settings.index_dir, settings=settings)
 
 
-def open_cells(settings: ServiceSettings) -> CellStore | None:
+def open_cells(settings: ServiceSettings) -> IndexCells | None:
     """The cells table for /v1/cells; a damaged one costs that route only (404s), not the service."""
     if settings.index_dir is None:
         return None
     try:
-        return CellStore(settings.index_dir)
+        return IndexCells.open(settings.index_dir)
     except Exception as err:  # noqa: BLE001
         log.error("cannot open %s/cells.duckdb: %s", settings.index_dir, err)
         return None
