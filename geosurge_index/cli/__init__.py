@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "segment",
     "train",
     "export",
+    "verify",
     "search",
     "locate",
     "sql",
