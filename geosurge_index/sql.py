@@ -38,7 +38,7 @@ import pyarrow as pa
 
 from geosurge_index.coords import Coordinates
 from geosurge_index.errors import FormatError, UserError
-from geosurge_index.index import CELLS_DB, IndexCells, read_checked_tree, verify_index
+from geosurge_index.index import CELLS_DB, IndexCells, index_file, read_checked_tree, verify_index
 from geosurge_index.metrics import EARTH_RADIUS_KM, GEOGUESSR_MAX, GEOGUESSR_SCALE_KM
 
 FORMATS = ("table", "csv", "json", "parquet")
@@ -90,6 +90,7 @@ def connect(
     import duckdb
 
     if index_dir is not None:
+        index_file(index_dir, CELLS_DB)  # the file SQL reads is named first when it is absent
         manifest = verify_index(index_dir, checksums=verify, files=[CELLS_DB])
         read_checked_tree(index_dir, manifest)
     con = duckdb.connect(":memory:")

@@ -203,7 +203,7 @@ def test_search_needs_no_encoder_files(exported, hierarchy, tmp_path):
     for extra in ((), ("--no-verify",)):
         out = tmp_path / f"deleted{len(extra)}.parquet"
         assert _search(d, tmp_path / "q.npy", out, *extra) == 0
-        assert pq.read_table(out).equals(want)
+        _same_answers(pq.read_table(out), want)
     # a command that encodes images still needs them
     with pytest.raises(FormatError, match="encoder.safetensors is missing"):
         GeoIndex.open(d, device="cpu")
@@ -213,5 +213,11 @@ def test_search_needs_no_encoder_files(exported, hierarchy, tmp_path):
     h = hierarchy
     bare = export_index(h.tables, h.temperatures, h.cells_table(), tmp_path / "bare", place_names=False)
     assert _search(bare, tmp_path / "q.npy", tmp_path / "bare.parquet") == 0
-    got = pq.read_table(tmp_path / "bare.parquet")
-    assert got.column("cell_l7").equals(want.column("cell_l7"))
+    _same_answers(pq.read_table(tmp_path / "bare.parquet"), want)
+
+
+def _same_answers(got, want) -> None:
+    # cells exactly; probabilities to float32 rounding (BLAS may sum in another order under load)
+    assert got.column("topk_cells").to_pylist() == want.column("topk_cells").to_pylist()
+    np.testing.assert_allclose(got.column("probability").to_numpy(), want.column("probability").to_numpy(),
+                               rtol=1e-5)

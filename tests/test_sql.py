@@ -168,7 +168,7 @@ def test_missing_view_hint_and_bad_sql(world):  # noqa: F811
 def test_bad_index_dir(tmp_path):
     with pytest.raises(UserError, match="not a folder"):
         sql.connect(tmp_path / "nope")
-    with pytest.raises(FormatError, match="no manifest.json"):
+    with pytest.raises(FormatError, match="has no cells.duckdb"):
         sql.connect(tmp_path)
     # a cells.duckdb alone is not an index: the manifest is checked first, as every command does
     (tmp_path / "cells.duckdb").write_bytes(b"not a database")

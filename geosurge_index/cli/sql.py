@@ -75,7 +75,8 @@ def register(subparsers) -> None:
                    help="output format: a table on the terminal, CSV, JSON (one object per line) "
                         "or Parquet (needs --output) (default: %(default)s)")
     p.add_argument("--output", "-o", metavar="FILE", default=None,
-                   help="write the result to FILE instead of standard output (csv, json, parquet)")
+                   help="write the result to FILE instead of standard output (csv, json, parquet); never a "
+                        "path inside INDEX_DIR or PRED_DIR, through symlinks or hard links")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the sha256 check of cells.duckdb (its size and the structure of its "
                         "tables are still checked)")
