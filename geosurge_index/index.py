@@ -12,8 +12,13 @@ INDEX_DIR holds
   every other file, library versions. A folder without it is an incomplete export.
 
 Opening checks the manifest: a missing file, a size or checksum mismatch, or a newer format
-version raise FormatError before FAISS or DuckDB touch the files. `IndexCells` is the one reader
-of cells.duckdb (the tree, place names, one cell); `sql.connect` attaches it for its SQL surface.
+version raise FormatError before FAISS or DuckDB touch the files. A command checks only the files
+it reads (`search` never needs the encoder's). Then a cheap structural check, which also runs
+when checksums are skipped: unit-norm vectors, the cell counts of the manifest, the `levels` and
+`cells` tables and the FAISS files agreeing, cell_index dense, parents in range.
+`geosurge verify` (`index_check.check_index`) runs every check and reports each. `IndexCells` is
+the one reader of cells.duckdb (the tree, place names, one cell); `sql.connect` attaches it for
+its SQL surface.
 """
 
 from __future__ import annotations
@@ -279,40 +284,115 @@ def index_file(index_dir: str | os.PathLike, name: str, why_missing: str = "") -
 
 
 def read_manifest(index_dir: str | os.PathLike) -> dict:
-    """manifest.json, after checking the format name and version."""
+    """manifest.json, after checking the format name and version and the shape of its entries."""
     path = index_file(index_dir, MANIFEST, ", or an export that did not finish")
     manifest = read_json(path, INDEX_FORMAT, INDEX_FORMAT_VERSION)
     for key in ("dim", "levels", "files"):
         if key not in manifest:
             raise FormatError(f"{path}: no {key!r}")
-    return manifest
-
-
-def verify_index(index_dir: str | os.PathLike, *, checksums: bool = True) -> dict:
-    """Check every file the manifest lists (presence, size, and sha256 unless checksums=False)."""
-    d = Path(index_dir)
-    manifest = read_manifest(d)
     files, levels = manifest["files"], manifest["levels"]
-    if not (isinstance(files, dict) and isinstance(levels, list)
+    if not (isinstance(files, dict) and isinstance(levels, list) and levels
             and all(isinstance(m, dict) and {"sha256", "bytes"} <= m.keys() for m in files.values())
             and all(isinstance(e, dict) and {"level", "file", "n_cells", "temperature"} <= e.keys()
                     for e in levels)):
-        raise FormatError(f"{d / MANIFEST}: malformed 'files' or 'levels' entries")
+        raise FormatError(f"{path}: malformed 'files' or 'levels' entries")
+    names = [*files, *(e["file"] for e in levels)]
+    if not all(isinstance(n, str) and n and n == Path(n).name and n not in (".", "..") for n in names):
+        raise FormatError(f"{path}: file names must be plain names inside the index folder")
+    if sorted(e["level"] for e in levels) != list(range(1, len(levels) + 1)):
+        raise FormatError(f"{path}: levels {[e['level'] for e in levels]} are not 1..{len(levels)}")
+    return manifest
+
+
+def reader_files(manifest: dict, *, encoder: bool = True) -> list[str]:
+    """The files a reader of the index opens: every level file and cells.duckdb, and the
+    encoder's when the manifest lists an encoder and `encoder` (a command that encodes images)."""
+    names = [e["file"] for e in sorted(manifest["levels"], key=lambda e: e["level"])] + [CELLS_DB]
+    return names + (list(ENCODER_FILES) if encoder and manifest.get("encoder") else [])
+
+
+def verify_index(index_dir: str | os.PathLike, *, checksums: bool = True,
+                 files: Sequence[str] | None = None) -> dict:
+    """Check the manifest and the files it lists (presence, size, and sha256 unless
+    checksums=False). files: only these (what the calling command reads; each must be covered
+    by the manifest), default every listed file. Returns the manifest."""
+    d = Path(index_dir)
+    manifest = read_manifest(d)
+    listed = manifest["files"]
     # every file the reader opens must be covered by a checksum
-    needed = [e["file"] for e in levels] + [CELLS_DB] + (list(ENCODER_FILES) if manifest.get("encoder") else [])
-    uncovered = [name for name in needed if name not in files]
+    needed = reader_files(manifest) if files is None else list(files)
+    uncovered = [name for name in needed if name not in listed]
     if uncovered:
         raise FormatError(f"{d}: {', '.join(uncovered)} not covered by the manifest's checksums")
-    for name, meta in files.items():
-        path = d / name
-        if not path.is_file():
-            raise FormatError(f"{d}: {name} is missing (listed in {MANIFEST})")
-        if path.stat().st_size != meta["bytes"]:
-            raise FormatError(f"{d}: {name} has {path.stat().st_size} bytes, the manifest says "
-                              f"{meta['bytes']}: truncated or replaced")
-        if checksums and _sha256(path) != meta["sha256"]:
-            raise FormatError(f"{d}: {name} does not match its sha256 in {MANIFEST}: corrupted or replaced")
+    for name in (listed if files is None else needed):
+        check_file(d, name, listed[name], checksums=checksums)
     return manifest
+
+
+def check_file(index_dir: Path, name: str, meta: dict, *, checksums: bool = True) -> None:
+    """One listed file: present, of the manifest's size, and (checksums) of its sha256."""
+    path = index_dir / name
+    if not path.is_file():
+        raise FormatError(f"{index_dir}: {name} is missing (listed in {MANIFEST})")
+    if path.stat().st_size != meta["bytes"]:
+        raise FormatError(f"{index_dir}: {name} has {path.stat().st_size} bytes, the manifest says "
+                          f"{meta['bytes']}: truncated or replaced")
+    if checksums and _sha256(path) != meta["sha256"]:
+        raise FormatError(f"{index_dir}: {name} does not match its sha256 in {MANIFEST}: corrupted or replaced")
+
+
+# --- structural checks (what a skipped checksum would miss) ---------------------------------------
+
+UNIT_NORM_TOLERANCE = 1e-3  # |norm - 1| of a stored row; export writes float32 unit rows (error ~1e-6)
+_NORM_CHUNK = 65536  # rows whose norms are computed at a time (bounds the temporary)
+
+
+def check_unit_rows(vectors: np.ndarray, where: str | os.PathLike) -> None:
+    """FormatError naming `where` unless every row of `vectors` (n, d) has a norm within
+    UNIT_NORM_TOLERANCE of 1 (finite). A flipped exponent or sign byte in a level file breaks
+    this; a flip in the low mantissa bits moves a cosine by less than the tolerance."""
+    for a in range(0, vectors.shape[0], _NORM_CHUNK):
+        chunk = vectors[a:a + _NORM_CHUNK]
+        with np.errstate(over="ignore", invalid="ignore"):
+            # float32 sums: rounding error ~1e-6 at d = 768, far below the tolerance, 3x faster
+            norms = np.sqrt(np.einsum("ij,ij->i", chunk, chunk))
+        bad = ~(np.abs(norms - 1.0) <= UNIT_NORM_TOLERANCE)  # NaN counts as bad
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            raise FormatError(f"{where}: {rows.size} vector(s) are not unit-norm (row {a + int(rows[0])}: "
+                              f"norm {norms[rows[0]]:.6g}): corrupted")
+
+
+def read_level(path: Path, entry: dict, dim: int, n_tree: int):
+    """One level file as a FAISS IndexFlat, checked: readable, flat, entry['n_cells'] x dim
+    vectors matching the cells table's n_tree cells, and unit-norm rows."""
+    import faiss
+
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as err:
+        raise FormatError(f"{path}: FAISS cannot read it: {str(err).splitlines()[0]}") from err
+    if index.d != dim or index.ntotal != entry["n_cells"] or index.ntotal != n_tree:
+        raise FormatError(f"{path}: {index.ntotal} x {index.d} vectors, the manifest says "
+                          f"{entry['n_cells']} x {dim} and the cells table {n_tree} cells")
+    if not isinstance(index, faiss.IndexFlat):
+        raise FormatError(f"{path}: expected a flat inner-product index, got {type(index).__name__}")
+    check_unit_rows(_flat_view(index), path)
+    return index
+
+
+def read_checked_tree(index_dir: str | os.PathLike, manifest: dict) -> CellTree:
+    """The cell tree of cells.duckdb, checked against the manifest: the `levels` table's cell
+    counts are the manifest's, and the `cells` table is a tree of those counts (IndexCells.tree:
+    cell_index dense per level, parents in range)."""
+    entries = sorted(manifest["levels"], key=lambda e: e["level"])
+    with IndexCells.open(index_dir) as cells:
+        table_sizes = cells.level_sizes()
+        want = [int(e["n_cells"]) for e in entries]
+        if table_sizes != want:
+            raise FormatError(f"{cells.path}: the levels table counts {table_sizes} cells per level, "
+                              f"the manifest {want}")
+        return cells.tree(len(entries))  # FormatError naming cells.duckdb when it is damaged
 
 
 # --- the cells database ---------------------------------------------------------------------------
@@ -403,13 +483,31 @@ class IndexCells:
         """The `levels` table: level, tau_max, n_cells, temperature, in level order."""
         return self._arrow("SELECT * FROM levels ORDER BY level")
 
+    def level_sizes(self) -> list[int]:
+        """n_cells of each level, from the `levels` table, in level order."""
+        return [int(r[1]) for r in self._fetch("SELECT level, n_cells FROM levels ORDER BY level")]
+
     def tree(self, levels: int | None = None) -> CellTree:
-        """The engine's numpy tree of levels 1..`levels` (default: every level of `levels`)."""
+        """The engine's numpy tree of levels 1..`levels` (default: every level of `levels`),
+        checked: the levels table's cell counts, cell_index dense 0..n-1 within each level,
+        parents in range (FormatError naming cells.duckdb)."""
+        t = self._arrow(f"SELECT cell_index, {', '.join(_TREE_COLUMNS)} FROM cells ORDER BY level, cell_index")
+        sizes_table = self.level_sizes()
         if levels is None:
-            levels = len(self.level_table())
-        t = self._arrow(f"SELECT {', '.join(_TREE_COLUMNS)} FROM cells ORDER BY level, cell_index")
+            levels = len(sizes_table)
         level = t["level"].to_numpy()
         bounds = np.searchsorted(level, np.arange(1, levels + 2))
+        sizes = np.diff(bounds).tolist()
+        if level.size and level.min() < 1:
+            raise FormatError(f"{self.path}: the cells table has rows at level {int(level.min())}")
+        if sizes != sizes_table[:levels]:
+            raise FormatError(f"{self.path}: the cells table has {sizes} cells in levels 1..{levels}, "
+                              f"the levels table says {sizes_table[:levels]}")
+        idx = t["cell_index"].to_numpy()[:bounds[-1]]
+        # sorted by (level, cell_index): dense iff each level's run is 0..n-1
+        dense = np.arange(bounds[-1]) - np.repeat(bounds[:-1], sizes)
+        if not np.array_equal(idx, dense):
+            raise FormatError(f"{self.path}: cell_index is not dense 0..n-1 within each level")
         parent = t["parent_index"].fill_null(-1).to_numpy()
         lat = t["mean_lat"].to_numpy(zero_copy_only=False)
         lon = t["mean_lon"].to_numpy(zero_copy_only=False)
@@ -418,7 +516,7 @@ class IndexCells:
         try:
             return CellTree.from_parents([parent[s] for s in sl], [lat[s] for s in sl],
                                          [lon[s] for s in sl], [tok[s.start:s.stop] for s in sl])
-        except ValueError as err:
+        except (ValueError, UserError) as err:
             raise FormatError(f"{self.path}: the cells table is not a tree of {levels} levels: {err}") from None
 
     def places(self, level: int) -> dict[str, list]:
@@ -581,33 +679,26 @@ class GeoIndex:
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike, device: str = "auto", *, backend: str = "auto",
-             verify: bool = True) -> GeoIndex:
-        """Open INDEX_DIR. verify=False skips the sha256 pass (presence and sizes are always
-        checked), worth it for multi-GB indexes opened often."""
-        import faiss
+             verify: bool = True, encoder: bool = True) -> GeoIndex:
+        """Open INDEX_DIR. verify=False skips the sha256 pass, worth it for multi-GB indexes
+        opened often: presence and sizes are always checked, and so is the structure (unit-norm
+        vectors, counts of the manifest, cells table and FAISS files agreeing, cell_index dense,
+        parents in range), which catches most damage a skipped checksum would miss.
+        encoder=False: the caller never reads the encoder files (`search` over stored
+        embeddings), so they are neither required nor checked."""
         import torch
 
         d = Path(index_dir)
-        manifest = verify_index(d, checksums=verify)
+        manifest = verify_index(d, checksums=verify, files=reader_files(read_manifest(d), encoder=encoder))
         device = resolve_device(device)
         backend = resolve_backend(backend, device)
         entries = sorted(manifest["levels"], key=lambda e: e["level"])
-        levels = len(entries)
         dim = int(manifest["dim"])
         temps = np.array([e["temperature"] for e in entries], dtype=np.float64)
-        tree = read_tree(d, levels)  # FormatError naming cells.duckdb when it is damaged
+        tree = read_checked_tree(d, manifest)
         vectors, keep, level1 = [], [], None
         for e in entries:
-            path = d / e["file"]
-            try:
-                index = faiss.read_index(str(path))
-            except RuntimeError as err:
-                raise FormatError(f"{path}: FAISS cannot read it: {str(err).splitlines()[0]}") from err
-            if index.d != dim or index.ntotal != e["n_cells"] or index.ntotal != tree.sizes[e["level"] - 1]:
-                raise FormatError(f"{path}: {index.ntotal} x {index.d} vectors, the manifest and "
-                                  f"cells table say {e['n_cells']} x {dim}")
-            if not isinstance(index, faiss.IndexFlat):
-                raise FormatError(f"{path}: expected a flat inner-product index, got {type(index).__name__}")
+            index = read_level(d / e["file"], e, dim, tree.sizes[e["level"] - 1])
             view = torch.from_numpy(_flat_view(index))
             if device == "cpu":
                 vectors.append(view)

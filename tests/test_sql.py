@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -166,10 +168,11 @@ def test_missing_view_hint_and_bad_sql(world):  # noqa: F811
 def test_bad_index_dir(tmp_path):
     with pytest.raises(UserError, match="not a folder"):
         sql.connect(tmp_path / "nope")
-    with pytest.raises(FormatError, match="cells.duckdb"):
+    with pytest.raises(FormatError, match="has no cells.duckdb"):
         sql.connect(tmp_path)
+    # a cells.duckdb alone is not an index: the manifest is checked first, as every command does
     (tmp_path / "cells.duckdb").write_bytes(b"not a database")
-    with pytest.raises(FormatError, match="cannot open"):
+    with pytest.raises(FormatError, match="no manifest.json"):
         sql.connect(tmp_path)
 
 
@@ -294,3 +297,231 @@ def test_low_confidence_and_error_recipes(world):  # noqa: F811
     assert all(r[4] >= 0 for r in rows)  # margin to the runner-up
     _, rows = _rows(world, _recipe("error_kinds.sql"))
     assert rows[0][:2] == ("not_an_image", world.n_errors)
+
+
+# --- the index is opened as every command opens it -------------------------------------------------
+
+def _tree_hash(*folders) -> dict:
+    """sha256 of every file under the folders (what "no index file changed" is checked against)."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for d in folders for p in sorted(Path(d).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def victim(world, tmp_path):  # noqa: F811
+    """A copy of the world's index and PRED_DIR that a test may attack."""
+    index = tmp_path / "index"
+    pred = tmp_path / "pred"
+    shutil.copytree(world.index_dir, index)
+    shutil.copytree(world.pred_dir, pred)
+    return index, pred
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(["sql", *map(str, argv)])
+    return code, capsys.readouterr().err
+
+
+def test_sql_checks_the_manifest(victim, capsys):
+    index, _ = victim
+    m = json.loads((index / "manifest.json").read_text())
+    m["format_version"] += 1
+    (index / "manifest.json").write_text(json.dumps(m))
+    code, err = _cli(capsys, index, "SELECT count(*) FROM cells")
+    assert code == 2 and "newer" in err and "Traceback" not in err
+    (index / "manifest.json").unlink()
+    code, err = _cli(capsys, index, "SELECT 1")
+    assert code == 2 and "no manifest.json" in err
+
+
+def test_damaged_cells_database_is_one_clear_line(victim, capsys):
+    index, _ = victim
+    db = index / "cells.duckdb"
+    data = bytearray(db.read_bytes())
+    for k in range(len(data) // 3, len(data), 61):  # same size, many blocks damaged
+        data[k] ^= 0xFF
+    db.write_bytes(bytes(data))
+    code, err = _cli(capsys, index, "SELECT level, count(*), sum(mean_lat) FROM cells GROUP BY level")
+    assert code == 2 and "cells.duckdb does not match its sha256" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    code, err = _cli(capsys, index, "--no-verify", "SELECT level, count(*), sum(mean_lat) FROM cells GROUP BY level")
+    assert code == 2 and str(db) in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_structurally_damaged_cells_table_is_refused(victim, capsys):
+    """A valid DuckDB file whose tables disagree with the manifest (a checksum pass skipped, or a
+    file rewritten along with its checksum): the structural check names it."""
+    import duckdb
+
+    from geosurge_index.index import _sha256
+
+    index, _ = victim
+    db = index / "cells.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("UPDATE cells SET cell_index = cell_index + 1 WHERE level = 3 AND cell_index >= 2")
+    con.execute("CHECKPOINT")
+    con.close()
+    m = json.loads((index / "manifest.json").read_text())
+    m["files"]["cells.duckdb"] = {"sha256": _sha256(db), "bytes": db.stat().st_size}
+    (index / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(FormatError, match="cells.duckdb: cell_index is not dense"):
+        sql.connect(index)
+    code, err = _cli(capsys, index, "SELECT count(*) FROM cells")
+    assert code == 2 and "not dense" in err
+
+
+def test_a_query_failing_while_it_runs_is_one_clear_line(world, capsys):  # noqa: F811
+    for fmt in ("table", "csv", "json"):
+        code, err = _cli(capsys, world.index_dir, "SELECT 'a'::INT AS x", "--format", fmt)
+        assert code == 2 and "SQL error" in err and "Traceback" not in err
+
+
+# --- only queries run --------------------------------------------------------------------------------
+
+ALLOWED_STATEMENTS = [
+    "SELECT count(*) FROM cells",
+    "WITH c AS (SELECT * FROM cells) SELECT level, count(*) FROM c GROUP BY level",
+    "FROM levels",
+    "VALUES (1, 2)",
+    "EXPLAIN SELECT * FROM cells",
+    "EXPLAIN ANALYZE SELECT count(*) FROM cells",
+    "DESCRIBE cells",
+    "SHOW TABLES",
+    "SUMMARIZE levels",
+    "PIVOT (SELECT level, n_samples FROM cells) ON level USING sum(n_samples)",
+    "SELECT * FROM (PIVOT (SELECT level, n_samples FROM cells) ON level USING sum(n_samples))",
+    "UNPIVOT levels ON tau_max, n_cells INTO NAME k VALUE v",
+    "SET VARIABLE k = 3; SELECT getvariable('k')",
+    "SET VARIABLE k = 3; RESET VARIABLE k; SELECT getvariable('k')",
+    "SELECT count(*) FROM read_csv('{truth}')",
+    "SELECT count(*) FROM read_parquet('{shard}')",
+]
+
+
+@pytest.mark.parametrize("statement", ALLOWED_STATEMENTS)
+def test_queries_run(world, statement):  # noqa: F811
+    shard = sorted(world.pred_dir.glob("part-*.parquet"))[0]
+    _, rows = _rows(world, statement.format(truth=world.truth_csv, shard=shard))
+    assert rows
+
+
+def _hostile_statements(index: Path, pred: Path, tmp: Path) -> list[str]:
+    """Statements that would change a file or reach beyond the session, each refused."""
+    hostile = tmp / "hostile_export"
+    hostile.mkdir(exist_ok=True)
+    # IMPORT DATABASE runs a folder's schema.sql: here, a COPY over a level file of the index
+    (hostile / "schema.sql").write_text(f"COPY (SELECT 'x' AS a) TO '{index / 'level_7.faiss'}' (FORMAT csv);\n")
+    (hostile / "load.sql").write_text("")
+    out = tmp / "written.csv"
+    shard = sorted(pred.glob("part-*.parquet"))[0]
+    return [
+        f"IMPORT DATABASE '{hostile}'",
+        "UPDATE EXTENSIONS",
+        "UPDATE EXTENSIONS (spatial)",
+        "INSTALL spatial",
+        "FORCE INSTALL spatial",
+        "LOAD spatial",
+        f"ATTACH '{index / 'cells.duckdb'}' AS w",
+        f"ATTACH '{tmp / 'new.duckdb'}' AS w",
+        "DETACH idx",
+        f"COPY (SELECT 1 AS a) TO '{index / 'manifest.json'}' (FORMAT csv)",
+        f"COPY (SELECT 1 AS a) TO '{shard}' (FORMAT parquet)",
+        f"COPY (PIVOT (SELECT level, n_samples FROM cells) ON level USING sum(n_samples)) TO '{out}'",
+        f"EXPLAIN ANALYZE COPY (SELECT 1 AS a) TO '{out}' (FORMAT csv)",
+        f"EXPORT DATABASE '{tmp / 'export'}'",
+        "COPY FROM DATABASE idx TO memory",
+        "PRAGMA version",
+        "PRAGMA enable_profiling",
+        "CALL pragma_version()",
+        "CHECKPOINT",
+        "CREATE TABLE t AS SELECT 1 AS a",
+        "CREATE TABLE t AS PIVOT (SELECT level, n_samples FROM cells) ON level USING sum(n_samples)",
+        "CREATE MACRO m(a) AS a",
+        "CREATE SECRET (TYPE s3, KEY_ID 'a', SECRET 'b')",
+        "INSERT INTO idx.levels SELECT * FROM idx.levels",
+        "UPDATE idx.cells SET n_samples = 0",
+        "DELETE FROM idx.cells",
+        "DROP VIEW cells",
+        "ALTER TABLE idx.cells ADD COLUMN x INT",
+        "PREPARE p AS SELECT 1",
+        "SET threads = 1",
+        "SET GLOBAL lock_configuration = false",
+        "RESET lock_configuration",
+        "USE idx",
+        "BEGIN TRANSACTION",
+        "VACUUM",
+    ]
+
+
+def test_hostile_statements_are_refused_and_change_nothing(victim, tmp_path, capsys):
+    index, pred = victim
+    before = _tree_hash(index, pred)
+    statements = _hostile_statements(index, pred, tmp_path)
+    for statement in statements:
+        con = sql.connect(index, predictions=pred)
+        try:
+            with pytest.raises(UserError, match="not allowed in this read-only session") as err:
+                sql.run(con, "SELECT 1; " + statement + "; SELECT 2")
+            assert "\n" not in str(err.value)
+        finally:
+            con.close()
+        code, err = _cli(capsys, index, "--predictions", pred, statement)
+        assert code == 2 and "not allowed" in err and "Traceback" not in err, statement
+        assert len(err.strip().splitlines()) == 1
+    assert _tree_hash(index, pred) == before  # no index or prediction file changed
+    assert not (tmp_path / "written.csv").exists() and not (tmp_path / "export").exists()
+    assert not (tmp_path / "new.duckdb").exists()
+
+
+def test_every_recipe_passes_the_allow_list(world):  # noqa: F811
+    con = _session(world)
+    try:
+        for path in QUERIES:
+            for st in con.extract_statements(path.read_text()):
+                assert sql.statement_refusal(con, st) is None, (path.name, st.query)
+    finally:
+        con.close()
+
+
+# --- --output never lands in the index or the predictions ----------------------------------------
+
+def _output_targets(index: Path, pred: Path, tmp: Path) -> list[Path]:
+    shard = sorted(pred.glob("part-*.parquet"))[0]
+    (tmp / "link_manifest.json").symlink_to(index / "manifest.json")
+    (tmp / "link_dir").symlink_to(index)
+    os.link(index / "level_1.faiss", tmp / "hard_level_1.faiss")
+    os.link(shard, tmp / "hard_shard.parquet")
+    return [index / "manifest.json", index / "level_1.faiss", index / "cells.duckdb", index / "new.csv",
+            index / ".." / index.name / "level_2.faiss", shard, pred / "new.csv",
+            tmp / "link_manifest.json", tmp / "link_dir" / "level_3.faiss", tmp / "link_dir" / "new.csv",
+            tmp / "hard_level_1.faiss", tmp / "hard_shard.parquet"]
+
+
+def test_output_inside_the_index_or_predictions_is_refused(victim, tmp_path, capsys):
+    index, pred = victim
+    targets = _output_targets(index, pred, tmp_path)
+    before = _tree_hash(index, pred)
+    for target in targets:
+        for fmt in ("csv", "parquet"):
+            code, err = _cli(capsys, index, "--predictions", pred, "SELECT 1 AS a",
+                             "--format", fmt, "--output", target)
+            assert code == 2 and "never changes" in err, (target, err)
+    assert _tree_hash(index, pred) == before
+    assert not (index / "new.csv").exists() and not (pred / "new.csv").exists()
+    # elsewhere it writes, and the predictions may be given as one Parquet file
+    shard = sorted(pred.glob("part-*.parquet"))[0]
+    code, err = _cli(capsys, index, "--predictions", shard, "SELECT count(*) AS n FROM predictions",
+                     "--format", "csv", "--output", tmp_path / "ok.csv")
+    assert code == 0 and (tmp_path / "ok.csv").read_text().startswith("n\n")
+    code, err = _cli(capsys, index, "--predictions", shard, "SELECT 1 AS a", "--format", "csv",
+                     "--output", shard)
+    assert code == 2 and "never changes" in err
+    assert _tree_hash(index, pred) == before
+
+
+def test_help_says_it_writes_only_output(capsys):
+    with pytest.raises(SystemExit):
+        main(["sql", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "never writes anywhere but --output" in text and "read_csv" in text

@@ -65,7 +65,8 @@ def register(subparsers) -> None:
     p.add_argument("--id-column", default="id", help="Parquet input: the id column (row number if absent)")
     p.add_argument("--embedding-column", default="embedding", help="Parquet input: the embedding column")
     p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip the sha256 check of the index files (presence and sizes are still checked)")
+                   help="skip the sha256 check of the index files (presence, sizes and the structure: "
+                        "unit-norm vectors, cell counts, the tree are still checked)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_engine_flags(p)
     p.set_defaults(func=run)
@@ -85,7 +86,9 @@ def run(args) -> int:
         raise UserError(f"--out {out} exists (use --overwrite to replace it)")
     if args.top_k < 1 or args.batch_size < 1:
         raise UserError("--top-k and --batch-size must be >= 1")
-    index = GeoIndex.open(args.index_dir, device=args.device, backend=args.backend, verify=args.verify)
+    # encoder=False: stored embeddings need no encoder, so its files are neither required nor read
+    index = GeoIndex.open(args.index_dir, device=args.device, backend=args.backend, verify=args.verify,
+                          encoder=False)
     beam = parse_beam(args.beam, index.levels)
     batches, total = read_embedding_batches(args.embeddings, index.dim, args.batch_size,
                                             id_column=args.id_column,

@@ -9,10 +9,15 @@ from pathlib import Path
 from geosurge_index.errors import UserError
 
 DESCRIPTION = """\
-Query an index, its predictions and a ground truth with DuckDB SQL. Nothing can change the
-index: cells.duckdb is attached read-only; ATTACH/DETACH/LOAD, COPY/EXPORT and PREPARE/EXECUTE
-statements are refused and settings are locked (SET VARIABLE works); results leave through
---format and --output.
+Query an index, its predictions and a ground truth with DuckDB SQL, read-only. The command
+never writes anywhere but --output, and --output may not lie inside INDEX_DIR or PRED_DIR
+(symlinks and hard links included). Only queries run: SELECT/WITH/FROM/VALUES, EXPLAIN,
+DESCRIBE, SHOW, SUMMARIZE, PIVOT/UNPIVOT and SET/RESET VARIABLE; any other statement (COPY,
+IMPORT/EXPORT DATABASE, ATTACH, INSTALL/LOAD, PRAGMA, CALL, CREATE, INSERT, ...) refuses the
+script before it runs, and settings are locked. Reading your own files stays allowed
+(read_csv, read_parquet, read_json: join predictions to your tables). The index is opened as
+every command opens it: manifest format and version, cells.duckdb's checksum (--no-verify
+skips it) and the structure of its tables.
 
 Views and tables:
   cells        one row per (level, cell): level, cell_index, s2_id, s2_token, s2_level,
@@ -40,6 +45,8 @@ Examples:
   geosurge sql index/ --predictions preds/ --truth im2gps3k.csv -f queries/accuracy.sql
   geosurge sql index/ --predictions preds/ -f queries/within_radius.sql \\
       --param lat=48.8584 --param lon=2.2945 --param radius_km=5 --format csv --output eiffel.csv
+  geosurge sql index/ --predictions preds/ --format csv --output joined.csv \\
+      "SELECT p.id, p.lat, p.lon, m.* FROM predictions p JOIN read_csv('my_photos.csv') m USING (id)"
 """
 
 
@@ -68,7 +75,11 @@ def register(subparsers) -> None:
                    help="output format: a table on the terminal, CSV, JSON (one object per line) "
                         "or Parquet (needs --output) (default: %(default)s)")
     p.add_argument("--output", "-o", metavar="FILE", default=None,
-                   help="write the result to FILE instead of standard output (csv, json, parquet)")
+                   help="write the result to FILE instead of standard output (csv, json, parquet); never a "
+                        "path inside INDEX_DIR or PRED_DIR, through symlinks or hard links")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the sha256 check of cells.duckdb (its size and the structure of its "
+                        "tables are still checked)")
     p.add_argument("--max-rows", type=int, default=50,
                    help="rows shown by --format table; other formats write every row (default: %(default)s)")
     p.set_defaults(func=run_sql)
@@ -105,10 +116,12 @@ def run_sql(args: argparse.Namespace) -> int:
         script = args.query
     params = dict(sql.parse_param(p) for p in args.param)
     truth = read_truth(args.truth, id_column=args.id_column) if args.truth else None
-    con = sql.connect(args.index_dir, predictions=args.predictions, truth=truth, params=params)
+    con = sql.connect(args.index_dir, predictions=args.predictions, truth=truth, params=params,
+                      verify=args.verify)
     try:
         rel = sql.run(con, script)
-        n = sql.write_result(con, rel, args.format, args.output, max_rows=args.max_rows)
+        n = sql.write_result(con, rel, args.format, args.output, max_rows=args.max_rows,
+                             protect=[args.index_dir, args.predictions])
     finally:
         con.close()
     if args.output is not None:
