@@ -39,9 +39,10 @@ import pyarrow as pa
 
 from geosurge_index import machine
 from geosurge_index.cells import CELL_COLUMN_TYPES, cells_to_arrow
+from geosurge_index.devices import resolve_device
 from geosurge_index.errors import FormatError, UserError
 from geosurge_index.formats import read_json
-from geosurge_index.search import DEFAULT_BEAM, CellTree, SearchEngine, SearchResult, result_to_arrow
+from geosurge_index.search import CellTree, SearchEngine, SearchResult, result_to_arrow
 
 INDEX_FORMAT = "geosurge-index"
 INDEX_FORMAT_VERSION = 1
@@ -567,18 +568,6 @@ def read_tree(index_dir: str | os.PathLike, levels: int) -> CellTree:
         return cells.tree(levels)
 
 
-def resolve_device(device: str = "auto") -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r}: torch sees no CUDA device")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise UserError(f"device {device!r}: expected auto, cpu, cuda or cuda:N")
-    return device
-
-
 def resolve_backend(backend: str, device: str) -> str:
     if backend == "auto":
         return "faiss" if device == "cpu" or _faiss_gpus() > 0 else "torch"
@@ -690,7 +679,7 @@ class GeoIndex:
 
         d = Path(index_dir)
         manifest = verify_index(d, checksums=verify, files=reader_files(read_manifest(d), encoder=encoder))
-        device = resolve_device(device)
+        device = str(resolve_device(device))
         backend = resolve_backend(backend, device)
         entries = sorted(manifest["levels"], key=lambda e: e["level"])
         dim = int(manifest["dim"])
@@ -720,7 +709,7 @@ class GeoIndex:
         import faiss
         import torch
 
-        device = resolve_device(device)
+        device = str(resolve_device(device))
         backend = resolve_backend(backend, device)
         vectors = []
         for t in tables:
@@ -738,10 +727,10 @@ class GeoIndex:
                               faiss_kernels=backend == "faiss" and device == "cpu")
         return cls(tree, engine, None, None, backend)
 
-    def search(self, emb, top_k: int = 5, beam: int | Sequence[int] | str = DEFAULT_BEAM,
+    def search(self, emb, top_k: int = 5, beam: int | Sequence[int] | str | None = None,
                exhaustive: bool = False, batch_size: int = 1024) -> SearchResult:
         """Search visual embeddings (n, d). beam: cells kept per level 1..L-1 (one value or one
-        per level; default DEFAULT_BEAM = 512,256,128,64,32,16). exhaustive=True scores every cell
+        per level; default None: DEFAULT_BEAM = 512,256,128,64,32,16 cut to the tree's depth). exhaustive=True scores every cell
         of every level: exact probabilities; beam probabilities are normalised over the explored
         finest candidates. See geosurge_index.search."""
         return self.engine.search(emb, top_k=top_k, beam=beam, exhaustive=exhaustive,

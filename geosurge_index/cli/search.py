@@ -55,8 +55,9 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=5, help="finest cells returned per query")
     from geosurge_index.search import DEFAULT_BEAM
 
-    p.add_argument("--beam", default=",".join(map(str, DEFAULT_BEAM)),
-                   help="B, paths kept at each of levels 1..6: one value, or one per level; wide "
+    p.add_argument("--beam", default=None,
+                   help="B, paths kept at each of levels 1..6: one value, or one per level (default: "
+                        f"{','.join(map(str, DEFAULT_BEAM))}, cut to the index's depth); wide "
                         "at the small coarse levels is cheap and catches paths that win on finer "
                         "levels (`geosurge bench search` measures agreement with --exhaustive)")
     p.add_argument("--exhaustive", action="store_true",
