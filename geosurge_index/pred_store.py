@@ -31,6 +31,7 @@ is ambiguous: a cell that is not split keeps its S2 cell, hence its token, on th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -241,11 +242,17 @@ class PredStore:
         if self.dir.exists() and not self.dir.is_dir():
             raise UserError(f"--out {self.dir} exists and is not a folder")
         self.dir.mkdir(parents=True, exist_ok=True)
+        meta_existed = (self.dir / META_DIR).exists()
         self._lock()
         try:
             return self._begin(config)
         except BaseException:
             self.release()
+            if not meta_existed and not (self.dir / META_DIR / META_RUN).exists():
+                # a refused folder is left as it was found, without our lock file
+                (self.dir / META_DIR / META_LOCK).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    (self.dir / META_DIR).rmdir()
             raise
 
     def _begin(self, config: RunConfig) -> set[int]:

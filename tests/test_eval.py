@@ -200,6 +200,15 @@ def test_eval_truth_from_webdataset_shard(world, tmp_path, capsys):  # noqa: F81
     a, b = json.loads(out_tar.read_text()), json.loads(out_csv.read_text())
     for key in ("accuracy_pct", "median_km", "geoguessr", "n_truth", "n_missing", "n_errors"):
         assert a[key] == b[key], key
+    folder = tmp_path / "shards"  # the shards of a data set, as img2dataset writes them
+    folder.mkdir()
+    _webdataset_shard(folder / "00000.tar", samples[:150])
+    _webdataset_shard(folder / "00001.tar", samples[150:])
+    (folder / "00000_stats.json").write_text("{}")
+    assert main(["eval", str(world.pred_dir), "--truth", str(folder), "--json", str(out_tar)]) == 0
+    assert json.loads(out_tar.read_text())["accuracy_pct"] == b["accuracy_pct"]
+    assert main(["eval", str(world.pred_dir), "--truth", str(tmp_path / "imgs")]) == 2
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_eval_truth_shard_without_coordinates_says_what_it_expected(world, tmp_path, capsys):  # noqa: F811

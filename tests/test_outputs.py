@@ -18,6 +18,7 @@ from _locate_fixtures import write_folder, write_tar
 
 from geosurge_index import pred_store, s2
 from geosurge_index.cli import main as cli_main
+from geosurge_index.errors import UserError
 from geosurge_index.geoparquet import GEO_KEY
 from geosurge_index.index import CELLS_DB, OLDEST_DUCKDB
 
@@ -169,3 +170,14 @@ def test_meta_files_are_parquet_of_the_shard_schema(run_dir):
         assert meta.num_rows == 0 and meta.schema.equals(shard)
     t = pa.concat_tables([pq.read_table(p) for p in sorted(run_dir.rglob("*.parquet"))])
     assert t.num_rows == pred_store.read_summary(run_dir)["images"]
+
+
+def test_a_refused_folder_is_left_as_it_was(tmp_path):
+    out = tmp_path / "not-a-run"
+    out.mkdir()
+    pq.write_table(pa.table({"x": [1]}), out / "part-00000.parquet")
+    config = pred_store.RunConfig(inputs=["/x"], n_inputs=3, fingerprint="f", chunk_size=2, index_dir="/i",
+                                  index_id="a")
+    with pytest.raises(UserError, match="not a locate run folder"):
+        pred_store.PredStore(out).begin(config)
+    assert [p.name for p in out.iterdir()] == ["part-00000.parquet"]
