@@ -1,10 +1,13 @@
 # Everything installs from nothing into .venv. torch first (the pinned CPU build on disk: an
 # unpinned torch would pull a multi-GB CUDA build), then faiss for this host, then the package
-# with its `test` and `ray` extras (Ray is optional for users; installed here so its tests run).
+# with its `test` and `ray` extras (Ray is optional for users; installed here so its tests run),
+# and the oldest DuckDB that opens an index's cells.duckdb, in a folder of its own that only the
+# test of that promise puts on its PYTHONPATH (tests/test_outputs.py).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+OLD_DUCKDB := 0.10.3
 # Ray binds to the machine's own address; the tests run in a loopback-only network namespace.
 NETNS  := $(shell unshare -n true 2>/dev/null && echo yes)
 
@@ -18,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	if nvidia-smi -L >/dev/null 2>&1; then $(PIP) install -q faiss-gpu || $(PIP) install -q faiss-cpu; \
 	else $(PIP) install -q faiss-cpu; fi
 	$(PIP) install -q -e '.[test,ray]'
+	$(PIP) install -q --no-warn-conflicts --upgrade --target $(VENV)/old-duckdb duckdb==$(OLD_DUCKDB)
 	touch $(STAMP)
 
 lint: install

@@ -3,7 +3,10 @@
 Formats (shared/data/benchmarks/SOURCES.md): Im2GPS, Im2GPS3k and YFCC26k have
 `IMG_ID,AUTHOR,LAT,LON,...`; YFCC4k is YFCC100M metadata with the file name in `name` and `lon`
 before `lat`. Any CSV or Parquet table with an id column and lat/lon columns works: the columns
-are found, and the points validated, by `coords.read_coordinates`.
+are found, and the points validated, by `coords.read_coordinates`. WebDataset shards (.tar) work
+too (one, or a folder of them): the truth is the `lat`/`lon` in each sample's JSON member, the
+id the sample key
+(`sources.read_tar_coordinates`), which is the id `geosurge locate` gives the sample.
 
 Prediction ids are the locate run's ids: a manifest id, else the image's path or tar key. A truth
 id such as `45/77/3228511372.jpg` matches a prediction whose id or path is exactly it, or ends
@@ -30,12 +33,16 @@ def read_truth(
     lon_column: str | None = None,
     skip_invalid: bool = False,
 ) -> Coordinates:
-    """A benchmark's ground truth (CSV / Parquet): `Coordinates` whose `ids` are set.
+    """A benchmark's ground truth (CSV / Parquet, or WebDataset .tar shards): `Coordinates` whose
+    `ids` are set.
 
     Columns are found as `coords.read_coordinates` finds them (IMG_ID, name, id, ... for the id;
     LAT/lat, LON/lon for the point); a file without an id column is refused, since predictions
-    join the truth on id.
+    join the truth on id. For a .tar or a folder of them, see `read_tar_truth` (the column options
+    do not apply).
     """
+    if str(path).lower().endswith(".tar") or os.path.isdir(path):
+        return read_tar_truth(path, skip_invalid=skip_invalid)
     truth = read_coordinates(path, lat_column=lat_column, lon_column=lon_column, id_column=id_column,
                              skip_invalid=skip_invalid)
     if truth.ids is None:
@@ -47,6 +54,41 @@ def read_truth(
         k = int(np.flatnonzero(truth.ids == "")[0])
         raise UserError(f"--truth {path}: empty id in data row {int(truth.rows[k])} (0-based)")
     return truth
+
+
+def read_tar_truth(path: str | os.PathLike, *, skip_invalid: bool = False) -> Coordinates:
+    """The truth of WebDataset shards (one .tar, or a folder of them, read in name order): each
+    sample's JSON `lat`/`lon`, id = the sample key. UserError saying what was expected when the
+    shards hold no coordinates."""
+    from pathlib import Path
+
+    from geosurge_index.coords import coordinates_from_arrays
+    from geosurge_index.sources import read_tar_coordinates
+
+    p = Path(path)
+    if p.is_dir():
+        shards = sorted(q for q in p.iterdir() if q.name.lower().endswith(".tar") and q.is_file())
+        if not shards:
+            raise UserError(f"--truth {path}: a folder without WebDataset shards (.tar)")
+    elif p.is_file():
+        shards = [p]
+    else:
+        raise UserError(f"--truth {path}: no such file")
+    table = pa.concat_tables([read_tar_coordinates(q) for q in shards])
+    lat = table.column("lat").to_numpy()
+    lon = table.column("lon").to_numpy()
+    if not (np.isfinite(lat) & np.isfinite(lon)).any():
+        found = (f"{len(table)} JSON members, none with both" if len(table)
+                 else "no JSON members")
+        raise UserError(
+            f"--truth {path}: WebDataset shards with {found} coordinates. Expected each sample's "
+            "KEY.json to hold its true point as numbers, e.g. {\"lat\": 48.85, \"lon\": 2.35} "
+            "(also latitude/longitude, lng), beside its KEY.jpg; or give a CSV/Parquet truth "
+            "(id, lat, lon)"
+        )
+    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
+    return coordinates_from_arrays(lat, lon, ids=ids, source=f"{path} (sample JSON lat/lon)",
+                                   skip_invalid=skip_invalid)
 
 
 def _norm(s: str) -> str:

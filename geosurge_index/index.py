@@ -108,7 +108,16 @@ def _write_faiss(table: np.ndarray, path: Path) -> None:
     faiss.write_index(index, str(path))
 
 
+# cells.duckdb is written in this storage format; the oldest DuckDB that opens it is OLDEST_DUCKDB
+CELLS_DB_STORAGE_VERSION = "v1.0.0"
+OLDEST_DUCKDB = "0.10.3"
+
+
 def _write_cells_db(cells: pa.Table, levels: pa.Table, path: Path, place_names: bool) -> None:
+    """cells.duckdb in DuckDB's v1.0.0 storage format (storage version 64), whatever DuckDB
+    writes it: every DuckDB from 0.10.3 on opens it (DuckDB 0.10.2 and older do not), the DuckDB
+    CLI 1.x included, where a file in the writer's newest format (e.g. 69 from DuckDB 2.0) would
+    be refused by any older reader."""
     import duckdb
 
     if place_names:
@@ -123,17 +132,23 @@ def _write_cells_db(cells: pa.Table, levels: pa.Table, path: Path, place_names: 
                  .append_column("town_distance_km",
                                 pa.array(names.town_distance_km, pa.float64(),
                                          mask=np.isnan(names.town_distance_km))))
-    con = duckdb.connect(str(path))
+    con = duckdb.connect(":memory:")
     try:
+        con.execute(f"ATTACH '{_sql_path(path)}' AS cells_db (STORAGE_VERSION '{CELLS_DB_STORAGE_VERSION}')")
         con.register("_cells", cells)
         con.register("_levels", levels)
-        con.execute("CREATE TABLE cells AS SELECT * FROM _cells ORDER BY level, cell_index")
-        con.execute("CREATE TABLE levels AS SELECT * FROM _levels ORDER BY level")
+        con.execute("CREATE TABLE cells_db.cells AS SELECT * FROM _cells ORDER BY level, cell_index")
+        con.execute("CREATE TABLE cells_db.levels AS SELECT * FROM _levels ORDER BY level")
         con.unregister("_cells")
         con.unregister("_levels")
-        con.execute("CHECKPOINT")
+        con.execute("CHECKPOINT cells_db")
+        con.execute("DETACH cells_db")
     finally:
         con.close()
+
+
+def _sql_path(path: Path) -> str:
+    return str(path).replace("'", "''")
 
 
 def export_index(

@@ -2,9 +2,9 @@
 
 Maps are equirectangular (lon/lat) with Natural Earth 1:110m country outlines shipped in
 `geosurge_index/data` (public domain; no download at run time), drawn with matplotlib's Agg
-backend. Cell outlines come from their S2 vertices (`s2.cell_vertices`); S2 edges are
-geodesics, so large cells get extra points along each edge, and a cell that crosses the
-antimeridian is cut in two at +-180 degrees (also in GeoJSON, as RFC 7946 asks).
+backend. Cell outlines are `cell_polygons.cell_polygons`: S2 edges followed as geodesics, valid
+planar polygons with counter-clockwise exteriors, cut in two where a cell crosses the
+antimeridian, polar cells as one polygon up to the pole (also in GeoJSON, as RFC 7946 asks).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from geosurge_index import s2
+from geosurge_index.cell_polygons import cell_polygons
 from geosurge_index.metrics import haversine_km
 
 COUNTRIES_FILE = Path(__file__).parent / "data" / "ne_110m_countries.geojson"
@@ -39,80 +40,10 @@ def country_polygons() -> tuple[np.ndarray, ...]:
     return tuple(rings)
 
 
-def _edge_points(s2_levels: np.ndarray) -> np.ndarray:
-    """Points per cell edge: big cells bend visibly in lon/lat, small ones do not."""
-    return np.clip(2 ** np.clip(8 - s2_levels.astype(np.int64), 0, 6), 1, 32)
-
-
 def cell_rings(s2_ids) -> list[list[np.ndarray]]:
-    """Per cell, its outline as one or two closed lon/lat rings (k, 2), cut at the antimeridian."""
-    ids = np.asarray(s2_ids, dtype=np.uint64).ravel()
-    out: list[list[np.ndarray]] = [[] for _ in range(len(ids))]
-    if len(ids) == 0:
-        return out
-    vlat, vlon = s2.cell_vertices(ids)
-    xyz = s2.latlon_to_xyz(vlat, vlon)  # (n, 4, 3)
-    per_edge = _edge_points(s2.levels(ids))
-    for m in np.unique(per_edge):
-        sel = np.flatnonzero(per_edge == m)
-        a, b = xyz[sel], np.roll(xyz[sel], -1, axis=1)
-        t = np.arange(m, dtype=np.float64)[None, None, :, None] / m
-        pts = (1 - t) * a[:, :, None, :] + t * b[:, :, None, :]  # along each edge's chord
-        lat, lon = s2.xyz_to_latlon(pts.reshape(len(sel), -1, 3))  # projecting back: on the geodesic
-        # the common case in bulk: rings that neither cross +-180 nor go round a pole
-        simple = (lon.max(axis=1) - lon.min(axis=1)) < 180
-        closed = np.concatenate([lon, lon[:, :1]], axis=1), np.concatenate([lat, lat[:, :1]], axis=1)
-        for k in np.flatnonzero(simple):
-            out[sel[k]] = [np.column_stack([closed[0][k], closed[1][k]])]
-        for k in np.flatnonzero(~simple):
-            out[sel[k]] = _split_ring(lon[k], lat[k])
-    return out
-
-
-def _split_ring(lon: np.ndarray, lat: np.ndarray) -> list[np.ndarray]:
-    """Unwrap a spherical ring's longitudes; close it through a pole it winds around; cut at +-180."""
-    lon = np.rad2deg(np.unwrap(np.deg2rad(lon)))
-    winding = lon[-1] + _wrap(lon[0] - lon[-1]) - lon[0]
-    if abs(winding) > 180:  # the ring goes round a pole: close it along the pole's latitude line
-        pole = 90.0 if lat.mean() > 0 else -90.0
-        back = lon[0] + winding
-        ring = np.column_stack([np.r_[lon, back, back, lon[0]], np.r_[lat, lat[0], pole, pole]])
-    else:
-        ring = np.column_stack([lon, lat])
-    shift = 360.0 * np.floor((ring[:, 0].min() + 180.0) / 360.0)  # bring the west end into [-180, 180)
-    ring[:, 0] -= shift
-    pieces = []
-    for offset in (0.0, -360.0):
-        piece = _clip_x(ring + [offset, 0.0], -180.0, keep_greater=True)
-        piece = _clip_x(piece, 180.0, keep_greater=False)
-        if len(piece) >= 3:
-            pieces.append(np.vstack([piece, piece[:1]]))
-    return pieces
-
-
-def _wrap(d):
-    return (d + 180.0) % 360.0 - 180.0
-
-
-def _clip_x(ring: np.ndarray, x0: float, keep_greater: bool) -> np.ndarray:
-    """Sutherland-Hodgman clipping of a ring (k, 2) by the half-plane x >= x0 (or x <= x0)."""
-    if len(ring) == 0:
-        return ring
-    inside = ring[:, 0] >= x0 if keep_greater else ring[:, 0] <= x0
-    if inside.all():
-        return ring
-    if not inside.any():
-        return ring[:0]
-    out = []
-    prev, prev_in = ring[-1], inside[-1]
-    for cur, cur_in in zip(ring, inside, strict=True):
-        if cur_in != prev_in:
-            t = (x0 - prev[0]) / (cur[0] - prev[0])
-            out.append([x0, prev[1] + t * (cur[1] - prev[1])])
-        if cur_in:
-            out.append(cur)
-        prev, prev_in = cur, cur_in
-    return np.asarray(out, dtype=np.float64)
+    """Per cell, its outline as one or two closed counter-clockwise lon/lat rings (k, 2), cut at
+    the antimeridian, valid as planar polygons (`cell_polygons.cell_polygons`)."""
+    return cell_polygons(s2_ids)
 
 
 def geodesic_paths(lat1, lon1, lat2, lon2, n: int = 24) -> list[np.ndarray]:
@@ -257,49 +188,77 @@ def _round(ring: np.ndarray) -> list:
     return np.round(ring, 6).tolist()
 
 
+def _geometry(rings: list[np.ndarray]) -> dict | None:
+    if not rings:
+        return None
+    if len(rings) == 1:
+        return {"type": "Polygon", "coordinates": [_round(rings[0])]}
+    return {"type": "MultiPolygon", "coordinates": [[_round(r)] for r in rings]}
+
+
+def _write_features(path: Path, features) -> Path:
+    """A FeatureCollection, one feature per line (streamed: no list of every feature in memory)."""
+    with open(path, "w") as f:
+        f.write('{"type":"FeatureCollection","features":[\n')
+        for i, feature in enumerate(features):
+            f.write(("," if i else "") + json.dumps(feature, separators=(",", ":"), default=str) + "\n")
+        f.write("]}\n")
+    return path
+
+
 def cells_geojson(cells: pa.Table, path: str | os.PathLike) -> Path:
-    """GeoJSON FeatureCollection: one (Multi)Polygon per cell, with every column as a property
-    (s2_id as a string: JavaScript numbers cannot hold 64-bit ids) and `density_per_km2`."""
+    """GeoJSON FeatureCollection (RFC 7946): one valid Polygon per cell, a MultiPolygon for a cell
+    across the antimeridian (`cell_polygons`), with every column as a property (s2_id as a string:
+    JavaScript numbers cannot hold 64-bit ids) and `density_per_km2`. The feature id is s2_id."""
     ids = cells.column("s2_id").to_numpy()
     props = {c: cells.column(c).to_pylist() for c in cells.column_names if c != "s2_id"}
     props["s2_id"] = [str(int(i)) for i in ids]
     if "n_samples" in props and "area_km2" in props:
         props["density_per_km2"] = [n / a if a else None for n, a in zip(props["n_samples"], props["area_km2"], strict=True)]
-    path = Path(path)
-    with open(path, "w") as f:
-        f.write('{"type":"FeatureCollection","features":[\n')
-        for i, rings in enumerate(cell_rings(ids)):
-            if len(rings) == 1:
-                geom = {"type": "Polygon", "coordinates": [_round(rings[0])]}
-            else:
-                geom = {"type": "MultiPolygon", "coordinates": [[_round(r)] for r in rings]}
-            feature = {"type": "Feature", "geometry": geom,
-                       "properties": {k: _jsonable(v[i]) for k, v in props.items()}}
-            f.write(("," if i else "") + json.dumps(feature, separators=(",", ":")) + "\n")
-        f.write("]}\n")
-    return path
+    features = ({"type": "Feature", "id": props["s2_id"][i], "geometry": _geometry(rings),
+                 "properties": {k: _jsonable(v[i]) for k, v in props.items()}}
+                for i, rings in enumerate(cell_rings(ids)))
+    return _write_features(Path(path), features)
 
 
-def predictions_geojson(table: pa.Table, path: str | os.PathLike) -> Path:
-    """GeoJSON FeatureCollection: one Point per prediction with a point (error rows have none),
-    every scalar column as a property."""
+def predictions_geojson(table: pa.Table, path: str | os.PathLike, *, place_names: bool = True) -> Path:
+    """GeoJSON FeatureCollection: one feature per prediction row, its id the row's id, a Point
+    at the predicted location, or a null geometry for an error row (RFC 7946 section 3.2), so
+    that no row goes missing. Properties: every scalar column (the S2 tokens of every level
+    among them, `s2_token` the finest), and with `place_names` the country, region and town of
+    the predicted point (offline reverse geocoding, `placenames.reverse_geocode`)."""
     keep = [c for c in table.column_names
-            if c not in ("lat", "lon") and not pa.types.is_list(table.schema.field(c).type)]
+            if c not in ("lat", "lon") and not _nested_or_binary(table.schema.field(c).type)]
     lat = table.column("lat").to_numpy(zero_copy_only=False).astype(np.float64)
     lon = table.column("lon").to_numpy(zero_copy_only=False).astype(np.float64)
     props = {c: table.column(c).to_pylist() for c in keep}
-    path = Path(path)
-    with open(path, "w") as f:
-        f.write('{"type":"FeatureCollection","features":[\n')
-        first = True
-        for i in np.flatnonzero(np.isfinite(lat) & np.isfinite(lon)):
-            feature = {"type": "Feature",
-                       "geometry": {"type": "Point", "coordinates": [round(float(lon[i]), 6), round(float(lat[i]), 6)]},
-                       "properties": {k: _jsonable(v[i]) for k, v in props.items()}}
-            f.write(("" if first else ",") + json.dumps(feature, separators=(",", ":"), default=str) + "\n")
-            first = False
-        f.write("]}\n")
-    return path
+    tokens = sorted((c for c in keep if c.startswith("token_l")), key=lambda c: int(c[len("token_l"):]))
+    if tokens:
+        finest = [next((props[c][i] for c in reversed(tokens) if props[c][i] is not None), None)
+                  for i in range(len(lat))]
+        props["s2_token"] = finest
+    if place_names:
+        from geosurge_index.placenames import reverse_geocode
+
+        names = reverse_geocode(lat, lon)  # NaN (error rows) -> None
+        props.update(country_code=names.country_code, country_name=names.country_name,
+                     admin1=names.admin1, town=names.town)
+    ids = props.get("id", [None] * len(lat))
+    has_point = np.isfinite(lat) & np.isfinite(lon)
+
+    def geometry(i):
+        if not has_point[i]:
+            return None
+        return {"type": "Point", "coordinates": [round(float(lon[i]), 6), round(float(lat[i]), 6)]}
+
+    features = ({"type": "Feature", **({"id": ids[i]} if ids[i] is not None else {}), "geometry": geometry(i),
+                 "properties": {k: _jsonable(v[i]) for k, v in props.items()}}
+                for i in range(len(lat)))
+    return _write_features(Path(path), features)
+
+
+def _nested_or_binary(t: pa.DataType) -> bool:
+    return pa.types.is_nested(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
 # --- reading what to draw ---------------------------------------------------------------------
@@ -330,19 +289,25 @@ def read_cells_table(src: str | os.PathLike, level: int | None = None) -> pa.Tab
 
 
 def read_prediction_points(pred_dir, truth=None) -> pa.Table:
-    """id, path, lat, lon, probability, error of every prediction row; with a truth
+    """Every prediction row (error rows included, with null points), its scalar columns (id,
+    path, lat, lon, probability, cell_l*, token_l*, width, height, error, ...); with a truth
     (`benchmarks.read_truth`), also true_lat, true_lon and error_km of the matched ones."""
     from geosurge_index import sql
 
     con = sql.connect(predictions=pred_dir, truth=truth)
     try:
+        schema = con.sql("SELECT * FROM predictions LIMIT 0").to_arrow_table().schema
+        cols = ", ".join(f"p.{_quote(f.name)}" for f in schema if not _nested_or_binary(f.type))
         if truth is None:
-            q = "SELECT id, path, lat, lon, probability, error FROM predictions"
+            q = f"SELECT {cols} FROM predictions p"
         else:
-            q = """SELECT p.id, p.path, p.lat, p.lon, p.probability, p.error,
-                          t.lat AS true_lat, t.lon AS true_lon,
+            q = f"""SELECT {cols}, t.lat AS true_lat, t.lon AS true_lon,
                           haversine_km(p.lat, p.lon, t.lat, t.lon) AS error_km
                    FROM predictions p LEFT JOIN truth t USING (id)"""
         return con.sql(q).to_arrow_table()
     finally:
         con.close()
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'

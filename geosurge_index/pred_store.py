@@ -3,16 +3,35 @@
 A bulk run numbers its inputs 0..n-1 (`sources.enumerate_inputs`, deterministic) and cuts them
 into chunks of `chunk_size` rows. Chunk c is written as exactly one shard `part-{c:05d}.parquet`,
 atomically (a hidden temporary file, then `os.replace`), so a shard on disk is always complete.
-`_run.json` records what the run is (inputs, their fingerprint, the index, every setting that
+The run ledger records what the run is (inputs, their fingerprint, the index, every setting that
 changes the output); a rerun with the same command finds it, skips the chunks whose shard exists
 and computes the others: no duplicates, no gaps, whenever the previous run was killed. A rerun
-with different inputs or settings is refused. `_summary.json` is written when every chunk is done.
-Files other than shards start with `_` or `.`, so `read_parquet('PRED_DIR/*.parquet')` and
-directory readers (pyarrow, pandas, polars) see only predictions.
+with different inputs or settings is refused. The summary is written when every chunk is done.
+
+Layout. Only Parquet of the prediction schema sits under PRED_DIR, so that every reader takes
+the folder itself: DuckDB `read_parquet('PRED_DIR/*.parquet')`, pyarrow / pandas / geopandas
+`read_parquet(PRED_DIR)`, and `polars.scan_parquet(PRED_DIR)`, which reads every non-empty file
+under the folder, subfolders included, and refuses one that is not Parquet:
+
+    PRED_DIR/part-00000.parquet ...   the predictions (GeoParquet: see `pred_schema`)
+    PRED_DIR/_geosurge/run.parquet    the ledger: zero rows of the shard schema, the JSON in the
+                                      Parquet key-value metadata `geosurge.run`
+    PRED_DIR/_geosurge/summary.parquet  the summary, likewise (`geosurge.summary`)
+    PRED_DIR/_geosurge/lock           empty; flock-ed by the running writer
+
+`read_run` and `read_summary` return the JSON (dicts). Folders written before this layout hold
+`_run.json`, `_summary.json` and `_lock` at the top level: they still resume, in their layout
+and their shard schema (new columns are not added to a run that began without them).
+
+Joining predictions to cells: the key is `(level, s2_token)`, e.g. `token_l7` against the cells
+of level 7, or `(level, cell_index)` with `cell_l7` (what `geosurge sql` joins on). A token alone
+is ambiguous: a cell that is not split keeps its S2 cell, hence its token, on the next level.
+`topk_tokens` are tokens of the finest level, like `topk_cells`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,10 +46,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from geosurge_index.errors import FormatError, UserError
-from geosurge_index.formats import read_json
+from geosurge_index.formats import check_format, read_json
+from geosurge_index.geoparquet import GEOMETRY_COLUMN, with_geo_metadata
 
+META_DIR = "_geosurge"  # '_': hidden from pyarrow/pandas datasets; holds only Parquet (polars)
+META_RUN = "run.parquet"
+META_SUMMARY = "summary.parquet"
+META_LOCK = "lock"  # flock-ed while a run writes; the kernel releases it when the process dies
+RUN_KEY = b"geosurge.run"
+SUMMARY_KEY = b"geosurge.summary"
+# the top-level layout of older versions: still read, and kept by a resumed old run
 RUN_FILE = "_run.json"
-LOCK_FILE = "_lock"  # flock-ed while a run writes; the kernel releases it when the process dies
+LOCK_FILE = "_lock"
 SUMMARY_FILE = "_summary.json"
 RUN_FORMAT = "geosurge-locate-run"
 RUN_FORMAT_VERSION = 1
@@ -43,7 +70,10 @@ def shard_name(chunk: int) -> str:
 
 
 def pred_schema(save_embeddings: bool = False) -> pa.Schema:
-    """The PRED_DIR schema (ARCHITECTURE.md), plus the image's width and height."""
+    """The PRED_DIR schema (ARCHITECTURE.md), plus the image's width and height; then the columns
+    added later, at the end so that readers by position keep working: `topk_tokens` (the S2
+    tokens of `topk_cells`, finest level) and `geometry` (the predicted point as WKB, GeoParquet
+    1.1: the schema carries the `geo` metadata)."""
     fields = [
         ("id", pa.string()),
         ("path", pa.string()),
@@ -57,8 +87,9 @@ def pred_schema(save_embeddings: bool = False) -> pa.Schema:
     ]
     if save_embeddings:
         fields.append(("embedding", pa.list_(pa.float32())))
-    fields += [("width", pa.int32()), ("height", pa.int32()), ("error", pa.string())]
-    return pa.schema(fields)
+    fields += [("width", pa.int32()), ("height", pa.int32()), ("error", pa.string()),
+               ("topk_tokens", pa.list_(pa.string())), (GEOMETRY_COLUMN, pa.binary())]
+    return with_geo_metadata(pa.schema(fields))
 
 
 @dataclass(frozen=True)
@@ -104,12 +135,82 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _atomic_write_table(path: Path, table: pa.Table) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_meta(path: Path, key: bytes, meta: dict, schema: pa.Schema) -> None:
+    """JSON carried by an empty table of the shard schema (polars then reads it as zero rows)."""
+    blob = json.dumps(meta, indent=1, default=_json_default).encode()
+    kept = {k: v for k, v in (schema.metadata or {}).items() if k not in (RUN_KEY, SUMMARY_KEY)}
+    schema = schema.with_metadata({**kept, key: blob})
+    _atomic_write_table(path, schema.empty_table())
+
+
+def _read_meta(path: Path, key: bytes) -> dict:
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        return json.loads(meta[key])
+    except FileNotFoundError as err:
+        raise FormatError(f"{path} is missing") from err
+    except (OSError, pa.ArrowException, KeyError, ValueError) as err:
+        raise FormatError(f"{path}: not a geosurge run file ({err})") from err
+
+
+def read_run(pred_dir: str | os.PathLike) -> dict | None:
+    """The run ledger of a PRED_DIR (either layout), or None when it has none."""
+    d = Path(pred_dir)
+    if (d / META_DIR / META_RUN).exists():
+        run = _read_meta(d / META_DIR / META_RUN, RUN_KEY)
+        check_format(run, d / META_DIR / META_RUN, RUN_FORMAT, RUN_FORMAT_VERSION)
+        return run
+    if (d / RUN_FILE).exists():
+        return read_json(d / RUN_FILE, RUN_FORMAT, RUN_FORMAT_VERSION)
+    return None
+
+
+def read_summary(pred_dir: str | os.PathLike) -> dict | None:
+    """The summary of a finished run (either layout), or None when the run is not finished."""
+    d = Path(pred_dir)
+    if (d / META_DIR / META_SUMMARY).exists():
+        return _read_meta(d / META_DIR / META_SUMMARY, SUMMARY_KEY)
+    if (d / SUMMARY_FILE).exists():
+        try:
+            return json.loads((d / SUMMARY_FILE).read_text())
+        except (OSError, ValueError) as err:
+            raise FormatError(f"{d / SUMMARY_FILE} is not valid JSON ({err})") from err
+    return None
+
+
+def write_run(pred_dir: str | os.PathLike, run: dict) -> None:
+    """Replace the ledger, in the folder's layout (for tools and tests; `begin` writes it)."""
+    d = Path(pred_dir)
+    if (d / RUN_FILE).exists() and not (d / META_DIR / META_RUN).exists():
+        _atomic_write_bytes(d / RUN_FILE, json.dumps(run, indent=1).encode())
+        return
+    path = d / META_DIR / META_RUN
+    _write_meta(path, RUN_KEY, run, pq.read_schema(path) if path.exists() else pred_schema())
+
+
 class PredStore:
     """One PRED_DIR: `begin` a run (fresh or resumed), `write_chunk` shards, `finish` it."""
 
     def __init__(self, out_dir: str | os.PathLike):
         self.dir = Path(out_dir)
         self._lock_fd: int | None = None
+        self._schema: pa.Schema | None = None  # what shards are written as (set by `begin`)
+
+    @property
+    def legacy(self) -> bool:
+        """A folder of the older layout (ledger at the top level), kept as it is."""
+        return (self.dir / RUN_FILE).exists() and not (self.dir / META_DIR / META_RUN).exists()
+
+    def _meta_path(self, name: str, legacy_name: str) -> Path:
+        return self.dir / legacy_name if self.legacy else self.dir / META_DIR / name
 
     def _lock(self) -> None:
         """One writer per PRED_DIR: a second concurrent run would delete the first's temporaries.
@@ -118,7 +219,9 @@ class PredStore:
 
         if self._lock_fd is not None:
             return
-        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        path = self._meta_path(META_LOCK, LOCK_FILE)
+        path.parent.mkdir(exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -139,30 +242,39 @@ class PredStore:
         if self.dir.exists() and not self.dir.is_dir():
             raise UserError(f"--out {self.dir} exists and is not a folder")
         self.dir.mkdir(parents=True, exist_ok=True)
+        meta_existed = (self.dir / META_DIR).exists()
         self._lock()
         try:
             return self._begin(config)
         except BaseException:
             self.release()
+            if not meta_existed and not (self.dir / META_DIR / META_RUN).exists():
+                # a refused folder is left as it was found, without our lock file
+                (self.dir / META_DIR / META_LOCK).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    (self.dir / META_DIR).rmdir()
             raise
 
     def _begin(self, config: RunConfig) -> set[int]:
-        run_file = self.dir / RUN_FILE
-        if run_file.exists():
-            self._check_same_run(read_json(run_file, RUN_FORMAT, RUN_FORMAT_VERSION), config)
+        old = read_run(self.dir)
+        schema = pred_schema(bool(config.settings.get("save_embeddings", False)))
+        if old is not None:
+            self._check_same_run(old, config)
         else:
             stray = self.done_chunks()
             if stray:
                 raise UserError(
-                    f"--out {self.dir} holds {len(stray)} prediction shards but no {RUN_FILE}: "
-                    "it is not a locate run folder; choose an empty or new folder"
+                    f"--out {self.dir} holds {len(stray)} prediction shards but no {RUN_FILE} nor "
+                    f"{META_DIR}/{META_RUN}: it is not a locate run folder; choose an empty or new folder"
                 )
-            _atomic_write_bytes(run_file, json.dumps(config.to_json(), indent=1).encode())
+            _write_meta(self.dir / META_DIR / META_RUN, RUN_KEY, config.to_json(), schema)
         self._remove_temporaries()
         done = self.done_chunks()
         beyond = sorted(c for c in done if c >= config.n_chunks)
         if beyond:
             raise FormatError(f"{self.dir} holds shards beyond the run's {config.n_chunks} chunks: {beyond[:5]}")
+        # a resumed run keeps the schema its first shards have: one schema per folder
+        self._schema = pq.read_schema(self.dir / shard_name(min(done))) if done else schema
         return done
 
     def _check_same_run(self, old: dict, new: RunConfig) -> None:
@@ -185,8 +297,9 @@ class PredStore:
 
     def _remove_temporaries(self) -> None:
         """Half-written files of a killed run (shards, ledger, summary; never seen by readers)."""
-        for p in self.dir.glob(".*.tmp-*"):
-            p.unlink(missing_ok=True)
+        for d in (self.dir, self.dir / META_DIR):
+            for p in d.glob(".*.tmp-*"):
+                p.unlink(missing_ok=True)
 
     def done_chunks(self) -> set[int]:
         if not self.dir.is_dir():
@@ -195,13 +308,15 @@ class PredStore:
 
     # -- shards ------------------------------------------------------------------------------
     def write_chunk(self, chunk: int, table: pa.Table) -> Path:
-        """Write chunk `chunk` atomically: after a kill it is either whole on disk or absent."""
+        """Write chunk `chunk` atomically: after a kill it is either whole on disk or absent.
+
+        Rows in the prediction schema are written as the run's shard schema: column order and
+        types fixed (Ray may hand back other string types), the GeoParquet metadata attached,
+        and for a run resumed from an older version, only the columns its shards have."""
+        if self._schema is not None and set(self._schema.names) <= set(table.column_names):
+            table = table.select(self._schema.names).cast(self._schema)
         final = self.dir / shard_name(chunk)
-        tmp = self.dir / f".{final.name}.tmp-{os.getpid()}"
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        _atomic_write_table(final, with_geo_metadata(table))
         return final
 
     def shard_paths(self) -> list[Path]:
@@ -222,8 +337,13 @@ class PredStore:
         return rows, kinds
 
     def finish(self, summary: dict) -> Path:
-        path = self.dir / SUMMARY_FILE
-        _atomic_write_bytes(path, json.dumps(summary, indent=1, default=_json_default).encode())
+        if self.legacy:
+            path = self.dir / SUMMARY_FILE
+            _atomic_write_bytes(path, json.dumps(summary, indent=1, default=_json_default).encode())
+            return path
+        path = self.dir / META_DIR / META_SUMMARY
+        schema = self._schema if self._schema is not None else pq.read_schema(self.dir / META_DIR / META_RUN)
+        _write_meta(path, SUMMARY_KEY, summary, schema)
         return path
 
 

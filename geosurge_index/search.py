@@ -556,8 +556,10 @@ def result_to_arrow(result: SearchResult | None, tree: CellTree, ids: Sequence[s
     `result` holds one row per input whose error is None, in input order (None when every input
     failed); error rows get null predictions. `embeddings`, when given, has one row per result
     row and fills the `embedding` column (the schema then includes it). `tree` is the index's
-    CellTree (`GeoIndex.tree`), for the S2 tokens.
+    CellTree (`GeoIndex.tree`), for the S2 tokens (`token_l*`, and `topk_tokens` of the finest
+    level's `topk_cells`). `geometry` is the predicted point as WKB (null for error rows).
     """
+    from geosurge_index.geoparquet import points_wkb
     from geosurge_index.pred_store import pred_schema
 
     n = len(ids)
@@ -614,4 +616,14 @@ def result_to_arrow(result: SearchResult | None, tree: CellTree, ids: Sequence[s
     cols["width"] = pa.array(list(widths) if widths is not None else [None] * n, pa.int32())
     cols["height"] = pa.array(list(heights) if heights is not None else [None] * n, pa.int32())
     cols["error"] = pa.array(errors, pa.string())
+    finest = tree.tokens[levels - 1]
+    topk = result.topk_cells.astype(np.int64)
+    if len(finest) and topk.size:  # -1 pads a top-k shorter than k: a null token
+        flat = finest.take(pa.array(np.maximum(topk.reshape(-1), 0), mask=topk.reshape(-1) < 0))
+        flat = flat.to_numpy(zero_copy_only=False)
+    else:
+        flat = np.full(topk.size, None, dtype=object)
+    cols["topk_tokens"] = spread_list(flat.reshape(topk.shape), pa.string())
+    cols["geometry"] = points_wkb(cols["lon"].to_numpy(zero_copy_only=False),
+                                  cols["lat"].to_numpy(zero_copy_only=False))
     return pa.table([cols[f.name] for f in schema], schema=schema)

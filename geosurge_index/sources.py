@@ -248,6 +248,54 @@ def read_tar(path: str | os.PathLike) -> pa.Table:
     return _table(ids, paths, [path] * len(ids), offs, sizes, cmo, cms)
 
 
+def read_tar_coordinates(path: str | os.PathLike) -> pa.Table:
+    """The `lat`/`lon` in each WebDataset sample's JSON member (`KEY.json`, as img2dataset and
+    webdataset's TarWriter write them): a table id (the sample key, as `read_tar` gives it), lat,
+    lon (float64, NaN where a sample's JSON lacks them). Keys are found in any case: lat or
+    latitude, lon, lng, long or longitude, at the top level of the JSON object. Samples without
+    a JSON member are left out. Unreadable shard: UserError."""
+    import json
+
+    from geosurge_index.coords import LAT_NAMES, LON_NAMES
+
+    path = os.fspath(path)
+    ids, lats, lons = [], [], []
+
+    def number(obj: dict, names) -> float:
+        low = {str(k).lower(): v for k, v in obj.items()}
+        for name in names:
+            v = low.get(name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return float(v)
+            if isinstance(v, str):
+                try:
+                    return float(v)
+                except ValueError:
+                    return float("nan")
+        return float("nan")
+
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                d, _, base = m.name.rpartition("/")
+                stem, dot, ext = base.partition(".")
+                if not (m.isfile() and dot and ext.lower() == "json"):
+                    continue
+                f = tar.extractfile(m)
+                try:
+                    obj = json.loads(f.read()) if f is not None else None
+                except ValueError:
+                    obj = None
+                obj = obj if isinstance(obj, dict) else {}
+                ids.append(f"{d}/{stem}" if d else stem)
+                lats.append(number(obj, LAT_NAMES))
+                lons.append(number(obj, LON_NAMES))
+    except (tarfile.TarError, OSError) as err:
+        raise UserError(f"WebDataset shard {path} cannot be read as an uncompressed tar: {err}") from err
+    return pa.table({"id": pa.array(ids, pa.string()), "lat": pa.array(lats, pa.float64()),
+                     "lon": pa.array(lons, pa.float64())})
+
+
 def enumerate_inputs(
     sources: list[str | os.PathLike], columns: ManifestColumns = ManifestColumns()
 ) -> pa.Table:

@@ -172,6 +172,57 @@ def test_eval_cli_bad_inputs(world, tmp_path, capsys):  # noqa: F811
         assert "does not exist" in err and "Traceback" not in err
 
 
+def _webdataset_shard(path: Path, samples: list[tuple[str, bytes]]) -> Path:
+    """An img2dataset / webdataset TarWriter-like shard: KEY.jpg + KEY.json per sample."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key, meta in samples:
+            for name, blob in ((f"{key}.jpg", b"\xff\xd8 not decoded here"), (f"{key}.json", meta)):
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+    return path
+
+
+def test_eval_truth_from_webdataset_shard(world, tmp_path, capsys):  # noqa: F811
+    """`eval --truth SHARD.tar`: the lat/lon in each sample's JSON are the truth, the sample key the
+    id (as `geosurge locate SHARD.tar` names predictions); the same figures as the CSV truth."""
+    samples = [(f"photos/{i.rsplit('.', 1)[0]}", json.dumps({"caption": "x", "lat": round(float(a), 6), "LON": round(float(b), 6)}).encode())
+               for i, a, b in zip(world.ids, world.lat, world.lon, strict=True)]
+    shard = _webdataset_shard(tmp_path / "shard-00000.tar", samples)
+    truth = read_truth(shard)
+    assert len(truth) == 300 and truth.ids[0] == samples[0][0] and truth.lat[0] == round(world.lat[0], 6)
+    out_tar, out_csv = tmp_path / "tar.json", tmp_path / "csv.json"
+    assert main(["eval", str(world.pred_dir), "--truth", str(shard), "--json", str(out_tar)]) == 0
+    assert main(["eval", str(world.pred_dir), "--truth", str(world.truth_csv), "--json", str(out_csv)]) == 0
+    a, b = json.loads(out_tar.read_text()), json.loads(out_csv.read_text())
+    for key in ("accuracy_pct", "median_km", "geoguessr", "n_truth", "n_missing", "n_errors"):
+        assert a[key] == b[key], key
+    folder = tmp_path / "shards"  # the shards of a data set, as img2dataset writes them
+    folder.mkdir()
+    _webdataset_shard(folder / "00000.tar", samples[:150])
+    _webdataset_shard(folder / "00001.tar", samples[150:])
+    (folder / "00000_stats.json").write_text("{}")
+    assert main(["eval", str(world.pred_dir), "--truth", str(folder), "--json", str(out_tar)]) == 0
+    assert json.loads(out_tar.read_text())["accuracy_pct"] == b["accuracy_pct"]
+    assert main(["eval", str(world.pred_dir), "--truth", str(tmp_path / "imgs")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_eval_truth_shard_without_coordinates_says_what_it_expected(world, tmp_path, capsys):  # noqa: F811
+    shard = _webdataset_shard(tmp_path / "plain.tar", [("a", b'{"caption": "x"}'), ("b", b"{}")])
+    assert main(["eval", str(world.pred_dir), "--truth", str(shard)]) == 2
+    err = capsys.readouterr().err
+    assert "plain.tar" in err and "2 JSON members, none with both" in err
+    assert '"lat"' in err and "KEY.json" in err and "Traceback" not in err
+    partial = _webdataset_shard(tmp_path / "partial.tar", [("a", b'{"lat": 1, "lon": 2}'), ("b", b"{}")])
+    assert main(["eval", str(world.pred_dir), "--truth", str(partial)]) == 2
+    assert "latitude is missing" in capsys.readouterr().err  # --skip-invalid leaves such samples out
+    assert len(read_truth(partial, skip_invalid=True)) == 1
+
+
 # --- coverage -----------------------------------------------------------------------------------
 
 def test_coverage_cli(world, tmp_path, capsys):  # noqa: F811

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import signal
@@ -74,9 +73,9 @@ def test_ledger_resumes_and_refuses_other_runs(tmp_path):
         store.begin(_config(fingerprint="g"))
     with pytest.raises(UserError, match="n_inputs"):
         store.begin(_config(n_inputs=11, fingerprint="g"))
-    run = json.loads((tmp_path / "out" / "_run.json").read_text())
+    run = pred_store.read_run(tmp_path / "out")
     run["format_version"] = 99
-    (tmp_path / "out" / "_run.json").write_text(json.dumps(run))
+    pred_store.write_run(tmp_path / "out", run)
     with pytest.raises(FormatError, match="upgrade"):
         store.begin(cfg)
     # shards without a ledger: not a run folder
@@ -254,7 +253,7 @@ def test_bulk_run_every_input_once_readable_everywhere(index_dir, locator, tmp_p
     # the same image through the Locator API gives the same answer
     direct = locator.locate([tmp_path / "imgs" / "a.jpg"])[0]
     assert rows["m1"]["lat"] == pytest.approx(direct.lat) and rows["m1"]["cell_l7"] == direct.cells[-1].cell_index
-    summary = json.loads((out / "_summary.json").read_text())
+    summary = pred_store.read_summary(out)
     assert summary["images"] == n and summary["errors"] == len(bad) and summary["complete"]
     assert summary["errors_by_kind"]["not_an_image"] == 2
 
@@ -267,6 +266,7 @@ def test_bulk_run_every_input_once_readable_everywhere(index_dir, locator, tmp_p
     assert duckdb.sql(f"SELECT count(*), count(error) FROM read_parquet('{glob}')").fetchall() == [(n, len(bad))]
     assert len(pd.read_parquet(out)) == n
     assert pl.read_parquet(glob).height == n
+    assert pl.scan_parquet(out).collect().height == n  # the folder itself: only Parquet under it
 
     # a second run of the same command has nothing left to do and changes nothing
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
@@ -330,7 +330,7 @@ def test_killed_run_resumes_without_duplicates_or_gaps(index_dir, tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     done_at_kill = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     assert 0 < len(done_at_kill) < n // chunk, "the kill was meant to land mid-run"
-    assert not (out / "_summary.json").exists()
+    assert pred_store.read_summary(out) is None
 
     res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -344,7 +344,7 @@ def test_killed_run_resumes_without_duplicates_or_gaps(index_dir, tmp_path):
     assert ids == sorted(str(p) for p in folder.iterdir())  # every input once, in input order
     assert t.column("error").null_count == n
     assert not list(out.glob(".*tmp*"))
-    assert json.loads((out / "_summary.json").read_text())["this_run"]["resumed_chunks"] == len(done_at_kill)
+    assert pred_store.read_summary(out)["this_run"]["resumed_chunks"] == len(done_at_kill)
     shutil.rmtree(folder)
 
 
@@ -405,7 +405,7 @@ def test_bulk_ten_crop_is_recorded_and_matches_the_locator(index_dir, locator10,
     argv = ["locate", str(index_dir), str(folder), "--out", str(out), "--workers", "0", "--device", "cpu",
             "--top-k", "3", "--save-embeddings", "--ten-crop", "--chunk-size", "2"]
     assert cli_main(argv) == 0
-    run = json.loads((out / "_run.json").read_text())
+    run = pred_store.read_run(out)
     assert run["settings"]["ten_crop"] is True
     rows = {r["id"]: r for r in read_preds(out).to_pylist()}
     assert rows[str(folder / "bad.jpg")]["error"].startswith("zero_bytes:")

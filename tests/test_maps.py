@@ -39,15 +39,22 @@ def test_small_cell_ring_is_its_s2_vertices():
     assert _shoelace(ring) > 0  # counter-clockwise, as RFC 7946 wants exteriors
 
 
-def test_antimeridian_cell_is_cut_in_two():
-    ids = s2.latlon_to_ids([-17.0], [179.999], 4)  # an S2 cell across 180 degrees (Fiji)
+def test_cell_touching_the_antimeridian_stays_one_polygon():
+    ids = s2.latlon_to_ids([-17.0], [179.999], 4)  # an S2 cell whose east edge is on 180 degrees (Fiji)
     rings = maps.cell_rings(ids)[0]
-    assert len(rings) == 2 and all(_ring_ok(r) for r in rings)
-    edges = sorted(r[:, 0].max() for r in rings)
-    assert edges[1] == pytest.approx(180.0) and min(r[:, 0].min() for r in rings) == pytest.approx(-180.0)
-    # the two pieces together are about as wide as the cell, not the whole world
+    assert len(rings) == 1 and _ring_ok(rings[0])  # no zero-area sliver at -180
+    assert rings[0][:, 0].max() == pytest.approx(180.0) and rings[0][:, 0].min() > 170
+    assert _shoelace(rings[0]) > 0
+
+
+def test_cell_across_the_antimeridian_is_cut_in_two():
+    face3 = s2.latlon_to_ids([0.0], [180.0], 0)  # S2 face 3 spans 135 E .. 135 W
+    rings = maps.cell_rings(face3)[0]
+    assert len(rings) == 2 and all(_ring_ok(r) and _shoelace(r) > 0 for r in rings)
+    east, west = sorted(rings, key=lambda r: -r[:, 0].max())
+    assert east[:, 0].max() == pytest.approx(180.0) and west[:, 0].min() == pytest.approx(-180.0)
     width = sum(r[:, 0].max() - r[:, 0].min() for r in rings)
-    assert width < 10
+    assert width == pytest.approx(90.0)  # both pieces together: the cell, not the whole world
 
 
 def test_big_cells_bend_and_polar_cells_reach_the_pole():
@@ -115,12 +122,69 @@ def test_map_predictions_png_and_geojson(world, tmp_path):  # noqa: F811
     assert main(["map", "predictions", str(world.pred_dir), "--truth", str(world.truth_csv),
                  "--output", str(gj)]) == 0
     data = json.loads(gj.read_text())
-    n_points = 300 - world.n_missing - world.n_errors
-    assert len(data["features"]) == n_points  # error rows have no point
-    props = data["features"][0]["properties"]
-    assert {"id", "path", "probability", "error_km", "true_lat"} <= set(props)
-    lon, lat = data["features"][0]["geometry"]["coordinates"]
+    features = data["features"]
+    assert len(features) == 300 - world.n_missing  # every prediction row, error rows too
+    errors = [f for f in features if f["properties"]["error"] is not None]
+    assert len(errors) == world.n_errors and all(f["geometry"] is None for f in errors)
+    assert all(f["id"] == f["properties"]["id"] for f in features)
+    located = [f for f in features if f["geometry"] is not None]
+    props = located[0]["properties"]
+    assert {"id", "path", "probability", "error_km", "true_lat", "token_l1", "token_l7", "s2_token",
+            "country_code", "country_name", "admin1", "town"} <= set(props)
+    assert props["s2_token"] == props["token_l7"] and s2.tokens_to_ids([props["s2_token"]])[0] > 0
+    assert all(f["properties"]["country_code"] for f in located)  # the points are in cities
+    assert all(f["properties"]["town"] is None for f in errors)
+    lon, lat = located[0]["geometry"]["coordinates"]
     from geosurge_index.metrics import haversine_km
 
     assert props["error_km"] == pytest.approx(float(haversine_km(lat, lon, props["true_lat"], props["true_lon"])),
                                               abs=1e-3)
+
+
+def _shape(geometry):
+    import shapely
+
+    return shapely.geometry.shape(geometry)
+
+
+def test_map_cells_geojson_is_valid_over_a_whole_partition(tmp_path):
+    """Every level of a partition with cells at both poles and across the antimeridian: valid
+    (Multi)Polygons, counter-clockwise exteriors, no part outside +-180, no zero-area part, no
+    overlap between cells; the coarsest level (the six S2 faces) tiles the whole world."""
+    shapely = pytest.importorskip("shapely")
+    from geosurge_index.cells import PartitionSettings, partition, write_cells_dir
+
+    rng = np.random.default_rng(3)
+    v = rng.normal(size=(6000, 3))
+    lat, lon = s2.xyz_to_latlon(v)
+    lat = np.r_[lat, np.full(200, 89.99), np.full(200, -89.99), rng.uniform(-70, 70, 400)]
+    lon = np.r_[lon, rng.uniform(-180, 180, 400), np.full(400, 180.0)]
+    part = partition(lat, lon, PartitionSettings(tau_min=1, tau_max=(3000, 800, 200, 50, 10)))
+    cells_dir = write_cells_dir(tmp_path / "cells", part.cells, part.assignments)
+    crossing = polar = 0
+    for lv in range(1, part.cells.n_levels + 1):
+        out = tmp_path / f"level{lv}.geojson"
+        assert main(["map", "cells", str(cells_dir), "--level", str(lv), "--output", str(out)]) == 0
+        features = json.loads(out.read_text())["features"]
+        assert len(features) == len(part.cells.level(lv))
+        geoms = [_shape(f["geometry"]) for f in features]
+        for f, g in zip(features, geoms, strict=True):
+            assert shapely.is_valid(g), (lv, f["properties"]["s2_token"], shapely.is_valid_reason(g))
+            parts = list(g.geoms) if g.geom_type == "MultiPolygon" else [g]
+            assert all(p.exterior.is_ccw and p.area > 1e-9 for p in parts), f["properties"]["s2_token"]
+            minx, miny, maxx, maxy = g.bounds
+            assert -180 <= minx and maxx <= 180 and -90 <= miny and maxy <= 90
+            if len(parts) == 2:  # across the antimeridian: one part on each side
+                crossing += 1
+                assert sorted(round(p.bounds[0]) for p in parts)[0] == -180
+                assert sorted(round(p.bounds[2]) for p in parts)[1] == 180
+            clat, clon = s2.cell_centers(s2.tokens_to_ids([f["properties"]["s2_token"]]))
+            assert g.buffer(1e-9).contains(shapely.Point(clon[0], clat[0]))
+            if g.geom_type == "Polygon" and abs(maxy if maxy > 0 else miny) == 90 and maxx - minx == 360:
+                polar += 1  # a cell round a pole: one polygon from -180 to 180 up to the pole
+        total = sum(g.area for g in geoms)
+        # no overlaps (but slivers: neighbours of other S2 levels sample a shared geodesic apart)
+        assert shapely.union_all(geoms).area == pytest.approx(total, rel=1e-4)
+        if lv == 1:
+            assert len(features) == 6 and total == pytest.approx(360 * 180)
+    assert crossing >= 1 and polar >= 2

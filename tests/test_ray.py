@@ -3,13 +3,11 @@ Ray instance (2 CPUs). `make test` runs pytest inside `unshare -n` with loopback
 
 from __future__ import annotations
 
-import json
-
 import pyarrow.parquet as pq
 import pytest
 from _locate_fixtures import write_folder, write_tar
 
-from geosurge_index import locate
+from geosurge_index import locate, pred_store
 
 ray = pytest.importorskip("ray")
 
@@ -58,7 +56,7 @@ def test_ray_run_matches_local_run_and_resumes_it(ray_local, index_dir, tmp_path
     out = tmp_path / "local"
     (out / "part-00001.parquet").unlink()
     (out / "part-00003.parquet").unlink()
-    (out / "_summary.json").unlink()
+    (out / pred_store.META_DIR / pred_store.META_SUMMARY).unlink()
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     resumed = locate.run_job(_job(index_dir, inputs, out), ray_address="local")
     assert resumed["this_run"]["images"] == 8 and resumed["complete"]
@@ -66,7 +64,7 @@ def test_ray_run_matches_local_run_and_resumes_it(ray_local, index_dir, tmp_path
     again = pq.read_table(sorted(out.glob("part-*.parquet"))).to_pylist()
     assert [r["id"] for r in again] == [r["id"] for r in want]
     assert [r["cell_l7"] for r in again] == [r["cell_l7"] for r in want]
-    assert json.loads((out / "_summary.json").read_text())["errors"] == local["errors"]
+    assert pred_store.read_summary(out)["errors"] == local["errors"]
 
 
 def test_ray_ten_crop_matches_local(ray_local, index_dir, tmp_path):

@@ -166,3 +166,25 @@ def test_image_files_for_per_file_work(tmp_path):
     write_tar(tmp_path / "s.tar", 1)
     with pytest.raises(UserError, match="WebDataset shard"):
         sources.image_files([tmp_path / "s.tar"])
+
+
+def test_tar_coordinates_from_each_samples_json(tmp_path):
+    """WebDataset samples carry their point in KEY.json (img2dataset, webdataset's TarWriter)."""
+    blobs = {"s/a.jpg": encode(photo(seed=1), "JPEG"), "s/a.json": b'{"lat": 48.85, "lon": 2.35}',
+             "s/b.jpg": encode(photo(seed=2), "JPEG"), "s/b.json": b'{"Latitude": "-33.9", "lng": 151.2}',
+             "s/c.jpg": encode(photo(seed=3), "JPEG"), "s/c.json": b'{"caption": "no point"}',
+             "s/d.json": b"not json"}
+    path = tmp_path / "shard.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, blob in blobs.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    t = sources.read_tar_coordinates(path)
+    assert t.column("id").to_pylist() == ["s/a", "s/b", "s/c", "s/d"]
+    assert t.column("id").to_pylist()[:3] == sources.read_tar(path).column("id").to_pylist()  # locate's ids
+    lat, lon = t.column("lat").to_pylist(), t.column("lon").to_pylist()
+    assert lat[:2] == [48.85, -33.9] and lon[:2] == [2.35, 151.2]
+    assert all(x != x for x in lat[2:] + lon[2:])  # NaN: no point in the JSON
+    with pytest.raises(UserError, match="cannot be read"):
+        sources.read_tar_coordinates(tmp_path / "missing.tar")

@@ -23,10 +23,14 @@ Truth images without a prediction row and error rows count as wrong (score 0), u
 
 Truth files: any CSV/Parquet with an id column (id, IMG_ID, name, ...) and lat/lon columns
 (LAT/lat/latitude, LON/lon/lng/longitude), e.g. the benchmark files: Im2GPS3k and YFCC26k
-(IMG_ID, ..., LAT, LON), YFCC4k (name, ..., lon, lat).
+(IMG_ID, ..., LAT, LON), YFCC4k (name, ..., lon, lat). A WebDataset shard (.tar) works too:
+the truth is the `lat`/`lon` in each sample's KEY.json, the id the sample key, as `geosurge
+locate SHARD.tar` names its predictions; a folder of shards is read as one truth.
 
 Example:
   geosurge eval preds/ --truth im2gps3k_places365.csv --index index/ --json im2gps3k.json
+  geosurge eval preds/ --truth shard-00000.tar
+  geosurge eval preds/ --truth shards/
 """
 
 
@@ -38,7 +42,8 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("pred_dir", metavar="PRED_DIR", help="folder of prediction shards (`geosurge locate --out`)")
-    p.add_argument("--truth", required=True, metavar="FILE", help="ground-truth CSV/Parquet (id, lat, lon)")
+    p.add_argument("--truth", required=True, metavar="FILE", help="ground truth: CSV/Parquet (id, lat, lon), or WebDataset shards (a .tar or "
+                        "a folder of them) whose samples' JSON holds lat/lon")
     p.add_argument("--index", metavar="INDEX_DIR", default=None,
                    help="the index the predictions came from: adds per-level cell accuracy (default: none)")
     p.add_argument("--id-column", default=None, help="the truth file's id column (default: found by name)")

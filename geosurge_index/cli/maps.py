@@ -17,12 +17,14 @@ The output's extension picks the format: .png, or .geojson / .json.
       cells of one level (default: the finest) coloured by training density, samples per km2;
       SRC is an INDEX_DIR (GeoJSON then carries the place names) or a CELLS_DIR
   geosurge map cells SRC --level 3 --output level3.geojson
-      one Polygon per cell (cut in two at the antimeridian), every column as a property
+      one valid Polygon per cell, counter-clockwise (RFC 7946), a MultiPolygon for a cell
+      across the antimeridian, polar cells up to the pole; every column as a property
   geosurge map predictions PRED_DIR --output preds.png
       predicted points
   geosurge map predictions PRED_DIR --truth im2gps3k_places365.csv --output errors.png
       a great-circle line from each true point to its prediction, coloured by error
-      (<= 25, 200, 750, 2500 km, beyond); GeoJSON: one Point per prediction with error_km
+      (<= 25, 200, 750, 2500 km, beyond); GeoJSON: one feature per prediction row (id, S2
+      tokens, place names of the predicted point, error_km), error rows with a null geometry
 """
 
 
@@ -46,12 +48,16 @@ def register(subparsers) -> None:
                                    "its prediction coloured by error.")
     q.add_argument("pred_dir", metavar="PRED_DIR", help="folder of prediction shards (`geosurge locate --out`)")
     q.add_argument("--truth", metavar="FILE", default=None,
-                   help="ground-truth CSV/Parquet (id, lat, lon): draw lines from the truth (default: points only)")
+                   help="ground truth, CSV/Parquet (id, lat, lon) or a WebDataset .tar with lat/lon "
+                        "in each sample's JSON: draw lines from the truth (default: points only)")
     q.add_argument("--id-column", default=None, help="the truth file's id column (default: found by name)")
     q.add_argument("--output", "-o", required=True, metavar="FILE", help="FILE.png or FILE.geojson")
     q.add_argument("--max-points", type=int, default=100_000,
                    help="PNG: draw a random sample of at most this many predictions (default: %(default)s)")
     q.add_argument("--title", default="", help="title of the PNG (default: describes the content)")
+    q.add_argument("--no-place-names", action="store_true",
+                   help="GeoJSON: leave out the country/region/town of each point (default: included, "
+                        "from the offline reverse geocoder)")
     q.set_defaults(func=run_map_predictions)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
@@ -93,7 +99,7 @@ def run_map_predictions(args: argparse.Namespace) -> int:
     truth = read_truth(args.truth, id_column=args.id_column) if args.truth else None
     table = maps.read_prediction_points(args.pred_dir, truth)
     if kind == "geojson":
-        maps.predictions_geojson(table, args.output)
+        maps.predictions_geojson(table, args.output, place_names=not args.no_place_names)
     else:
         col = lambda name: table.column(name).to_numpy(zero_copy_only=False).astype(float)  # noqa: E731
         maps.plot_predictions(col("lat"), col("lon"), args.output,
