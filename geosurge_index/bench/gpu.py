@@ -247,26 +247,27 @@ class _Context:
         import numpy as np
         import torch
 
+        from geosurge_index import model
         from geosurge_index.bench.locate import BF16_PEAK_TFLOPS, count_flops, peak_bf16_tflops
         from geosurge_index.devices import dtype_name, on_device, synchronize
         from geosurge_index.locate.predictor import Predictor
-        from geosurge_index.model import VisualEncoder, full_config
 
         run = self.cuda if self.s.full is None else self.s.full
         if not run:
             raise Skip("the full-size model runs on CUDA (or with --full)")
         torch.manual_seed(0)
-        encoder = VisualEncoder(full_config(), weights=False).eval()
+        encoder = model.VisualEncoder(model.full_config(), weights=False).eval()
         rng = np.random.default_rng(0)
-        one_px = torch.from_numpy(rng.integers(0, 256, (1, 336, 336, 3), dtype=np.uint8))
-        one_map = torch.from_numpy(rng.integers(0, 150, (1, 336, 336), dtype=np.uint8))
+        s = encoder.image_size
+        one_px = torch.from_numpy(rng.integers(0, 256, (1, s, s, 3), dtype=np.uint8))
+        one_map = torch.from_numpy(rng.integers(0, 150, (1, s, s), dtype=np.uint8))
         cpu = Predictor(encoder, None, "cpu")
         flops = {with_map: count_flops(cpu.encode, one_px, one_map, np.array([with_map])) for with_map in (True, False)}
         pred = Predictor(encoder.to(self.device), None, self.device)
         b = self.s.full_batch if self.cuda else 1
         with on_device(self.device):
-            px = torch.from_numpy(rng.integers(0, 256, (b, 336, 336, 3), dtype=np.uint8))
-            maps = torch.from_numpy(rng.integers(0, 150, (b, 336, 336), dtype=np.uint8))
+            px = torch.from_numpy(rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8))
+            maps = torch.from_numpy(rng.integers(0, 150, (b, s, s), dtype=np.uint8))
             if self.cuda:
                 px, maps = px.pin_memory(), maps.pin_memory()
         peak = self.s.peak_tflops or (peak_bf16_tflops(torch.cuda.get_device_name(self.device)) if self.cuda else None)

@@ -143,10 +143,10 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_workers(cuda: bool) -> int:
+def default_workers(cuda: bool, cores: int | None = None) -> int:
     """Decoding processes: on CUDA enough to feed the GPU (all available cores but one, at most 16);
     on the CPU a quarter of them (at least 1), the model's threads taking the rest."""
-    cores = available_cores()
+    cores = available_cores() if cores is None else cores
     return max(1, min(16, cores - 1)) if cuda else max(1, cores // 4)
 
 
@@ -187,7 +187,7 @@ def plan_loader(cuda: bool, batch_nbytes: int, workers: int | None = None, prefe
     when not even one batch fits, batches are decoded in the main process. `workers` None: the
     default for the device (`default_workers`); `shm_free` -1: measured."""
     cores = available_cores() if cores is None else cores
-    asked = default_workers(cuda) if workers is None else workers
+    asked = default_workers(cuda, cores) if workers is None else workers
     free = shm_free_bytes() if shm_free == -1 else shm_free
     w, pf = asked, prefetch
     if w > 0 and free is not None and batch_nbytes > 0:

@@ -11,7 +11,8 @@ locate's CUDA batch of 256 in one call would need tens of GB. The budget is
 GEOSURGE_SEGMENTER_MEMORY_MB when set, else half the memory free on the device (CUDA:
 `torch.cuda.mem_get_info` plus torch's unused cache), at most 4 GiB on the CPU. The class scores are
 upsampled to the output size and arg-maxed in chunks of classes (`upsample_argmax`), never as a
-whole (B, 150, S, S) float32 tensor; the result is identical to one upsample + argmax.
+whole (B, 150, S, S) float32 tensor; the result is identical to one upsample + argmax (bit for bit:
+see `upsample_argmax`).
 """
 
 from __future__ import annotations
@@ -114,30 +115,48 @@ class Segmenter(nn.Module):
         return upsample_argmax(self.class_scores(x), (size, size))
 
 
+CLASS_CHUNK = 64  # classes per chunk: a multiple of any CPU vector width, see `upsample_argmax`
+
+
 def upsample_argmax(scores: torch.Tensor, size: tuple[int, int],
                     chunk_bytes: int = UPSAMPLE_CHUNK_BYTES) -> torch.Tensor:
     """(B, C, h, w) class scores -> (B, H, W) int64: the argmax over classes of the scores upsampled
-    bilinearly (fp32) to `size`, computed over chunks of classes so that the whole (B, C, H, W)
-    upsample is never held. Bilinear interpolation treats each class alone, and a later chunk
-    replaces the running best only where it is strictly greater, so the result (ties: the lowest
-    class, as `argmax`) equals `F.interpolate(scores.float(), size).argmax(1)` exactly."""
+    bilinearly (fp32) to `size`, in chunks of images and of classes so that the whole (B, C, H, W)
+    upsample is never held (about `chunk_bytes` at a time; at least one image x 64 classes).
+
+    The result equals `F.interpolate(scores.float(), size).argmax(1)` exactly: interpolation treats
+    each image and class alone; a later class chunk replaces the running best only where strictly
+    greater (ties: the lowest class, as `argmax`); and class chunks are multiples of 64 because
+    the CPU kernel vectorises across channels on small maps, so a chunk boundary off the vector
+    lanes would change the last bit of some values."""
     b, c = scores.shape[:2]
     h, w = size
-    per_class = max(1, b * h * w * 4)
-    step = max(1, min(c, chunk_bytes // per_class))
-    if step >= c:
+    plane = max(1, h * w * 4)  # bytes of one upsampled class of one image
+    if c * plane <= chunk_bytes:
+        cstep = c
+    else:
+        cstep = min(c, max(CLASS_CHUNK, chunk_bytes // plane // CLASS_CHUNK * CLASS_CHUNK))
+    bstep = max(1, chunk_bytes // (cstep * plane))
+    if bstep >= b and cstep >= c:
         return F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False).argmax(dim=1)
+    out = torch.empty((b, h, w), dtype=torch.int64, device=scores.device)
+    for i in range(0, b, bstep):  # a few chunks, each a whole-tensor operation
+        out[i:i + bstep] = _argmax_over_class_chunks(scores[i:i + bstep], size, cstep)
+    return out
+
+
+def _argmax_over_class_chunks(scores: torch.Tensor, size: tuple[int, int], step: int) -> torch.Tensor:
     best = best_idx = None
-    for c0 in range(0, c, step):
+    for c0 in range(0, scores.shape[1], step):
         up = F.interpolate(scores[:, c0:c0 + step].float(), size=size, mode="bilinear", align_corners=False)
         val, idx = up.max(dim=1)
+        del up
         if best is None:
             best, best_idx = val, idx
         else:
             better = val > best
             best = torch.where(better, val, best)
             best_idx = torch.where(better, idx + c0, best_idx)
-        del up
     return best_idx
 
 
