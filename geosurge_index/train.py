@@ -2,7 +2,8 @@
 
 One process, or many under `torchrun` (DistributedDataParallel; NCCL on GPUs, gloo on CPUs).
 AdamW, gradient accumulation up to the effective batch, lr x `lr_decay` per epoch, early
-stopping on validation loss, bf16 autocast on CUDA (fp32 on CPU, where bf16 is ~5x slower).
+stopping on validation loss, autocast on CUDA (`devices.autocast_dtype`: bf16 where the GPU has it
+natively, else fp16 with a gradient scaler) and fp32 on CPU (where bf16 is ~5x slower).
 
 Resuming is exact: the batch order of an epoch is a function of (seed, epoch, rank, world size),
 and a checkpoint holds the optimizer, scheduler, RNG states and the position in the epoch.
@@ -77,7 +78,7 @@ class TrainSettings:
     lr_decay: float = 0.5  # lr multiplied by this after every epoch
     patience: int = 4  # stop after this many epochs without a better validation loss
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (CUDA: bf16 where native, else fp16; CPU: fp32) | bf16 | fp16 | fp32
     workers: int = 4  # DataLoader decoding processes (0: decode in the main process)
     eval_batch_size: int = 0  # 0: batch_size
     device: str = "auto"
@@ -138,8 +139,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if data.class_maps not in ("auto", "precomputed", "segmenter"):
         raise UserError(f"recipe [data] class_maps = {data.class_maps!r}: auto, precomputed or segmenter")
     train = _build(TrainSettings, raw.get("train", {}), "train")
-    if train.precision not in ("auto", "bf16", "fp32"):
-        raise UserError(f"recipe [train] precision = {train.precision!r}: auto, bf16 or fp32")
+    if train.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise UserError(f"recipe [train] precision = {train.precision!r}: auto, bf16, fp16 or fp32")
     if train.batch_size < 1 or train.effective_batch < 1 or train.epochs < 1 or train.patience < 1:
         raise UserError("recipe [train]: batch_size, effective_batch, epochs and patience must be positive")
     if not train.lr_decay > 0:
@@ -191,16 +192,35 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device_kind: str) -> Dist:
-    """Reads torchrun's environment; one process when WORLD_SIZE is unset or 1."""
+def init_distributed(device) -> Dist:
+    """Reads torchrun's environment; one process when WORLD_SIZE is unset or 1. `device`: this
+    process's torch.device (already current: `setup_process`), or the old 'cuda' / 'cpu' kind.
+    NCCL gets `device_id`, so that the process group binds to this process's GPU at once (no
+    guessing from the current device, no stray context on GPU 0)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    import torch
     import torch.distributed as tdist
 
     if not tdist.is_initialized():
-        tdist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            kwargs = {"device_id": dev} if dev.index is not None else {}
+            tdist.init_process_group(backend="nccl", **kwargs)
+        else:
+            tdist.init_process_group(backend="gloo")
     return Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def setup_process(device_name: str):
+    """-> (Dist, torch.device): this process's device (under torchrun 'cuda' / 'auto' is
+    cuda:LOCAL_RANK and an explicit cuda:N is refused), made current with `set_device` BEFORE the
+    process group starts, which then gets it as `device_id`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
+    device = resolve_device(device_name, local_rank)  # set_device on CUDA
+    return init_distributed(device), device
 
 
 def resolve_device(name: str, dist_local_rank: int):
@@ -405,19 +425,23 @@ class Trainer:
         import torch
 
         from geosurge_index.cells import read_cells
+        from geosurge_index.devices import autocast_dtype
+        from geosurge_index.locate.job import available_cores
         from geosurge_index.model.checkpoint import load_stored_state, read_checkpoint_meta, read_safetensors
         from geosurge_index.model.geosurge import GeoSurgeModel
         from geosurge_index.train_data import holdout, read_split
 
         r, ts = self.recipe, self.recipe.train
-        want = "cuda" if ts.device.startswith("cuda") or (ts.device == "auto" and torch.cuda.is_available()) else "cpu"
-        self.dist = init_distributed(want)
-        self.device = resolve_device(ts.device, self.dist.local_rank)
+        self.dist, self.device = setup_process(ts.device)
         if ts.threads:
             torch.set_num_threads(ts.threads)
         elif self.device.type == "cpu" and self.dist.world > 1:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world))))
-        self.amp = ts.precision == "bf16" or (ts.precision == "auto" and self.device.type == "cuda")
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world))
+            torch.set_num_threads(max(1, available_cores() // local))
+        self.amp_dtype = autocast_dtype(self.device, ts.precision)  # None: fp32
+        self.amp = self.amp_dtype is not None
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (scaler disabled)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
         ckpt_dir = None
         if self.resume:
@@ -499,6 +523,8 @@ class Trainer:
             for k in self.state:
                 if k in meta:
                     self.state[k] = meta[k]
+            if self.scaler.is_enabled() and meta.get("grad_scaler"):
+                self.scaler.load_state_dict(meta["grad_scaler"])
             if self.state["best_val_loss"] is None:
                 self.state["best_val_loss"] = math.inf
             changed = [f"{k} {meta[k]} -> {v}" for k, v in order.items() if k in meta and meta[k] != v]
@@ -518,10 +544,28 @@ class Trainer:
         from geosurge_index.train_data import BatchDataset
 
         ds = BatchDataset(split, batches, self.config.image_size, draft=self.data.draft)
-        w = self.recipe.train.workers
+        w, prefetch = self._loader_size()
+        # pinning happens on the current device, which `resolve_device` made this process's GPU
         return torch.utils.data.DataLoader(
             ds, batch_size=None, shuffle=False, num_workers=w, pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if w else None, worker_init_fn=_worker_init if w else None)
+            prefetch_factor=prefetch, worker_init_fn=_worker_init if w else None)
+
+    def _loader_size(self) -> tuple[int, int | None]:
+        """Workers and prefetch fitted to free /dev/shm (`locate.job.plan_loader`), said once."""
+        if getattr(self, "_loader_plan", None) is None:
+            from geosurge_index.locate.job import batch_bytes, plan_loader, shm_free_bytes
+
+            ts = self.recipe.train
+            size = batch_bytes(max(ts.batch_size, ts.eval_batch_size or 0), self.config.image_size)
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world))
+            free = shm_free_bytes()
+            # the processes of this machine share /dev/shm: each may take its part
+            self._loader_plan = plan_loader(self.device.type == "cuda", size, ts.workers,
+                                            shm_free=None if free is None else free // max(1, local),
+                                            what="training data")
+            if self.dist.main:
+                self.log(self._loader_plan.line)
+        return self._loader_plan.workers, self._loader_plan.prefetch
 
     def _inputs(self, split, rows, batch):
         """DecodedBatch -> (pixels, class_map | None, targets, rows kept), counting skipped images."""
@@ -569,7 +613,7 @@ class Trainer:
     def _autocast(self):
         import torch
 
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp)
 
     def _save(self, name: str, epoch_done: int, metrics: dict | None = None) -> Path | None:
         from geosurge_index.model.checkpoint import save_checkpoint
@@ -579,8 +623,11 @@ class Trainer:
             extra = {"recipe": self.recipe.source, "global_step": self.state["global_step"]}
             if metrics is not None:
                 extra["metrics"] = metrics
+            state = dict(self.state)
+            if self.scaler.is_enabled():
+                state["grad_scaler"] = self.scaler.state_dict()
             path = save_checkpoint(self.run_dir / name, self.model, epoch=epoch_done, cells_dir=self.cells_dir,
-                                   extra=extra, train_state=pack_train_state(self.optimizer, self.scheduler, self.state))
+                                   extra=extra, train_state=pack_train_state(self.optimizer, self.scheduler, state))
         _barrier(self.dist)
         return path or self.run_dir / name
 
@@ -624,9 +671,10 @@ class Trainer:
                     sums["level_loss"] += per_level.float().cpu().numpy() * valid
                     sums["correct"] += correct.cpu().numpy()
                     sums["valid"] += valid
-                (loss / self.accum).backward()
+                self.scaler.scale(loss / self.accum).backward()
             if last:
-                self.optimizer.step()
+                self.scaler.step(self.optimizer)  # optimizer.step(), skipped on inf/nan fp16 gradients
+                self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.state["global_step"] += 1
                 self.state["batch_in_epoch"] = i + 1
@@ -737,13 +785,14 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if self.recipe.source and Path(self.recipe.source).is_file() and not (self.run_dir / "recipe.toml").exists():
                 shutil.copy2(self.recipe.source, self.run_dir / "recipe.toml")
+            from geosurge_index.devices import dtype_name
             from geosurge_index.model.geosurge import parameter_report
 
             total = parameter_report(self.model)[-1]
             self.log(f"train {len(self.train_split)} / val {len(self.val_split)} samples "
                      f"(dropped: {self.train_split.n_dropped_invalid} bad coordinates, "
                      f"{self.train_split.n_dropped_no_cell} outside every cell); {self.dist.world} process(es) "
-                     f"on {self.device}, {'bf16' if self.amp else 'fp32'}; micro-batch {ts.batch_size} x "
+                     f"on {self.device}, {dtype_name(self.amp_dtype)}; micro-batch {ts.batch_size} x "
                      f"{self.accum} accumulation x {self.dist.world} = {ts.batch_size * self.accum * self.dist.world}; "
                      f"parameters {total[2]:,} trainable / {total[1]:,} total")
         metrics_all: list[dict] = []

@@ -329,3 +329,33 @@ def test_cli_trains_a_self_contained_synthetic_recipe(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "x" / "epoch-0001" / "model.safetensors").is_file()
     assert (tmp_path / "data" / "cells" / "cells.parquet").is_file()
     assert main(["train", "r.toml", "--no-progress"]) == 2  # used run dir without --resume: a clean error
+
+
+def test_fp16_trains_with_a_gradient_scaler_and_resumes_it(world, tmp_path):
+    """fp16 (the CUDA fallback where a GPU has no native bf16) on CPU autocast: loss scaling on,
+    its state saved with the checkpoint and restored on resume; bf16 and fp32 runs have none."""
+    t = Trainer(recipe(world, epochs=1, precision="fp16", max_steps_per_epoch=2, effective_batch=16),
+                tmp_path / "h", progress=False)
+    res = t.run()
+    assert t.amp_dtype == torch.float16 and t.scaler.is_enabled()
+    assert np.isfinite(res.metrics[0]["train_loss"]) and t.state["global_step"] == 2
+    saved = json.loads((tmp_path / "h" / "epoch-0001" / "train_state.json").read_text())["grad_scaler"]
+    assert saved["scale"] == t.scaler.get_scale() and saved["_growth_tracker"] == 2
+    again = Trainer(recipe(world, epochs=2, precision="fp16", max_steps_per_epoch=2, effective_batch=16),
+                    tmp_path / "h", resume=True, progress=False)
+    again.run()
+    assert again.scaler.state_dict()["_growth_tracker"] == 4  # continued from the saved state, not reset
+    fp32 = Trainer(recipe(world, epochs=1, max_steps_per_epoch=1), tmp_path / "f", progress=False)
+    fp32.run()
+    assert fp32.amp_dtype is None and not fp32.scaler.is_enabled()
+    assert "grad_scaler" not in json.loads((tmp_path / "f" / "epoch-0001" / "train_state.json").read_text())
+
+
+def test_recipe_precision_names(tmp_path):
+    p = tmp_path / "r.toml"
+    body = '[data]\ncells = "c"\ntrain = "t.csv"\n[train]\nprecision = "{}"\n'
+    p.write_text(body.format("fp16"))
+    assert load_recipe(p).train.precision == "fp16"
+    p.write_text(body.format("half"))
+    with pytest.raises(UserError, match="auto, bf16, fp16 or fp32"):
+        load_recipe(p)

@@ -45,10 +45,9 @@ class SearchBench:
 
 
 def _sync(device: str) -> None:
-    import torch
+    from geosurge_index.devices import synchronize
 
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    synchronize(device)  # the engine's GPU (cuda:N), not the current one
 
 
 def bench_scale(name: str, n_finest: int, settings: SearchBench, beams: list, n_queries: int) -> dict:

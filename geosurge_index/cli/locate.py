@@ -143,6 +143,43 @@ def register_bench(bench_subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON here")
     p.set_defaults(func=run_bench)
+    register_gpu_check(bench_subparsers)
+
+
+def register_gpu_check(bench_subparsers) -> None:
+    from geosurge_index.bench.gpu import DESCRIPTION
+
+    p = bench_subparsers.add_parser(
+        "gpu",
+        help="run every GPU path once on small sizes and say what passed (`make gpu-check`)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+    p.add_argument("--images", type=int, default=48, help="images per bulk locate run (default: %(default)s)")
+    p.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
+                   help="the full-size model step (default: on CUDA only)")
+    p.add_argument("--full-batch", type=int, default=32, help="its batch on CUDA (default: %(default)s)")
+    p.add_argument("--segmenter", choices=("oneformer", "segformer"), default="oneformer",
+                   help="the small locate model's segmenter (default: %(default)s)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the GPU's dense bf16 peak in TFLOP/s (default: looked up from the GPU's name)")
+    p.add_argument("--time-budget", dest="time_budget_s", type=float, default=540.0,
+                   help="seconds after which steps not yet started are skipped (default: %(default)s)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON here")
+    p.set_defaults(func=run_gpu_check_cli)
+
+
+def run_gpu_check_cli(args: argparse.Namespace) -> int:
+    from geosurge_index.bench.gpu import GpuCheck, run_gpu_check
+    from geosurge_index.cli import settings_from_args
+
+    print("geosurge bench gpu", flush=True)
+    result = run_gpu_check(settings_from_args(GpuCheck, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+    return 0 if result["ok"] else 1
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ depend on the device, and the end-of-run summary. Shared by the local and the Ra
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -156,12 +157,74 @@ def default_batch_size(cuda: bool, ten_crop: bool = False) -> int:
     return (256 if cuda else 32) // (8 if ten_crop else 1)
 
 
-def default_workers(cuda: bool) -> int:
-    """Decoding processes: on CUDA enough to feed the GPU (all cores but one, at most 16); on the
-    CPU a quarter of the cores (at least 1), the model's threads taking the rest."""
-    cores = os.cpu_count() or 1
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or taskset's share, not
+    the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def default_workers(cuda: bool, cores: int | None = None) -> int:
+    """Decoding processes: on CUDA enough to feed the GPU (all available cores but one, at most 16);
+    on the CPU a quarter of them (at least 1), the model's threads taking the rest."""
+    cores = available_cores() if cores is None else cores
     return max(1, min(16, cores - 1)) if cuda else max(1, cores // 4)
 
+
+SHM = "/dev/shm"
+SHM_FRACTION = 0.5  # of the free shared memory the prefetched batches may take
+
+
+def shm_free_bytes(path: str = SHM) -> int | None:
+    """Free bytes of the shared memory DataLoader workers hand batches through (None: no such
+    file system, e.g. macOS, where torch uses other means)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def batch_bytes(batch_size: int, image_size: int, crops: int = 1) -> int:
+    """Bytes of one decoded batch: uint8 pixels (3 per pixel) and class maps (1 per pixel)."""
+    return batch_size * crops * image_size * image_size * 4
+
+
+@dataclass(frozen=True)
+class LoaderPlan:
+    """What a DataLoader of decoding workers was sized to, and the one line that says so."""
+
+    workers: int
+    prefetch: int | None  # batches each worker keeps ready (None with no workers)
+    line: str
+
+
+def plan_loader(cuda: bool, batch_nbytes: int, workers: int | None = None, prefetch: int = 4, *,
+                cores: int | None = None, shm_free: int | None = -1, what: str = "decoding") -> LoaderPlan:
+    """Decoding workers and prefetch depth that fit this process's cores and its free shared memory.
+
+    Every batch a worker has ready sits in /dev/shm (and again in pinned memory on CUDA):
+    workers x prefetch x batch bytes must fit in half of what is free there, or the workers die
+    with a bus error (Docker's default /dev/shm is 64 MB). Prefetch is lowered first, then workers;
+    when not even one batch fits, batches are decoded in the main process. `workers` None: the
+    default for the device (`default_workers`); `shm_free` -1: measured."""
+    cores = available_cores() if cores is None else cores
+    asked = default_workers(cuda, cores) if workers is None else workers
+    free = shm_free_bytes() if shm_free == -1 else shm_free
+    w, pf = asked, prefetch
+    if w > 0 and free is not None and batch_nbytes > 0:
+        room = int(free * SHM_FRACTION) // batch_nbytes  # batches that fit
+        pf = max(1, min(prefetch, room // w))
+        if w * pf > room:
+            w = room  # not even one batch per worker: fewer workers (0: decode in this process)
+    shm = "unknown" if free is None else f"{free / 2**20:.0f} MiB free"
+    line = (f"{what}: {w} worker process(es)" + (f" x prefetch {pf}" if w else " (in this process)")
+            + f"; {cores} core(s) available, /dev/shm {shm}, {batch_nbytes / 2**20:.1f} MiB per batch")
+    if (w, pf) != (asked, prefetch) and asked > 0:
+        line += (f" (reduced from {asked} x {prefetch}: /dev/shm too small; raise it, e.g. docker run "
+                 "--shm-size=8g)")
+    return LoaderPlan(w, pf if w else None, line)
 
 
 def summarize(plan: Plan, stats: RunStats, strategy: str) -> dict:

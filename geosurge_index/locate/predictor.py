@@ -1,5 +1,6 @@
 """The mapper stage: encoder + index on one device. `Predictor.encode`: uint8 pixels -> L2-normalised
-embeddings (normalisation on the device; bf16 autocast and pinned, non-blocking copies on CUDA;
+embeddings (normalisation on the device; on CUDA autocast in `devices.autocast_dtype` (bf16 where the
+GPU has it natively, else fp16) and pinned, non-blocking copies;
 precomputed class maps skip the segmenter); `Predictor.predict`: a `DecodedBatch` -> PRED_DIR rows
 through the index's search, with an error row for every input that could not be decoded."""
 
@@ -11,7 +12,7 @@ from functools import partial
 import numpy as np
 import pyarrow as pa
 
-from geosurge_index.devices import resolve_device  # noqa: F401 - its old home
+from geosurge_index.devices import autocast_dtype, resolve_device  # resolve_device: also its old home
 from geosurge_index.errors import FormatError, UserError
 from geosurge_index.geometry import clip_normalise
 from geosurge_index.locate.decode import TEN_CROPS, DecodedBatch
@@ -42,10 +43,14 @@ def embedding_dim(encoder, index) -> int | None:
 class Predictor:
     """Encoder + index on one device: DecodedBatch -> PRED_DIR rows (a pyarrow Table)."""
 
-    def __init__(self, encoder, index, device, settings: SearchSettings = SearchSettings()):
+    def __init__(self, encoder, index, device, settings: SearchSettings = SearchSettings(),
+                 precision: str = "auto"):
+        import torch
+
         self.encoder = encoder.eval()
         self.index = index
-        self.device = device
+        self.device = torch.device(device)
+        self.amp_dtype = autocast_dtype(self.device, precision)  # None: fp32
         self.settings = settings
         self._embed_dim = embedding_dim(encoder, index)  # checked here: before any image is decoded
         self.image_size = int(encoder.image_size)
@@ -89,7 +94,9 @@ class Predictor:
         else:
             encoder = self.encoder
         out = None
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
+        amp = self.amp_dtype is not None
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                                    enabled=amp):
             # Images with a precomputed class map skip the segmenter; the others run it once.
             for with_map in (True, False):
                 sel = torch.nonzero(has == with_map).flatten()

@@ -17,6 +17,7 @@ imports it, and only inside functions (`require_ray`), so everything else works 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -130,19 +131,55 @@ def run_ray(
             ray.shutdown()
 
 
+@dataclass(frozen=True)
+class ActorPlan:
+    """Where the model actors run, decided in the driver from the cluster's resources."""
+
+    device: str  # what each actor passes to `Predictor.open`: "cpu" or "cuda"
+    actors: int
+    gpus_per_actor: float  # Ray's num_gpus per actor (0 on the CPU)
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_actor > 0
+
+
+def plan_actors(device: str, cluster_gpus: float, actors: int | None = None,
+                gpus_per_actor: float | None = None) -> ActorPlan:
+    """The actors' device and count, checked before any actor starts.
+
+    Ray gives each actor the GPUs it reserved as cuda:0.., so an actor's device is 'cuda', never
+    'cuda:N' (N would name a GPU the actor cannot see). `device` 'cuda' / 'cuda:N' on a cluster
+    without GPUs, or a GPU share that is not positive, is a UserError here, not a failure inside
+    every actor later. 'auto': the GPUs when the cluster has any, else the CPU."""
+    from geosurge_index.devices import parse_device
+
+    if gpus_per_actor is not None and not gpus_per_actor > 0:
+        raise UserError(f"--ray-gpus-per-actor {gpus_per_actor:g}: must be more than 0 (a fraction "
+                        "such as 0.5 shares a GPU between actors); --device cpu runs the actors without GPUs")
+    if actors is not None and actors < 1:
+        raise UserError(f"--ray-actors {actors}: must be at least 1")
+    kind = "cuda" if device == "auto" and cluster_gpus > 0 else parse_device(
+        "cpu" if device == "auto" else device).type
+    if kind == "cpu":
+        return ActorPlan("cpu", actors or 1, 0.0)
+    if cluster_gpus <= 0:
+        raise UserError(f"--device {device}: the Ray cluster has no GPUs (its resources list none); "
+                        "use --device cpu or auto")
+    share = 1.0 if gpus_per_actor is None else float(gpus_per_actor)
+    if share > cluster_gpus:
+        raise UserError(f"--ray-gpus-per-actor {share:g}: the Ray cluster has {cluster_gpus:g} GPU(s)")
+    return ActorPlan("cuda", actors or max(1, int(cluster_gpus / share)), share)
+
+
 def _run(plan: Plan, progress, actors, gpus_per_actor) -> RunStats:
     ray = require_ray()
 
     job = plan.job
     resources = ray.cluster_resources()
-    n_gpus = int(resources.get("GPU", 0))
-    use_gpu = job.device != "cpu" and n_gpus > 0
-    if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if use_gpu else 0.0
-    if actors is None:
-        actors = max(1, int(n_gpus / gpus_per_actor)) if use_gpu else 1
-    device = ("cuda" if use_gpu else "cpu") if job.device == "auto" else job.device
-    batch_size = job.batch_size or default_batch_size(use_gpu, job.ten_crop)
+    actor_plan = plan_actors(job.device, float(resources.get("GPU", 0)), actors, gpus_per_actor)
+    device = actor_plan.device
+    batch_size = job.batch_size or default_batch_size(actor_plan.use_gpu, job.ten_crop)
 
     # The encoder's input size, without loading the model here: read it from the index's encoder.
     image_size = _image_size(job.index_dir)
@@ -165,8 +202,8 @@ def _run(plan: Plan, progress, actors, gpus_per_actor) -> RunStats:
         fn_constructor_kwargs={"index_dir": job.index_dir, "device": device, "settings": job.settings()},
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=gpus_per_actor if use_gpu else 0,
+        compute=ray.data.ActorPoolStrategy(size=actor_plan.actors),
+        num_gpus=actor_plan.gpus_per_actor,
         num_cpus=1,  # Ray sets OMP_NUM_THREADS to it: torch uses that many threads on CPU
     )
     assembler = ChunkAssembler(plan.store, plan.config)

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from geosurge_index import geometry
 from geosurge_index.images import ImageDecodeError, class_map_path, decode_image
-from geosurge_index.model.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter
+from geosurge_index.model.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter, upsample_argmax
 
 
 @torch.no_grad()
@@ -32,8 +31,8 @@ def segment_pil(segmenter: Segmenter, img: Image.Image) -> np.ndarray:
     device = next(segmenter.model.parameters()).device
     px = np.asarray(img.resize((nw, nh), Image.BICUBIC), dtype=np.uint8)[None]
     x = geometry.normalise(px, IMAGENET_MEAN, IMAGENET_STD, device)
-    scores = F.interpolate(segmenter.class_scores(x).float(), size=(nh, nw), mode="bilinear", align_corners=False)
-    return scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
+    labels = upsample_argmax(segmenter.class_scores(x), (nh, nw))  # chunked: no (150, h, w) upsample at once
+    return labels[0].to(torch.uint8).cpu().numpy()
 
 
 def write_class_maps(paths: list[str | os.PathLike], segmenter: Segmenter, *, overwrite: bool = False,
