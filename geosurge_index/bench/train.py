@@ -23,7 +23,7 @@ class TrainBench:
     cells: int = 20000  # cells per level for the geo tables
     device: str = "auto"
     threads: int = 0  # torch CPU threads (0: torch's default)
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32
+    precision: str = "auto"  # devices.autocast_dtype: auto (native bf16 else fp16 on CUDA, fp32 on CPU), bf16, fp16, fp32
     skip_segmenter: bool = False
 
 
@@ -35,16 +35,17 @@ def run_train_bench(config, name: str, settings: TrainBench) -> dict:
 
     import torch
 
-    from geosurge_index.devices import resolve_device
+    from geosurge_index.devices import autocast_dtype, dtype_name, resolve_device
     from geosurge_index.machine import describe_machine
     from geosurge_index.model.geosurge import GeoSurgeModel, parameter_report
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)  # UserError (not a traceback) for cuda without CUDA
-    amp = settings.precision == "bf16" or (settings.precision == "auto" and device.type == "cuda")
+    amp_dtype = autocast_dtype(device, settings.precision)
+    amp = amp_dtype is not None
     print(f"machine: {describe_machine(libraries=('torch', 'transformers'))}; device {device}, "
-          f"{'bf16 autocast' if amp else 'fp32'}")
+          f"{dtype_name(amp_dtype) + ' autocast' if amp else 'fp32'}")
     torch.manual_seed(0)
     model = GeoSurgeModel(config, [settings.cells] * 7, weights=False).to(device)
     total = parameter_report(model)[-1]
@@ -70,17 +71,17 @@ def run_train_bench(config, name: str, settings: TrainBench) -> dict:
         return statistics.median(times)
 
     def train_step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             loss, *_ = model(x, cm, targets)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     def encode():
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             model.encoder(x, cm)
 
-    figures: dict = {"model": name, "device": str(device), "batch": b, "bf16": amp}
+    figures: dict = {"model": name, "device": str(device), "batch": b, "autocast": dtype_name(amp_dtype)}
     model.train()
     t = figures["train_step_s"] = timed(train_step)
     print(f"train step (forward + backward + AdamW, class maps given): {t:.3f} s/step, {b / t:.1f} img/s")
@@ -89,7 +90,7 @@ def run_train_bench(config, name: str, settings: TrainBench) -> dict:
     print(f"encoder inference (class maps given): {t:.3f} s/batch, {b / t:.1f} img/s")
     if config.fusion.enabled and model.encoder.segmenter is not None and not settings.skip_segmenter:
         def segment():
-            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 model.encoder.segment(x)
 
         t = figures["segment_s"] = timed(segment)
