@@ -155,7 +155,8 @@ class MicroBatcher(Generic[T, R]):
         try:
             return list(await asyncio.gather(*futures))
         except BaseException:
-            queued = [f for f in futures if not f.done() and f not in self._running]
+            # gather cancels them all on the way out: those not in the running batch were still queued
+            queued = [f for f in futures if (f.cancelled() or not f.done()) and f not in self._running]
             for fut in futures:  # the caller went away or one item failed: drop the rest
                 fut.cancel()
             self.stats.dropped += len(queued)

@@ -26,7 +26,7 @@ from geosurge_index.errors import UserError
 from geosurge_index.index import PLACE_COLUMNS as PLACE_FIELDS  # of the best finest cell
 from geosurge_index.index import IndexCells
 from geosurge_index.locate.decode import Decoded
-from geosurge_index.service.budget import PixelBudget
+from geosurge_index.service.budget import PixelBudget, return_decoded_memory_to_the_os
 from geosurge_index.service.guard import GuardStats
 from geosurge_index.service.requests import ApiError, DecodedImage, LocatorLike, Upload, decode_upload
 from geosurge_index.settings import ServiceSettings
@@ -76,6 +76,7 @@ class ServiceState:
         self.cells: IndexCells | None = None  # /v1/cells
         self.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
         self.pixels = PixelBudget(settings.decode_pixel_budget)  # decoding memory, across requests
+        return_decoded_memory_to_the_os()
         self.connections = GuardStats()  # filled by the uvicorn protocol (`service.guard`)
         self.disconnects = 0
         self.dropped_images = 0  # queued images of clients that went away, never computed
