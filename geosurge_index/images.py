@@ -208,10 +208,7 @@ def open_class_map(source) -> Image.Image:
     name = getattr(source, "name", source if isinstance(source, (str, os.PathLike)) else "the class map")
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(bytes(source))
-    try:
-        m = Image.open(source)
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageDecodeError("bad_class_map", f"{name} is not a readable PNG class map") from err
+    m = Image.open(source)
     if m.mode not in ("L", "P"):
         raise ImageDecodeError("bad_class_map", f"{name}: class maps are 8-bit single-channel PNGs")
     return m

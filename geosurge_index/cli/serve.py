@@ -54,9 +54,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     # Open the index before binding: a bad INDEX_DIR is a clear error now, not a 503 later.
-    # (`Locator.open` logs one line when the index's segmenter is untrained.)
     print(f"geosurge serve: loading {settings.index_dir} on {settings.device} ...", file=sys.stderr)
-    app = create_app(settings, open_locator(settings))
+    locator = open_locator(settings, warn_untrained=False)  # said here, once, in our own words
+    if locator.segmenter_note:
+        print(f"geosurge serve: warning: {locator.segmenter_note}", file=sys.stderr)
+    app = create_app(settings, locator)
     key = "on" if settings.api_key else "off"
     if settings.api_key and settings.immich_no_key:
         key += ", except /predict and /ping (--immich-no-key)"

@@ -77,8 +77,13 @@ def class_map_image(source, name: str | None = None) -> Image.Image:
 
         buf = io.BytesIO(bytes(source))
         buf.name = what
-        return open_class_map(buf)
-    return open_class_map(source)
+        try:
+            return open_class_map(buf)
+        except (OSError, SyntaxError, ValueError) as err:  # ImageDecodeError is a ValueError too
+            if isinstance(err, ImageDecodeError):
+                raise
+            raise ImageDecodeError("bad_class_map", f"{what} is not a readable PNG class map") from err
+    return open_class_map(source)  # a path: as bulk locate reads the maps beside its images
 
 
 def _decode(image_source, cmap_source, spec: DecodeSpec, name: str | None = None,

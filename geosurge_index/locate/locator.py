@@ -159,12 +159,15 @@ class Locator:
         draft_size: int | None = UNSET,
         max_pixels: int = UNSET,
         ten_crop: bool = UNSET,
+        warn_untrained: bool = True,
     ) -> Locator:
         """Load the index's encoder and search engine. The knobs are `settings`' (default:
         `InferenceSettings()`'s defaults: device auto = CUDA when available, top_k 5, the index's
         beam, draft decoding to the encoder's size, ten_crop off), each overridden by the keyword of
         the same name when given. `ten_crop`: embed each image as the normalised mean of its 10
-        test-time crops. `batch_size` does not apply: each `locate` call is one batch."""
+        test-time crops. `batch_size` does not apply: each `locate` call is one batch.
+        `warn_untrained`: log `segmenter_warning` when it applies (a caller that says it its own
+        way, like `geosurge serve`, passes False and reads `locator.segmenter_note`)."""
         given = {k: v for k, v in dict(device=device, top_k=top_k, beam=beam, draft_size=draft_size,
                                        max_pixels=max_pixels, ten_crop=ten_crop).items() if v is not UNSET}
         s = (settings or InferenceSettings()).inference()
@@ -175,7 +178,7 @@ class Locator:
         places = _read_places(Path(index_dir), predictor.index.levels)
         spec = DecodeSpec(size, size if s.draft_size is None else s.draft_size, s.max_pixels, s.ten_crop)
         note = segmenter_warning(index_dir)
-        if note:
+        if note and warn_untrained:
             log.warning("%s", note)  # once per open, in plain words
         return cls(predictor, spec, places, segmenter_note=note)
 

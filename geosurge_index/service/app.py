@@ -1,11 +1,14 @@
 """The HTTP service: `create_app(settings, locator=None)` -> a FastAPI app that geolocates
 uploaded photos. Its routes and status codes are listed once, in `service/routes.py`
-(`geosurge serve --help` prints them); this module registers exactly those.
+(`geosurge serve --help` prints them); this module registers exactly those. The OpenAPI contract
+(request bodies, answers, 4xx) is `service/schema.py`; `/docs` and `/redoc` are served from local
+files. Slow clients and the connection cap are uvicorn's side (`service/guard.py`).
 
 Request flow: size limit (`requests.BodyLimitMiddleware`) -> API key -> parse (`requests`) ->
-`ServiceState.answer`: decode on a thread pool (the decoder applies the pixel cap on the header,
-before any pixel is decoded; bad images answer 4xx here, before they take a batch slot) ->
-`MicroBatcher` -> one model thread calling `locator.locate(batch)` -> JSON (`prediction_json`).
+`ServiceState.answer`: decode on a thread pool within the pixel budget (the decoder applies the
+pixel cap on the header, before any pixel is decoded; an unusable image gets its own error, or
+the request's 4xx when none is usable) -> `MicroBatcher` -> one model thread calling
+`locator.locate(batch)` -> JSON (`prediction_json`). A client that leaves is one log line.
 """
 
 from __future__ import annotations

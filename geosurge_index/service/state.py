@@ -271,14 +271,15 @@ def manifest_summary(index_dir: Path) -> dict:
             "segmenter": {"trained": note is None, "warning": note}}
 
 
-def open_locator(settings: ServiceSettings) -> LocatorLike:
+def open_locator(settings: ServiceSettings, *, warn_untrained: bool = True) -> LocatorLike:
     """`Locator.open` with the service's settings: the shared inference knobs pass straight through
-    (device, beam, default top_k, draft size, pixel cap, ten-crop)."""
+    (device, beam, default top_k, draft size, pixel cap, ten-crop). `warn_untrained`: as
+    `Locator.open`'s (it logs one line when the index's segmenter was never trained)."""
     from geosurge_index.locate.locator import Locator
 
     if settings.index_dir is None or not Path(settings.index_dir).is_dir():
         raise UserError(f"INDEX_DIR {settings.index_dir} is not a folder")
-    return Locator.open(settings.index_dir, settings=settings)
+    return Locator.open(settings.index_dir, settings=settings, warn_untrained=warn_untrained)
 
 
 def open_cells(settings: ServiceSettings) -> IndexCells | None:
