@@ -37,6 +37,7 @@ class BatchStats:
     batches: int = 0
     items: int = 0
     failed_batches: int = 0
+    dropped: int = 0  # items whose caller went away before their batch started: never computed
     sizes: Counter = field(default_factory=Counter)
     model_seconds: float = 0.0
 
@@ -52,11 +53,19 @@ class BatchStats:
             "batches": self.batches,
             "items": self.items,
             "failed_batches": self.failed_batches,
+            "dropped_items": self.dropped,
             "mean_batch_size": self.items / self.batches if self.batches else 0.0,
             "max_batch_size_seen": max(self.sizes, default=0),
             "batch_size_counts": {str(k): v for k, v in sorted(self.sizes.items())},
             "model_seconds": round(self.model_seconds, 6),
         }
+
+
+@dataclass
+class Submission:
+    """What became of one `submit_many` call's items when its caller went away."""
+
+    dropped: int = 0  # cancelled while still queued (those in a running batch are computed anyway)
 
 
 class MicroBatcher(Generic[T, R]):
@@ -87,6 +96,7 @@ class MicroBatcher(Generic[T, R]):
         self._queue: asyncio.Queue[tuple[T, asyncio.Future]] | None = None
         self._collector: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._running: set[asyncio.Future] = set()  # the futures of the batch the model is computing
 
     @property
     def running(self) -> bool:
@@ -125,10 +135,12 @@ class MicroBatcher(Generic[T, R]):
     async def submit(self, item: T) -> R:
         return (await self.submit_many([item]))[0]
 
-    async def submit_many(self, items: Sequence[T]) -> list[R]:
+    async def submit_many(self, items: Sequence[T], submission: Submission | None = None) -> list[R]:
         """Queue several items at once (all or none: never half a request) and await their results.
 
-        Each item may land in a different batch, with other requests' items.
+        Each item may land in a different batch, with other requests' items. If the caller is
+        cancelled (its client went away), its items still queued are dropped, counted in
+        `submission.dropped` and `stats.dropped`.
         """
         if not self.running or self._queue is None:
             raise BatcherClosed(f"{self.name} batcher is not running")
@@ -143,8 +155,13 @@ class MicroBatcher(Generic[T, R]):
         try:
             return list(await asyncio.gather(*futures))
         except BaseException:
+            # gather cancels them all on the way out: those not in the running batch were still queued
+            queued = [f for f in futures if (f.cancelled() or not f.done()) and f not in self._running]
             for fut in futures:  # the caller went away or one item failed: drop the rest
                 fut.cancel()
+            self.stats.dropped += len(queued)
+            if submission is not None:
+                submission.dropped = len(queued)
             raise
 
     async def _collect(self) -> None:
@@ -180,6 +197,7 @@ class MicroBatcher(Generic[T, R]):
 
     async def _run(self, batch: list[tuple[T, asyncio.Future]]) -> None:
         items = [item for item, _ in batch]
+        self._running = {fut for _, fut in batch}
         start = time.perf_counter()
         call = asyncio.get_running_loop().run_in_executor(self._executor, self.fn, items)
         stopping = False
@@ -204,5 +222,6 @@ class MicroBatcher(Generic[T, R]):
             for (_, fut), result in zip(batch, results, strict=True):
                 if not fut.done():
                     fut.set_result(result)
+        self._running = set()
         if stopping:
             raise asyncio.CancelledError

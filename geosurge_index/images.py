@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,15 +44,16 @@ def check_pixel_cap(width: int, height: int, max_pixels: int) -> None:
         )
 
 
-def probe_image(source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def probe_image(source, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
     """Path or bytes -> the opened image with only its header read: the format is checked and
     the pixel cap applied (a rotation-invariant product, so EXIF is not needed), nothing is
-    decoded. This is how decompression bombs are refused before any pixel is allocated."""
+    decoded. This is how decompression bombs are refused before any pixel is allocated.
+    `name` is what error messages call the image (default: the path, or "the image" for bytes)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-        name = "<bytes>"
+        name = name or "the image"
     else:
-        name = os.fspath(source)
+        name = name or os.fspath(source)
         try:
             data = Path(name).read_bytes()
         except OSError as err:
@@ -63,11 +66,16 @@ def probe_image(source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         raise ImageDecodeError("not_an_image", f"{name} is not a recognised image") from err
     except Image.DecompressionBombError as err:
         raise ImageDecodeError("too_many_pixels", f"{name}: {err}") from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:  # e.g. a header cut short
+        raise ImageDecodeError("truncated", f"{name}: cannot read the header: {err}") from err
     if img.format not in SUPPORTED_FORMATS:
         raise ImageDecodeError(
             "unsupported_format", f"{name} is {img.format}; supported: JPEG, PNG, WebP"
         )
-    check_pixel_cap(*img.size, max_pixels)
+    try:
+        check_pixel_cap(*img.size, max_pixels)
+    except ImageDecodeError as err:
+        raise ImageDecodeError(err.kind, f"{name}: {err.message}") from None
     return img
 
 
@@ -82,39 +90,85 @@ class SizedImage:
     height: int
 
 
+# A pixel budget: `hold(n)` blocks until `n` pixels may be decoded, and gives them back when its
+# block ends (the service bounds concurrent decoding by pixels; see `service.budget`).
+PixelHold = Callable[[int], AbstractContextManager]
+
+# Modes `Image.reduce` takes as they are (a palette or CMYK image is converted first).
+REDUCIBLE_MODES = frozenset({"RGB", "RGBA", "RGBX", "L", "LA", "I", "F"})
+
+
+def _reduced(img: Image.Image, draft_size: int | None) -> Image.Image:
+    """A decoded non-JPEG image at least twice `draft_size` on its short side -> reduced by an
+    integer box filter to no less than `draft_size` (JPEG's DCT draft, for formats without one):
+    the conversions that follow (alpha compositing, RGB) then touch the small image only."""
+    if not draft_size or min(img.size) < 2 * draft_size:
+        return img
+    if img.mode not in REDUCIBLE_MODES:
+        alpha = img.mode == "PA" or "transparency" in img.info
+        img = img.convert("RGBA" if alpha else "RGB")
+    return img.reduce(min(img.size) // draft_size)
+
+
+# EXIF orientation -> the transpose that shows the picture upright (as `ImageOps.exif_transpose`)
+ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                         4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                         6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                         8: Image.Transpose.ROTATE_90}
+
+
 def decode_image_with_size(
-    source, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+    source, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None,
+    name: str | None = None, hold: PixelHold | None = None,
 ) -> SizedImage:
     """Path, bytes or PIL image -> an RGB PIL image with EXIF orientation applied, and the photo's
     true size (see `SizedImage`).
 
     `draft_size` lets JPEG decoding scale by DCT (2-6x faster) to at least that many pixels on
-    the short side; the model resizes afterwards anyway.
+    the short side, and reduces other formats to about that size right after decoding; the
+    model resizes afterwards anyway. `name` is what error messages call the image. `hold`: a
+    pixel budget, held around the decoding with the number of pixels it will allocate.
     """
     if isinstance(source, Image.Image):
         img = source
         check_pixel_cap(*img.size, max_pixels)
     else:
-        img = probe_image(source, max_pixels=max_pixels)
+        img = probe_image(source, max_pixels=max_pixels, name=name)
+    name = name or getattr(img, "filename", None) or "the image"
     w, h = img.size  # the stored size, before draft scaling
-    try:
-        if draft_size and img.format in ("JPEG", "MPO"):
+    if draft_size and img.format in ("JPEG", "MPO"):
+        try:
             img.draft("RGB", (draft_size, draft_size))
-        img.load()
-        # Read after load: a PNG's EXIF may follow its pixels (getexif would load it anyway).
-        if img.getexif().get(0x0112) in ROTATING_ORIENTATIONS:
-            w, h = h, w
-        img = ImageOps.exif_transpose(img)
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageDecodeError("truncated", f"cannot decode: {err}") from err
-    if img.mode != "RGB":
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # alpha composited on white
-            img = Image.alpha_composite(bg, rgba).convert("RGB")
-        else:
-            img = img.convert("RGB")  # L, I;16, CMYK, YCbCr, P ...
+        except (OSError, SyntaxError, ValueError, EOFError) as err:
+            raise ImageDecodeError("truncated", f"{name}: cannot decode: {err}") from err
+    with hold(img.size[0] * img.size[1]) if hold is not None else nullcontext():
+        try:
+            img.load()
+            # Read after load: a PNG's EXIF may follow its pixels (getexif would load it anyway).
+            orientation = img.getexif().get(0x0112)
+            if orientation in ROTATING_ORIENTATIONS:
+                w, h = h, w
+            small = img if img.format in ("JPEG", "MPO") else _reduced(img, draft_size)
+            if small is img:
+                img = ImageOps.exif_transpose(img)
+            else:  # reduced before turning: the full-size picture is never copied
+                turn = ORIENTATION_TRANSPOSE.get(orientation)
+                img = small if turn is None else small.transpose(turn)
+        except (OSError, SyntaxError, ValueError, EOFError) as err:
+            raise ImageDecodeError("truncated", f"{name}: cannot decode: {err}") from err
+        img = _rgb(img)
     return SizedImage(img, w, h)
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    """Any mode -> RGB; transparent pixels composited on white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # alpha composited on white
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")  # L, I;16, CMYK, YCbCr, P ...
 
 
 def decode_image(
@@ -151,9 +205,9 @@ def class_map_path(image_path: str | os.PathLike) -> Path:
 def open_class_map(source) -> Image.Image:
     """A class-map PNG (path, bytes or file object) -> the PIL image (8-bit: ADE20K ids 0..149,
     255 = unlabelled), whole and unresized."""
+    name = getattr(source, "name", source if isinstance(source, (str, os.PathLike)) else "the class map")
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(bytes(source))
-    name = getattr(source, "name", source if isinstance(source, (str, os.PathLike)) else "<bytes>")
     m = Image.open(source)
     if m.mode not in ("L", "P"):
         raise ImageDecodeError("bad_class_map", f"{name}: class maps are 8-bit single-channel PNGs")

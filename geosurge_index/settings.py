@@ -307,6 +307,25 @@ class ServiceSettings(InferenceSettings):
     )
     log_level: LogLevel = setting(
         "info", "uvicorn log level: critical, error, warning, info, debug", metavar="LEVEL")
+    immich_no_key: bool = setting(
+        False, "leave /predict (and /ping) open without the API key, for immich's server, which cannot "
+        "send one: only on a trusted network, the /v1/* routes keep the key", metavar="BOOL")
+    decode_pixel_budget: int = setting(
+        DEFAULT_MAX_PIXELS, "pixels decoded at once across all requests (an image holds width x height, "
+        "after JPEG draft scaling, while it decodes; a larger one decodes alone): bounds the decoding "
+        "memory to about 4 bytes x this", ge=1)
+    header_timeout_s: float = setting(
+        10.0, "seconds a connection may take to send a request's head (idle connections included); "
+        "then it is closed with 408", metavar="S", gt=0)
+    idle_timeout_s: float = setting(
+        30.0, "seconds a request body may pause before the connection is closed", metavar="S", gt=0)
+    min_upload_rate: float = setting(
+        1024.0, "bytes/s a request body must average once it has taken --idle-timeout-s "
+        "(a 1-byte/s trickle is closed)", metavar="BYTES", ge=0)
+    keep_alive_s: float = setting(
+        5.0, "seconds an idle kept-alive connection stays open between requests", metavar="S", gt=0)
+    max_connections: int = setting(
+        512, "most open connections; a new one beyond it gets 503 and is closed at once", ge=1)
 
     @field_validator("index_dir", mode="after")
     @classmethod

@@ -304,9 +304,25 @@ def test_far_too_many_images_is_413_not_a_form_parser_400(client):
     assert r.status_code == 413, r.text
 
 
-def test_one_bad_image_fails_the_request_and_names_it(client):
-    files = [("images", ("good.jpg", jpeg(), "image/jpeg")), ("images", ("bad.jpg", b"", "image/jpeg"))]
+def test_one_bad_image_among_good_ones_gets_its_own_error(client):
+    """Issue 14: the good images are answered, the bad one gets a per-image error naming it."""
+    good, other = jpeg(1), jpeg(2)
+    files = [("images", ("good.jpg", good, "image/jpeg")), ("images", ("bad.jpg", b"", "image/jpeg")),
+             ("images", ("text.jpg", b"not an image at all", "image/jpeg")),
+             ("images", ("other.jpg", other, "image/jpeg"))]
     r = post_files(client, files)
+    assert r.status_code == 200, r.text
+    a, bad, text, b = r.json()["results"]
+    assert (bad["name"], bad["error_kind"], bad["lat"], bad["alternatives"]) == ("bad.jpg", "zero_bytes", None, [])
+    assert "bad.jpg" in bad["error"] and "<bytes>" not in bad["error"]
+    assert text["error_kind"] == "not_an_image" and "text.jpg" in text["error"]
+    alone = [post_files(client, {"images": (n, d, "image/jpeg")}).json()["results"][0]
+             for n, d in (("good.jpg", good), ("other.jpg", other))]
+    assert_same_answer(a, alone[0])
+    assert_same_answer(b, alone[1])
+    assert a["error"] is None and a["error_kind"] is None
+    # every image unusable: the request's 4xx, naming the first
+    r = post_files(client, [("images", ("bad.jpg", b"", "image/jpeg")), ("images", ("x.jpg", b"", "image/jpeg"))])
     assert r.status_code == 400 and "bad.jpg" in r.json()["detail"]
 
 

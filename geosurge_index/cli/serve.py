@@ -49,16 +49,22 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from geosurge_index.service.app import create_app
+    from geosurge_index.service.guard import uvicorn_config
     from geosurge_index.service.state import open_locator
 
     settings = _settings(args)
     # Open the index before binding: a bad INDEX_DIR is a clear error now, not a 503 later.
     print(f"geosurge serve: loading {settings.index_dir} on {settings.device} ...", file=sys.stderr)
-    app = create_app(settings, open_locator(settings))
+    locator = open_locator(settings, warn_untrained=False)  # said here, once, in our own words
+    if locator.segmenter_note:
+        print(f"geosurge serve: warning: {locator.segmenter_note}", file=sys.stderr)
+    app = create_app(settings, locator)
     key = "on" if settings.api_key else "off"
+    if settings.api_key and settings.immich_no_key:
+        key += ", except /predict and /ping (--immich-no-key)"
     print(f"geosurge serve: http://{settings.host}:{settings.port} (API key {key}, batches of up to "
           f"{settings.max_batch_size}, wait {settings.max_wait_ms} ms)", file=sys.stderr)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.Server(uvicorn_config(app, settings)).run()
     return 0
 
 

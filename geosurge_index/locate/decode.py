@@ -1,6 +1,10 @@
 """The reader stage: input rows, paths, bytes or PIL images -> model-size uint8 pixels and class
 maps (`DecodedBatch`). Pure CPU; runs in DataLoader worker processes or Ray tasks. One centre crop
-per image, or with `ten_crop` the 10 test-time crops. Failures become error strings, never exceptions."""
+per image, or with `ten_crop` the 10 test-time crops. Failures become error strings, never exceptions.
+
+A class map (ADE20K ids, 255 unlabelled: the `<stem>.classmap.png` format) comes from beside a
+path, from a tar sample, or from the caller (`decode_any(..., class_map=...)`: a path, PNG bytes,
+a PIL image or a uint8 array), and is cut with its image's crop plan."""
 
 from __future__ import annotations
 
@@ -10,12 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from geosurge_index import geometry, sources
 from geosurge_index.geometry import TEN_CROPS  # test-time ten-crop: 4 corners + centre, and their mirrors
 from geosurge_index.images import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
+    PixelHold,
     decode_image_with_size,
     open_class_map,
 )
@@ -48,15 +54,49 @@ class Decoded:
     error: str | None = None  # "kind: message"
 
 
-def _decode(image_source, cmap_source, spec: DecodeSpec) -> Decoded:
+def class_map_image(source, name: str | None = None) -> Image.Image:
+    """A class map given by a caller -> an 8-bit PIL image: a path or PNG bytes (as
+    `<stem>.classmap.png`), a PIL image (mode L or P) or a 2-D integer array of ADE20K ids."""
+    what = name or "the class map"
+    if isinstance(source, Image.Image):
+        if source.mode not in ("L", "P"):
+            raise ImageDecodeError("bad_class_map", f"{what}: class maps are 8-bit single-channel images, "
+                                   f"not mode {source.mode}")
+        return source
+    if isinstance(source, np.ndarray):
+        if source.ndim != 2 or not np.issubdtype(source.dtype, np.integer):
+            raise ImageDecodeError("bad_class_map", f"{what}: a class map array is 2-D integer ADE20K ids, "
+                                   f"not {source.dtype} {source.shape}")
+        if source.size and (source.min() < 0 or source.max() > 255):
+            raise ImageDecodeError("bad_class_map", f"{what}: class ids must lie in 0..255")
+        return Image.fromarray(source.astype(np.uint8, copy=False), "L")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if not source:
+            raise ImageDecodeError("bad_class_map", f"{what} is empty")
+        import io
+
+        buf = io.BytesIO(bytes(source))
+        buf.name = what
+        try:
+            return open_class_map(buf)
+        except (OSError, SyntaxError, ValueError) as err:  # ImageDecodeError is a ValueError too
+            if isinstance(err, ImageDecodeError):
+                raise
+            raise ImageDecodeError("bad_class_map", f"{what} is not a readable PNG class map") from err
+    return open_class_map(source)  # a path: as bulk locate reads the maps beside its images
+
+
+def _decode(image_source, cmap_source, spec: DecodeSpec, name: str | None = None,
+            hold: PixelHold | None = None) -> Decoded:
     """Bytes or a PIL image -> Decoded. Never raises on bad data: failures become `error`."""
     try:
         sized = decode_image_with_size(image_source, max_pixels=spec.max_pixels,
-                                       draft_size=spec.draft_size or None)
+                                       draft_size=spec.draft_size or None, name=name, hold=hold)
         # One crop plan for the pixels and the class map: the map is cut exactly like its image.
         plan = geometry.crop_plan(*sized.image.size, spec.image_size, ten=spec.ten_crop)
         pixels = plan.cut_pixels(sized.image)
-        cmap = None if cmap_source is None else plan.cut_class_map(open_class_map(cmap_source))
+        cmap_name = f"the class map of {name}" if name else None
+        cmap = None if cmap_source is None else plan.cut_class_map(class_map_image(cmap_source, cmap_name))
         if not spec.ten_crop:
             pixels, cmap = pixels[0], None if cmap is None else cmap[0]
         return Decoded(pixels, cmap, sized.width, sized.height)
@@ -66,25 +106,43 @@ def _decode(image_source, cmap_source, spec: DecodeSpec) -> Decoded:
         return Decoded(None, None, error=f"decode_failed: {type(err).__name__}: {err}")
 
 
-def decode_input_row(file: str, offset: int, size: int, cmo: int, cms: int, spec: DecodeSpec) -> Decoded:
-    """One row of the input table (`sources.INPUT_SCHEMA`) -> Decoded."""
+_BESIDE = object()  # decode_input_row's default: the class map the input table points at
+
+
+def decode_input_row(file: str, offset: int, size: int, cmo: int, cms: int, spec: DecodeSpec,
+                     class_map=_BESIDE) -> Decoded:
+    """One row of the input table (`sources.INPUT_SCHEMA`) -> Decoded. `class_map`, when given,
+    replaces the row's own (the file beside it or the tar member)."""
     try:
         data = sources.read_bytes(file, offset, size)
-        cmap = sources.class_map_source(file, offset, cmo, cms)
+        cmap = sources.class_map_source(file, offset, cmo, cms) if class_map is _BESIDE else class_map
     except ImageDecodeError as err:
         return Decoded(None, None, error=f"{err.kind}: {err.message}")
     except Exception as err:  # noqa: BLE001 - e.g. a NUL in a manifest path: an error row, not a dead run
         return Decoded(None, None, error=f"unreadable: {file}: {type(err).__name__}: {err}")
-    return _decode(data, cmap, spec)
+    return _decode(data, cmap, spec, name=file)
 
 
-def decode_any(image, spec: DecodeSpec) -> Decoded:
-    """A path, bytes or PIL image (the `Locator` API) -> Decoded; a path's class map is used."""
+def decode_any(image, spec: DecodeSpec, *, class_map=None, name: str | None = None,
+               hold: PixelHold | None = None) -> Decoded:
+    """A path, bytes or PIL image (the `Locator` API) -> Decoded. `class_map`: the image's class
+    map (path, PNG bytes, PIL image or array; see `class_map_image`); without one a path's
+    `<stem>.classmap.png` is used when it exists. `name` is what error messages call the image
+    (a path names itself). `hold`: a pixel budget around the decoding (the service's)."""
     if isinstance(image, (str, os.PathLike)):
-        return decode_input_row(os.fspath(image), -1, -1, -1, -1, spec)  # class map beside it too
+        path = os.fspath(image)
+        if hold is None and class_map is None:
+            return decode_input_row(path, -1, -1, -1, -1, spec)  # class map beside it too
+        try:
+            data = sources.read_bytes(path, -1, -1)
+        except ImageDecodeError as err:
+            return Decoded(None, None, error=f"{err.kind}: {err.message}")
+        if class_map is None:
+            class_map = sources.class_map_source(path, -1, -1, -1)
+        return _decode(data, class_map, spec, name=path, hold=hold)
     if isinstance(image, (bytearray, memoryview)):
         image = bytes(image)
-    return _decode(image, None, spec)
+    return _decode(image, class_map, spec, name=name, hold=hold)
 
 
 @dataclass

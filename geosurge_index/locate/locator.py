@@ -1,8 +1,17 @@
 """The Python API: `Locator.open(INDEX_DIR)`; `locator.locate([paths | bytes | PIL images]) ->
-[Prediction]`. The same reader, mapper and search stages as the bulk runner, on images in memory."""
+[Prediction]`. The same reader, mapper and search stages as the bulk runner, on images in memory.
+
+    from geosurge_index import Locator
+    with Locator.open("index/") as locator:
+        preds = locator.locate(["a.jpg", photo_bytes], class_maps=[None, map_png_bytes])
+
+A class map (ADE20K ids, the `<stem>.classmap.png` format) given with an image skips the segmenter
+for it; an index whose segmenter was never trained says so once, when it is opened
+(`segmenter_warning`)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -15,6 +24,8 @@ from geosurge_index.index import PLACE_COLUMNS  # noqa: F401 - re-exported
 from geosurge_index.locate.decode import Decoded, DecodeSpec, collate, decode_any
 from geosurge_index.locate.predictor import Predictor, SearchSettings
 from geosurge_index.settings import UNSET, InferenceSettings
+
+log = logging.getLogger("geosurge.locate")
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,29 @@ class Prediction:
 
 
 
+def segmenter_warning(index_dir: str | os.PathLike) -> str | None:
+    """A plain-words warning when the index's segmenter was never trained (encoder.json: a
+    segmenter built from its config, `pretrained: null`, and not marked trained with
+    `"segmenter_trained": true`), so that images located without a class map get worse answers;
+    None when the segmenter is pretrained or trained, or there is none (maps are then required)."""
+    from geosurge_index.formats import read_json
+    from geosurge_index.model.encoder_io import ENCODER_FORMAT, ENCODER_JSON, ENCODER_VERSION
+
+    path = Path(index_dir) / ENCODER_JSON
+    if not path.is_file():
+        return None
+    meta = read_json(path, ENCODER_FORMAT, ENCODER_VERSION)
+    seg = (meta.get("model") or {}).get("segmenter") or {}
+    if seg.get("kind", "none") == "none" or seg.get("pretrained") is not None:
+        return None
+    if meta.get("segmenter_trained") or seg.get("trained"):
+        return None
+    return (f"the index {os.fspath(index_dir)} has an untrained segmenter (random weights, "
+            "`pretrained: null`): photos located without a class map get much less accurate answers. "
+            "Give each photo its class map (a <stem>.classmap.png beside it, `geosurge segment`, or "
+            "class_map= / the HTTP class_map field), or export the index with a trained segmenter.")
+
+
 def _read_places(index_dir: Path, level: int) -> dict[str, list]:
     """Place-name columns of one level's cells (None everywhere when the index has none)."""
     from geosurge_index.index import IndexCells
@@ -83,9 +117,11 @@ class Locator:
 
     One model call per `locate` (give it a batch). Safe to call from any one thread at a time,
     and concurrent calls are serialised by a lock, so a server may call it from a worker thread.
+    A context manager: `with Locator.open(d) as locator: ...` releases the model on exit.
     """
 
-    def __init__(self, predictor: Predictor, spec: DecodeSpec, places: dict[str, list] | None = None):
+    def __init__(self, predictor: Predictor, spec: DecodeSpec, places: dict[str, list] | None = None,
+                 segmenter_note: str | None = None):
         if predictor.settings.ten_crop != spec.ten_crop:
             raise ValueError("the predictor's and the decode spec's ten_crop settings differ")
         self.predictor = predictor
@@ -93,7 +129,23 @@ class Locator:
         self.index = predictor.index
         n_finest = self.index.tree.sizes[-1]
         self.places = places or {c: [None] * n_finest for c in PLACE_COLUMNS}
+        self.segmenter_note = segmenter_note  # `segmenter_warning`'s text, or None
         self._lock = threading.Lock()
+
+    def __enter__(self) -> Locator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the model and the index (GPU memory with them); `locate` refuses afterwards."""
+        with self._lock:
+            self.predictor = self.index = None  # type: ignore[assignment]
+
+    @property
+    def closed(self) -> bool:
+        return self.predictor is None
 
     @classmethod
     def open(
@@ -107,12 +159,15 @@ class Locator:
         draft_size: int | None = UNSET,
         max_pixels: int = UNSET,
         ten_crop: bool = UNSET,
+        warn_untrained: bool = True,
     ) -> Locator:
         """Load the index's encoder and search engine. The knobs are `settings`' (default:
         `InferenceSettings()`'s defaults: device auto = CUDA when available, top_k 5, the index's
         beam, draft decoding to the encoder's size, ten_crop off), each overridden by the keyword of
         the same name when given. `ten_crop`: embed each image as the normalised mean of its 10
-        test-time crops. `batch_size` does not apply: each `locate` call is one batch."""
+        test-time crops. `batch_size` does not apply: each `locate` call is one batch.
+        `warn_untrained`: log `segmenter_warning` when it applies (a caller that says it its own
+        way, like `geosurge serve`, passes False and reads `locator.segmenter_note`)."""
         given = {k: v for k, v in dict(device=device, top_k=top_k, beam=beam, draft_size=draft_size,
                                        max_pixels=max_pixels, ten_crop=ten_crop).items() if v is not UNSET}
         s = (settings or InferenceSettings()).inference()
@@ -122,32 +177,52 @@ class Locator:
         size = predictor.image_size
         places = _read_places(Path(index_dir), predictor.index.levels)
         spec = DecodeSpec(size, size if s.draft_size is None else s.draft_size, s.max_pixels, s.ten_crop)
-        return cls(predictor, spec, places)
+        note = segmenter_warning(index_dir)
+        if note and warn_untrained:
+            log.warning("%s", note)  # once per open, in plain words
+        return cls(predictor, spec, places, segmenter_note=note)
 
     @property
     def image_size(self) -> int:
-        return self.predictor.image_size
+        return self.spec.image_size
 
-    def decode(self, image) -> Decoded:
-        """The reader stage for one image (no model; thread-safe, may run in other threads)."""
-        return decode_any(image, self.spec)
+    def decode(self, image, class_map=None, *, name: str | None = None, hold=None) -> Decoded:
+        """The reader stage for one image (no model; thread-safe, may run in other threads).
+        `class_map`: its class map (path, PNG bytes, PIL image or uint8 array of ADE20K ids)."""
+        return decode_any(image, self.spec, class_map=class_map, name=name, hold=hold)
 
     def locate(self, images: Iterable, *, top_k: int | None = None, ids: Sequence[str] | None = None,
-               return_embeddings: bool = False, cell_probabilities: bool = True) -> list[Prediction]:
+               return_embeddings: bool = False, cell_probabilities: bool = True,
+               class_maps: Sequence | None = None) -> list[Prediction]:
         """Paths, bytes, PIL images or `Decoded` (from `decode`) -> one Prediction each, in order.
         An image that cannot be decoded gives a Prediction with `error` set, never an exception.
-        `cell_probabilities=False` leaves `cells[i].probability` None: each level's softmax needs
-        every cell of the level (a GEMM per level), which a caller that ignores them should not pay."""
+        `class_maps`: one class map per image, or None (a path then uses its `<stem>.classmap.png`
+        when it exists; others run the segmenter); an item may also be an `(image, class_map)`
+        pair. `cell_probabilities=False` leaves `cells[i].probability` None: each level's softmax
+        needs every cell of the level (a GEMM per level), which a caller that ignores them should
+        not pay."""
+        if self.closed:
+            raise RuntimeError("this Locator is closed")
         images = list(images)
         if not images:
             return []
-        decoded = [im if isinstance(im, Decoded) else self.decode(im) for im in images]
-        batch = collate(np.arange(len(decoded)), decoded, self.image_size, crops=self.spec.crops)
+        maps = [None] * len(images) if class_maps is None else list(class_maps)
+        if len(maps) != len(images):
+            raise ValueError(f"{len(maps)} class maps for {len(images)} images")
+        for i, im in enumerate(images):
+            if isinstance(im, tuple):
+                if len(im) != 2 or maps[i] is not None:
+                    raise ValueError(f"images[{i}]: a tuple is (image, class_map), and its map not also "
+                                     "in class_maps")
+                images[i], maps[i] = im
         if ids is None:
             ids = [os.fspath(im) if isinstance(im, (str, os.PathLike)) else None for im in images]
         ids = [None if i is None else str(i) for i in ids]
         if len(ids) != len(images):
             raise ValueError(f"{len(ids)} ids for {len(images)} images")
+        decoded = [im if isinstance(im, Decoded) else self.decode(im, cm, name=i or f"images[{n}]")
+                   for n, (im, cm, i) in enumerate(zip(images, maps, ids, strict=True))]
+        batch = collate(np.arange(len(decoded)), decoded, self.image_size, crops=self.spec.crops)
         base = self.predictor
         with self._lock:
             pred = base if top_k in (None, base.settings.top_k) else Predictor(

@@ -29,9 +29,13 @@ class ServerThread:
     def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, log_level: str = "warning"):
         import uvicorn
 
+        from geosurge_index.service.guard import uvicorn_config
+
         self.host, self.port = host, port or free_port(host)
-        config = uvicorn.Config(app, host=self.host, port=self.port, log_level=log_level,
-                                access_log=False, lifespan="on")
+        state = getattr(app.state, "service", None)  # our app: its settings' timeouts and caps
+        settings = state.settings if state is not None else ServiceSettings()
+        config = uvicorn_config(app, settings, host=self.host, port=self.port, log_level=log_level,
+                                access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
 

@@ -1,6 +1,12 @@
 """What the service's routes share (routes: `service/routes.py`): `ServiceState` (the locator
-once loaded, the micro-batcher, the decode pool, the cells), the model thread's unit of work
-(`ModelJob`), the one prediction -> JSON mapping, and opening the index."""
+once loaded, the micro-batcher, the decode pool and its pixel budget, the cells, the connection
+figures), the model thread's unit of work (`ModelJob`), the one prediction -> JSON mapping, and
+opening the index.
+
+A client that goes away: while its body is read, starlette's `ClientDisconnect`; afterwards
+`answer` watches the connection and, when it closes, cancels the request's images still queued
+for the model (the batcher drops cancelled items before a batch starts). Either way the app logs
+one line (`log_client_gone`), not a traceback."""
 
 from __future__ import annotations
 
@@ -15,15 +21,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from geosurge_index.batcher import BatcherClosed, BatcherFull, MicroBatcher
+from geosurge_index.batcher import BatcherClosed, BatcherFull, MicroBatcher, Submission
 from geosurge_index.errors import UserError
 from geosurge_index.index import PLACE_COLUMNS as PLACE_FIELDS  # of the best finest cell
 from geosurge_index.index import IndexCells
 from geosurge_index.locate.decode import Decoded
-from geosurge_index.service.requests import ApiError, DecodedImage, LocatorLike, decode_upload
+from geosurge_index.service.budget import PixelBudget, return_decoded_memory_to_the_os
+from geosurge_index.service.guard import GuardStats
+from geosurge_index.service.requests import ApiError, DecodedImage, LocatorLike, Upload, decode_upload
 from geosurge_index.settings import ServiceSettings
 
 log = logging.getLogger("geosurge.server")
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer: nothing is sent, one line is logged."""
+
+    def __init__(self, dropped: int = 0):
+        super().__init__(f"{dropped} images dropped")
+        self.dropped = dropped
+
+
+def log_client_gone(scope: dict, when: str, dropped: int = 0) -> None:
+    client = scope.get("client")
+    who = f"{client[0]}:{client[1]}" if client else "a client"
+    what = f"; {dropped} of its images dropped before the model" if dropped else ""
+    log.info("client %s disconnected %s (%s %s)%s", who, when, scope.get("method"), scope.get("path"), what)
+
+
+async def _disconnected(receive) -> None:
+    """Returns when the ASGI server says the client has gone (the body has been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 
@@ -46,6 +75,11 @@ class ServiceState:
         self.load_error: str | None = None
         self.cells: IndexCells | None = None  # /v1/cells
         self.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+        self.pixels = PixelBudget(settings.decode_pixel_budget)  # decoding memory, across requests
+        return_decoded_memory_to_the_os()
+        self.connections = GuardStats()  # filled by the uvicorn protocol (`service.guard`)
+        self.disconnects = 0
+        self.dropped_images = 0  # queued images of clients that went away, never computed
         self.batcher = MicroBatcher(
             self._run_batch,
             max_batch_size=settings.max_batch_size,
@@ -85,40 +119,76 @@ class ServiceState:
         reason = self.load_error or "the index is still loading"
         return ApiError(503, "not_ready", f"not ready: {reason}", headers={"Retry-After": "5"})
 
-    async def answer(self, uploads: Sequence[tuple[str, bytes]], top_k: int,
-                     include_cells: bool = True) -> tuple[list[DecodedImage], list[Any]]:
-        """Read uploads -> (decoded images, predictions), timed into `latencies`. Every route
-        that locates calls this once its request is read, so all are timed from the same point."""
+    async def answer(self, uploads: Sequence[Upload | tuple[str, bytes]], top_k: int,
+                     include_cells: bool = True, receive=None,
+                     ) -> tuple[list[DecodedImage | ApiError], list[Any]]:
+        """Read uploads -> (per image: decoded image or its refusal; predictions of the decoded
+        ones, in order), timed into `latencies`. Every route that locates calls this once its
+        request is read, so all are timed from the same point. When no image is usable the
+        first refusal is raised (a one-image request answers that image's 4xx). `receive`: the
+        request's ASGI receive; when given, a client that goes away has its queued images
+        dropped (`ClientGone`)."""
         t0 = time.perf_counter()
-        decoded = await self.decode_all(uploads)
-        preds = await self.predict([ModelJob(d.decoded, top_k, include_cells) for d in decoded])
+        submission = Submission()
+        work = self._answer([Upload.of(u) for u in uploads], top_k, include_cells, submission)
+        if receive is None:
+            out = await work
+        else:
+            out = await self._unless_gone(work, receive, submission)
         self.latencies.append(time.perf_counter() - t0)
+        return out
+
+    async def _answer(self, uploads: list[Upload], top_k: int, include_cells: bool, submission: Submission):
+        decoded = await self.decode_all(uploads)
+        good = [d for d in decoded if isinstance(d, DecodedImage)]
+        if not good:
+            raise next(d for d in decoded if isinstance(d, ApiError))
+        preds = await self.predict([ModelJob(d.decoded, top_k, include_cells) for d in good], submission)
         return decoded, preds
 
-    async def decode_all(self, uploads: Sequence[tuple[str, bytes]]) -> list[DecodedImage]:
+    async def _unless_gone(self, work, receive, submission: Submission):
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(_disconnected(receive))
+        try:
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()  # cancels the batcher's futures: their items are skipped, not computed
+        try:
+            await task
+        except BaseException:  # noqa: BLE001 - cancelled, or failed on its way out: both moot now
+            pass
+        self.disconnects += 1
+        self.dropped_images += submission.dropped
+        raise ClientGone(submission.dropped)
+
+    async def decode_all(self, uploads: Sequence[Upload | tuple[str, bytes]]) -> list[DecodedImage | ApiError]:
         """Decode every upload on the decode threads (in parallel, off the event loop and off the
-        model thread); the first unusable one fails the request, naming it."""
+        model thread, within the pixel budget): each a `DecodedImage` or the `ApiError` naming it."""
         locator = self.locator
         if locator is None:
             raise self._not_ready()
         loop = asyncio.get_running_loop()
-        cap = self.settings.max_pixels
+        cap, hold = self.settings.max_pixels, self.pixels.hold
         tasks = [
             loop.run_in_executor(self.decode_pool,
-                                 lambda d=data, n=name: decode_upload(locator, d, n, max_pixels=cap))
-            for name, data in uploads
+                                 lambda u=Upload.of(u): decode_upload(locator, u.data, u.name, max_pixels=cap,
+                                                                      class_map=u.class_map, hold=hold))
+            for u in uploads
         ]
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for r in results:
-            if isinstance(r, BaseException):
+            if isinstance(r, BaseException) and not isinstance(r, ApiError):
                 raise r
         return list(results)
 
-    async def predict(self, jobs: list[ModelJob]) -> list[Any]:
+    async def predict(self, jobs: list[ModelJob], submission: Submission | None = None) -> list[Any]:
         if not self.ready:
             raise self._not_ready()
         try:
-            return await self.batcher.submit_many(jobs)
+            return await self.batcher.submit_many(jobs, submission)
         except BatcherFull as err:
             raise ApiError(503, "overloaded", str(err), headers={"Retry-After": "1"}) from None
         except BatcherClosed as err:
@@ -135,8 +205,12 @@ def _num(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def prediction_json(pred: Any, image: DecodedImage, *, top_k: int, include_cells: bool) -> dict:
-    """A `locate.Prediction` -> one image's JSON answer (one mapping, shared by all routes)."""
+def prediction_json(pred: Any, image: DecodedImage | ApiError, *, top_k: int, include_cells: bool,
+                    name: str | None = None) -> dict:
+    """A `locate.Prediction` -> one image's JSON answer (one mapping, shared by all routes); an
+    image refused (`ApiError`) -> its error entry, with the same fields."""
+    if isinstance(image, ApiError):
+        return error_json(name or "image", image.message, image.kind, include_cells)
     out: dict[str, Any] = {
         "name": image.name,
         "width": image.width,
@@ -146,6 +220,7 @@ def prediction_json(pred: Any, image: DecodedImage, *, top_k: int, include_cells
         "probability": _num(pred.probability),
         "place": {k: getattr(pred, k) for k in PLACE_FIELDS},
         "error": pred.error,
+        "error_kind": None if pred.error is None else pred.error.split(":", 1)[0],
     }
     if include_cells:
         out["cells"] = [
@@ -161,25 +236,50 @@ def prediction_json(pred: Any, image: DecodedImage, *, top_k: int, include_cells
     return out
 
 
+def error_json(name: str, message: str, kind: str, include_cells: bool) -> dict:
+    out: dict[str, Any] = {
+        "name": name, "width": None, "height": None, "lat": None, "lon": None, "probability": None,
+        "place": dict.fromkeys(PLACE_FIELDS), "error": message, "error_kind": kind,
+    }
+    if include_cells:
+        out["cells"] = []
+    out["alternatives"] = []
+    return out
+
+
+def results_json(uploads: Sequence[Upload], decoded: Sequence[DecodedImage | ApiError], preds: Sequence[Any],
+                 *, top_k: int, include_cells: bool) -> list[dict]:
+    """Every image's answer in the order sent: the predictions go to the images that decoded."""
+    it = iter(preds)
+    return [prediction_json(None if isinstance(d, ApiError) else next(it), d, top_k=top_k,
+                            include_cells=include_cells, name=u.name)
+            for u, d in zip(uploads, decoded, strict=True)]
+
+
 # -- the index -----------------------------------------------------------------------------------
 
 
 def manifest_summary(index_dir: Path) -> dict:
-    """manifest.json without its per-file checksums (what a client wants to know about the index)."""
+    """manifest.json without its per-file checksums (what a client wants to know about the index),
+    and whether its segmenter was trained (`locate.locator.segmenter_warning`)."""
     from geosurge_index.index import read_manifest
+    from geosurge_index.locate.locator import segmenter_warning
 
     manifest = read_manifest(index_dir)
-    return {"index_dir": str(index_dir), "manifest": {k: v for k, v in manifest.items() if k != "files"}}
+    note = segmenter_warning(index_dir)
+    return {"index_dir": str(index_dir), "manifest": {k: v for k, v in manifest.items() if k != "files"},
+            "segmenter": {"trained": note is None, "warning": note}}
 
 
-def open_locator(settings: ServiceSettings) -> LocatorLike:
+def open_locator(settings: ServiceSettings, *, warn_untrained: bool = True) -> LocatorLike:
     """`Locator.open` with the service's settings: the shared inference knobs pass straight through
-    (device, beam, default top_k, draft size, pixel cap, ten-crop)."""
+    (device, beam, default top_k, draft size, pixel cap, ten-crop). `warn_untrained`: as
+    `Locator.open`'s (it logs one line when the index's segmenter was never trained)."""
     from geosurge_index.locate.locator import Locator
 
     if settings.index_dir is None or not Path(settings.index_dir).is_dir():
         raise UserError(f"INDEX_DIR {settings.index_dir} is not a folder")
-    return Locator.open(settings.index_dir, settings=settings)
+    return Locator.open(settings.index_dir, settings=settings, warn_untrained=warn_untrained)
 
 
 def open_cells(settings: ServiceSettings) -> IndexCells | None:

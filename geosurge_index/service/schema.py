@@ -1,0 +1,157 @@
+"""The service's OpenAPI contract: response models (pydantic), the request bodies of `/v1/locate`
+and `/predict` (multipart and JSON, declared by hand because the routes read their bodies
+themselves, to apply the size and count limits while reading), and the documented 4xx answers.
+The routes and status codes themselves are listed once, in `service/routes.py`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from geosurge_index.service.routes import STATUS_CODES
+
+
+class ErrorBody(BaseModel):
+    """Every refusal: a sentence and a short machine-readable kind."""
+
+    detail: str = Field(description="what was wrong, naming the image or field")
+    kind: str = Field(description="e.g. bad_json, bad_base64, too_many_images, not_an_image, unauthorized")
+
+
+class Place(BaseModel):
+    country_code: str | None = None
+    country_name: str | None = None
+    admin1: str | None = None
+    town: str | None = None
+
+
+class CellAnswer(BaseModel):
+    level: int
+    cell_index: int
+    s2_token: str
+    probability: float | None = Field(None, description="the level's softmax at this cell")
+
+
+class AlternativeAnswer(BaseModel):
+    cell_index: int
+    s2_token: str
+    probability: float | None
+    lat: float | None
+    lon: float | None
+
+
+class LocateResult(BaseModel):
+    """One image's answer. An image that could not be used has `error` and `error_kind` set and
+    no location; the other images of the request are answered as usual."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    width: int | None = Field(None, description="the photo's width as seen (after EXIF rotation)")
+    height: int | None = None
+    lat: float | None = None
+    lon: float | None = None
+    probability: float | None = None
+    place: Place = Field(default_factory=Place)
+    error: str | None = Field(None, description="why this image has no answer")
+    error_kind: str | None = Field(None, description="e.g. zero_bytes, not_an_image, truncated, too_many_pixels")
+    cells: list[CellAnswer] | None = Field(None, description="the best cell at every level (include_cells)")
+    alternatives: list[AlternativeAnswer] = Field(default_factory=list)
+
+
+class LocateResponse(BaseModel):
+    results: list[LocateResult] = Field(description="one per image, in the order sent")
+
+
+class ImmichResponse(BaseModel):
+    """immich's machine-learning answer shape: the result under the task name, and the size."""
+
+    geolocation: LocateResult
+    imageHeight: int  # noqa: N815 - immich's field names
+    imageWidth: int  # noqa: N815
+
+
+class IndexAnswer(BaseModel):
+    index_dir: str | None
+    manifest: dict[str, Any] | None
+    segmenter: dict[str, Any] | None = Field(
+        None, description="`trained` false and a `warning` when the index's segmenter was never trained")
+
+
+# -- request bodies -------------------------------------------------------------------------------
+
+_BINARY = {"type": "string", "format": "binary"}
+_CLASS_MAP_HELP = ("a PNG of ADE20K class ids (255 unlabelled), the format of <stem>.classmap.png: paired "
+                   "with the image of the same stem when named <stem>.classmap.png, else by order")
+
+
+def locate_request_body(max_images: int) -> dict:
+    """`/v1/locate`'s body: multipart files or JSON base64, each image with an optional class map."""
+    image_object = {
+        "type": "object",
+        "required": ["data"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string", "description": "what answers and errors call the image"},
+            "data": {"type": "string", "description": "the image, base64 (line breaks allowed) or a data: URL"},
+            "class_map": {"type": "string", "description": "its class map PNG, base64"},
+        },
+    }
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images"],
+                    "properties": {
+                        "images": {"type": "array", "items": _BINARY, "minItems": 1, "maxItems": max_images,
+                                   "description": "the photos (JPEG, PNG, WebP); 'image' is also read"},
+                        "class_maps": {"type": "array", "items": _BINARY, "maxItems": max_images,
+                                       "description": _CLASS_MAP_HELP},
+                    },
+                },
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "images": {
+                            "type": "array", "minItems": 1, "maxItems": max_images,
+                            "items": {"anyOf": [{"type": "string", "description": "base64"}, image_object]},
+                        },
+                    },
+                },
+            },
+        },
+    }
+
+
+def predict_request_body() -> dict:
+    """`/predict`'s body, as immich's server sends it."""
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image", "entries"],
+                    "properties": {
+                        "image": {**_BINARY, "description": "one photo"},
+                        "entries": {"type": "string", "description": 'JSON: {"geolocation": {"visual": '
+                                    '{"modelName": "geosurge", "options": {"topK": 5}}}}'},
+                        "class_map": {**_BINARY, "description": "its class map PNG (optional)"},
+                    },
+                },
+            },
+        },
+    }
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route: each code with its sentence from `routes.STATUS_CODES`."""
+    text = dict(STATUS_CODES)
+    return {code: {"model": ErrorBody, "description": text[code]} for code in codes}
