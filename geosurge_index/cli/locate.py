@@ -91,13 +91,26 @@ def job_from_args(args: argparse.Namespace):
 
 
 def run_locate(args: argparse.Namespace) -> int:
+    from geosurge_index.locate.job import too_many_errors
     from geosurge_index.locate.runner import run_job
 
     job = job_from_args(args)
     ray_opts = {"actors": args.ray_actors, "gpus_per_actor": args.ray_gpus_per_actor, "num_cpus": args.ray_cpus}
-    summary = run_job(job, ray_address=args.ray, ray_options=ray_opts)
+    try:
+        summary = run_job(job, ray_address=args.ray, ray_options=ray_opts)
+    except KeyboardInterrupt:
+        print(f"geosurge locate: interrupted; the finished shards in {args.out} are kept: rerun the same "
+              "command to resume", file=sys.stderr)
+        return 130
     print(format_summary(summary, args.out), file=sys.stderr)
-    return 0 if summary["complete"] else 1
+    if not summary["complete"]:
+        return 1
+    failed = too_many_errors(summary)
+    if failed:
+        print(f"geosurge locate: error: {failed}; see the `error` column and the errors by kind above",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def format_summary(s: dict, out: str) -> str:
@@ -111,6 +124,9 @@ def format_summary(s: dict, out: str) -> str:
     ]
     if s["errors_by_kind"]:
         lines.append("  errors by kind: " + ", ".join(f"{k} {v}" for k, v in s["errors_by_kind"].items()))
+    if s.get("skipped_inputs"):
+        lines.append("  not inputs (skipped by the scans): "
+                     + ", ".join(f"{k} {v}" for k, v in s["skipped_inputs"].items()))
     if not s["complete"]:
         lines.append("  INCOMPLETE: run the same command again to finish")
     return "\n".join(lines)

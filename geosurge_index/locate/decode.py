@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from geosurge_index import geometry, sources
+from geosurge_index.sources import DEFAULT_MAX_BYTES
 from geosurge_index.geometry import TEN_CROPS  # test-time ten-crop: 4 corners + centre, and their mirrors
 from geosurge_index.images import (
     DEFAULT_MAX_PIXELS,
@@ -30,6 +31,7 @@ class DecodeSpec:
     draft_size: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     ten_crop: bool = False
+    max_bytes: int = DEFAULT_MAX_BYTES  # the most bytes read of one input (`sources.read_bytes`)
 
     @property
     def crops(self) -> int:
@@ -66,10 +68,25 @@ def _decode(image_source, cmap_source, spec: DecodeSpec) -> Decoded:
         return Decoded(None, None, error=f"decode_failed: {type(err).__name__}: {err}")
 
 
+# Test hook: a decoding process that reads the file named by this variable (its basename) kills
+# itself with SIGKILL, as a segfault or the OOM killer would: how the tests reach a DataLoader
+# worker, whatever its start method. Never set outside the tests.
+KILL_ENV = "GEOSURGE_TEST_KILL_DECODER_ON"
+
+
+def _test_kill() -> None:
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def decode_input_row(file: str, offset: int, size: int, cmo: int, cms: int, spec: DecodeSpec) -> Decoded:
     """One row of the input table (`sources.INPUT_SCHEMA`) -> Decoded."""
+    kill_on = os.environ.get(KILL_ENV)
+    if kill_on and os.path.basename(file) == kill_on:
+        _test_kill()
     try:
-        data = sources.read_bytes(file, offset, size)
+        data = sources.read_bytes(file, offset, size, spec.max_bytes)
         cmap = sources.class_map_source(file, offset, cmo, cms)
     except ImageDecodeError as err:
         return Decoded(None, None, error=f"{err.kind}: {err.message}")
@@ -158,3 +175,52 @@ class InputDataset:
 
     def __getitem__(self, i: int) -> DecodedBatch:
         return decode_rows(self.table, self.batches[i], self.spec)
+
+
+def decode_rows_isolated(table: pa.Table, rows: np.ndarray, spec: DecodeSpec, as_torch: bool = True,
+                         context=None) -> DecodedBatch:
+    """`decode_rows` in a separate process that decodes one image at a time: an input that kills
+    its decoder (a segfault in a codec, the OOM killer) becomes a `worker_crashed` error row, and
+    a fresh process goes on with the next one. What the runner does with the batches a dead
+    DataLoader worker may have held. `context`: a multiprocessing context (default: fork where
+    there is one, else spawn)."""
+    import multiprocessing as mp
+    import signal
+
+    ctx = context or mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    part = table.take(pa.array(rows)).select(["file", "offset", "size", "cmap_offset", "cmap_size"])
+    items = list(zip(*(part.column(i).to_pylist() for i in range(5)), strict=True))
+    out: list[Decoded | None] = [None] * len(items)
+    start = 0
+    while start < len(items):
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_decode_items, args=(send, items[start:], spec), daemon=True)
+        proc.start()
+        send.close()
+        got = start
+        try:
+            while got < len(items):
+                out[got] = recv.recv()
+                got += 1
+        except EOFError:  # the process died before sending item `got`
+            pass
+        finally:
+            recv.close()
+            proc.join()
+        if got < len(items):
+            code = proc.exitcode
+            how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+                   else f"exit status {code}")
+            out[got] = Decoded(None, None, error=f"worker_crashed: {items[got][0]}: the decoding process died "
+                               f"({how}) on this input")
+            got += 1
+        start = got
+    return collate(rows, out, spec.image_size, as_torch, spec.crops)
+
+
+def _decode_items(conn, items, spec: DecodeSpec) -> None:
+    try:
+        for vals in items:
+            conn.send(decode_input_row(*vals, spec))
+    finally:
+        conn.close()
