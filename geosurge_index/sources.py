@@ -448,12 +448,12 @@ def collect_inputs(sources: list[str | os.PathLike], columns: ManifestColumns = 
         kind = input_kind(src)
         t = read_input(src, columns, skipped)
         if kind != "manifest":  # manifests hold resolved paths already
-            real = _respell(t.column("file"), src, os.path.realpath(src))
-            canon.append(t.set_column(INPUT_SCHEMA.get_field_index("file"), "file", real))
             if spelled != src:
                 for name in ("id", "path") if kind != "tar" else ("path",):
                     i = INPUT_SCHEMA.get_field_index(name)
                     t = t.set_column(i, name, _respell(t.column(name), src, spelled))
+            real = _respell(t.column("file"), src, os.path.realpath(src))
+            canon.append(t.set_column(INPUT_SCHEMA.get_field_index("file"), "file", real))
         else:
             canon.append(t)
         parts.append(t)

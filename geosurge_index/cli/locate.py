@@ -56,7 +56,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--path-column", default="path", help="manifest column holding image paths (default: %(default)s)")
     g.add_argument("--id-column", default=None,
                    help="manifest column holding ids (default: 'id' when the manifest has one, else the path)")
-    BulkSettings.add_arguments(g, ["max_pixels", "draft_size"], switches=True)
+    BulkSettings.add_arguments(g, ["max_pixels", "max_image_bytes", "draft_size"], switches=True)
     g = p.add_argument_group("search")
     BulkSettings.add_arguments(g, ["top_k", "beam"], switches=True)
     g.add_argument("--save-embeddings", action="store_true",
@@ -65,7 +65,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--chunk-size", type=int, default=1024,
                    help="inputs per output shard, the unit of resume (default: %(default)s)")
-    BulkSettings.add_arguments(g, ["batch_size", "workers", "device"], switches=True)
+    BulkSettings.add_arguments(g, ["batch_size", "workers", "device", "max_error_rate"], switches=True)
     g = p.add_argument_group("Ray (more than one machine)")
     g.add_argument("--ray", metavar="ADDRESS", default=None,
                    help="run on Ray Data: 'auto' (the cluster this machine belongs to), HOST:PORT or "
@@ -125,7 +125,7 @@ def format_summary(s: dict, out: str) -> str:
     if s["errors_by_kind"]:
         lines.append("  errors by kind: " + ", ".join(f"{k} {v}" for k, v in s["errors_by_kind"].items()))
     if s.get("skipped_inputs"):
-        lines.append("  not inputs (skipped by the scans): "
+        lines.append("  input scans (files not taken; damaged shards): "
                      + ", ".join(f"{k} {v}" for k, v in s["skipped_inputs"].items()))
     if not s["complete"]:
         lines.append("  INCOMPLETE: run the same command again to finish")
@@ -142,6 +142,7 @@ def register_bench(bench_subparsers) -> None:
         "locate",
         help="images/s of bulk locate vs. the decode-only bound; full-size model; GPU FLOP utilisation",
         description=DESCRIPTION,
+        epilog="Example:\n  geosurge bench locate --images 64 --full-images 0 --json locate.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--images", type=int, default=256, help="synthetic images for steps 1-2 (default: %(default)s)")
@@ -169,6 +170,7 @@ def register_gpu_check(bench_subparsers) -> None:
         "gpu",
         help="run every GPU path once on small sizes and say what passed (`make gpu-check`)",
         description=DESCRIPTION,
+        epilog="Example:\n  geosurge bench gpu --device cuda:0 --json gpu.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
