@@ -34,11 +34,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from geosurge_index.index import export_checkpoint, read_manifest
-
     from pathlib import Path
 
     from geosurge_index.errors import UserError
+    from geosurge_index.index import export_checkpoint, read_manifest
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a file; give a folder to write the index into")

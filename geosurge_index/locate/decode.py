@@ -12,7 +12,6 @@ import numpy as np
 import pyarrow as pa
 
 from geosurge_index import geometry, sources
-from geosurge_index.sources import DEFAULT_MAX_BYTES
 from geosurge_index.geometry import TEN_CROPS  # test-time ten-crop: 4 corners + centre, and their mirrors
 from geosurge_index.images import (
     DEFAULT_MAX_PIXELS,
@@ -20,6 +19,7 @@ from geosurge_index.images import (
     decode_image_with_size,
     open_class_map,
 )
+from geosurge_index.sources import DEFAULT_MAX_BYTES
 
 
 @dataclass(frozen=True)
