@@ -161,6 +161,37 @@ def register_bench(bench_subparsers) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON here")
     p.set_defaults(func=run_bench)
     register_gpu_check(bench_subparsers)
+    register_faults(bench_subparsers)
+
+
+def register_faults(bench_subparsers) -> None:
+    from geosurge_index.bench.faults import DESCRIPTION
+
+    p = bench_subparsers.add_parser(
+        "faults",
+        help="bulk locate against hostile inputs and faults: rows lost or doubled, hangs, peak RSS per case",
+        description=DESCRIPTION,
+        epilog="Example:\n  geosurge bench faults --json faults.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--images", type=int, default=8, help="good images per case (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds after which a case counts as a hang (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="decoding processes (default: %(default)s)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON here")
+    p.set_defaults(func=run_faults_cli)
+
+
+def run_faults_cli(args: argparse.Namespace) -> int:
+    from geosurge_index.bench.faults import FaultsBench, run_faults_bench
+    from geosurge_index.cli import settings_from_args
+
+    results = run_faults_bench(settings_from_args(FaultsBench, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    bad = [r for r in results if r["hang"] or r.get("lost") or r.get("doubled")]
+    return 1 if bad else 0
 
 
 def register_gpu_check(bench_subparsers) -> None:
