@@ -34,6 +34,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 
 from geosurge_index.errors import UserError
 from geosurge_index.images import DEFAULT_MAX_PIXELS
+from geosurge_index.sources import DEFAULT_MAX_BYTES
 
 ENV_PREFIX = "GEOSURGE_"
 
@@ -264,6 +265,14 @@ class BulkSettings(InferenceSettings):
         None, "decoding processes; 0 decodes in the main process", ge=0,
         default_help="on CUDA all cores but one, at most 16; on the CPU a quarter of the cores, at least 1, "
         "and the model gets the remaining cores as torch threads")
+    max_image_bytes: int = setting(
+        DEFAULT_MAX_BYTES, "largest input file (or tar member) read, in bytes; a larger one is a too_large "
+        "error row, refused on its size before a byte is read", metavar="BYTES", ge=1,
+        default_help=f"{DEFAULT_MAX_BYTES >> 20} MiB: a 100-MP JPEG is ~50 MB")
+    max_error_rate: float | None = setting(
+        None, "exit with status 1 when more than this fraction (0..1) of the rows are errors (the rows "
+        "are written either way)", metavar="RATE", ge=0, le=1,
+        default_help="fail only when every row is an error")
 
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]

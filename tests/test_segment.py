@@ -115,3 +115,28 @@ def test_help_and_defaults_agree_with_the_model_config(capsys):
     out = capsys.readouterr().out
     for text in ("once", "every epoch", "--segmenter", "--pretrained", "--input-size", "--overwrite", "classmap.png"):
         assert text in out
+
+
+def test_segment_never_reaches_for_the_network(tmp_path):
+    """With HF_HUB_OFFLINE unset and a hub id that is not in the cache, `geosurge segment` says so
+    in one line (and how to allow a download) without opening a connection or resolving a name."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "a.jpg").write_bytes(encode(photo(), "JPEG"))
+    guard = ("import socket, sys\n"
+             "def refuse(*a, **k):\n"
+             "    print('NETWORK ATTEMPT', a[:2], file=sys.stderr, flush=True)\n"
+             "    raise OSError('network attempted')\n"
+             "socket.socket.connect = refuse; socket.getaddrinfo = refuse; socket.create_connection = refuse\n"
+             "from geosurge_index.cli import main; sys.exit(main())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf")  # an empty cache
+    res = subprocess.run([sys.executable, "-c", guard, "segment", str(tmp_path), "--segmenter", "segformer",
+                          "--pretrained", "nobody/no-such-segmenter", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "NETWORK ATTEMPT" not in res.stderr and "Traceback" not in res.stderr
+    assert "nobody/no-such-segmenter" in res.stderr and "--download" in res.stderr
+    assert not class_map_path(tmp_path / "a.jpg").exists()

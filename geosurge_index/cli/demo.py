@@ -32,6 +32,7 @@ def register(subparsers) -> None:
         "demo",
         help="run the whole system end to end on the procedural demo world (CPU, a few minutes)",
         description=DESCRIPTION,
+        epilog="Examples:\n  geosurge demo --out demo/\n  geosurge demo --out demo/ --train 4000 --test 500 --fresh",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from geosurge_index.demo import DEFAULT_RECIPE, DemoSettings
@@ -89,6 +90,7 @@ def register_bench(bench_subparsers) -> None:
         description="Render N demo-world photos and write them (JPEG + class map PNG + manifest) into a "
                     "temporary folder, in this one process (one core). Prints the machine, the method and "
                     "photos per minute for rendering alone and for rendering + writing.",
+        epilog="Example: geosurge bench demo-world --n 200",
     )
     p.add_argument("--n", type=int, default=2000, help="photos to render (default: %(default)s)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default: %(default)s)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -14,8 +16,10 @@ def register(subparsers) -> None:
             "mean point, from the offline reverse_geocoder + pycountry; table `levels`: level, "
             "tau_max, n_cells, temperature), encoder.safetensors + encoder.json (the visual "
             "encoder; a pretrained backbone is named, not copied), and manifest.json (format "
-            "version, dim, levels, sha256 of every file, library versions), written last."
+            "version, dim, levels, sha256 of every file, library versions), written last.\n\n"
+            "Example:\n  geosurge export runs/demo/epoch-0010 --out index/"
         ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="checkpoint folder written by `geosurge train` (config.json, model.safetensors, "
@@ -30,8 +34,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
+    from geosurge_index.errors import UserError
     from geosurge_index.index import export_checkpoint, read_manifest
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file; give a folder to write the index into")
     out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite,
                             place_names=args.place_names)
     m = read_manifest(out)

@@ -36,7 +36,8 @@ def resolve_config(args: argparse.Namespace, default_preset: str):
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "model-info", help="parameter counts of a model config (meta device, no downloads)",
-        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  geosurge model-info --preset full\n  geosurge model-info build/tiny.toml --cells cells/")
     add_config_arguments(p, "full")
     p.add_argument("--cells", metavar="CELLS_DIR", default=None,
                    help="size the geographic tables from this partition (default: the recipe's, if any)")

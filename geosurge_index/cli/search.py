@@ -46,6 +46,7 @@ def register(subparsers) -> None:
         "search",
         help="re-query stored visual embeddings (.npy or Parquet) against an index",
         description=SEARCH_DESCRIPTION,
+        epilog="Example: geosurge search index/ --embeddings preds/ --out requery.parquet --beam 64",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("index_dir", metavar="INDEX_DIR", help="index folder written by `geosurge export`")
@@ -67,7 +68,8 @@ def register(subparsers) -> None:
     p.add_argument("--embedding-column", default="embedding", help="Parquet input: the embedding column")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the sha256 check of the index files (presence, sizes and the structure: "
-                        "unit-norm vectors, cell counts, the tree are still checked)")
+                        "unit-norm vectors, cell counts, the tree are still checked) (default: verify every "
+                        "checksum)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_engine_flags(p)
     p.set_defaults(func=run)
@@ -141,6 +143,7 @@ def register_bench(bench_subparsers) -> None:
         "search",
         help="queries/s of beam vs. exhaustive search and top-1 agreement, at 25k and 1M finest cells",
         description=DESCRIPTION,
+        epilog="Example:\n  geosurge bench search --quick",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--scale", default="both", choices=["mp16", "internet", "both"],

@@ -26,8 +26,8 @@ are counted by kind and skipped; the run goes on. Existing maps are kept unless 
 an interrupted run continues where it stopped when run again. A map is written to a temporary
 and renamed, so a map on disk is always whole.
 
-Pretrained weights are loaded with from_pretrained from a local folder or the Hugging Face cache
-(nothing is downloaded at run time).
+Pretrained weights are loaded with from_pretrained from a local folder or the Hugging Face cache:
+nothing is downloaded (whatever HF_HUB_OFFLINE says) unless you pass --download.
 
 Examples:
   geosurge segment photos/                                    # OneFormer Swin-L ADE20K
@@ -65,6 +65,9 @@ def register(subparsers) -> None:
                    help="recompute maps that already exist (default: keep them, so reruns resume)")
     p.add_argument("--path-column", default="path", help="manifest column holding image paths (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N (default: %(default)s)")
+    p.add_argument("--download", action="store_true",
+                   help="fetch the segmenter's weights from the Hugging Face hub when they are not in the cache "
+                        "(default: local files only, no network)")
     p.set_defaults(func=run_segment)
 
 
@@ -84,8 +87,13 @@ def run_segment(args: argparse.Namespace) -> int:
         from geosurge_index.model.classmaps import load_segmenter, segment_images
 
         segmenter = load_segmenter(args.segmenter, args.pretrained or PRETRAINED[args.segmenter], args.input_size,
-                                   args.device)
-        summary = segment_images(todo, segmenter, overwrite=args.overwrite)
+                                   args.device, download=args.download)
+        try:
+            summary = segment_images(todo, segmenter, overwrite=args.overwrite)
+        except KeyboardInterrupt:
+            print("geosurge segment: interrupted; the maps written are kept: rerun the same command to resume",
+                  file=sys.stderr)
+            return 130
         summary.images, summary.existing = len(paths), summary.existing + len(paths) - len(todo)
     else:
         from geosurge_index.model.classmaps import SegmentSummary

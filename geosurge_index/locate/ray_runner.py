@@ -184,7 +184,7 @@ def _run(plan: Plan, progress, actors, gpus_per_actor) -> RunStats:
     # The encoder's input size, without loading the model here: read it from the index's encoder.
     image_size = _image_size(job.index_dir)
     spec = DecodeSpec(image_size, image_size if job.draft_size is None else job.draft_size, job.max_pixels,
-                      job.ten_crop)
+                      job.ten_crop, job.max_image_bytes)
 
     cs, n = plan.config.chunk_size, plan.config.n_inputs
     blocks = []

@@ -61,9 +61,11 @@ def write_class_maps(paths: list[str | os.PathLike], segmenter: Segmenter, *, ov
     return counts
 
 
-def load_segmenter(kind: str, pretrained: str, input_size: int, device="auto") -> Segmenter:
+def load_segmenter(kind: str, pretrained: str, input_size: int, device="auto", *,
+                   download: bool = False) -> Segmenter:
     """A pretrained segmenter (`kind` oneformer or segformer) from `from_pretrained` (a folder or
-    the Hugging Face cache; nothing is downloaded), on `device` (`devices.resolve_device`)."""
+    the Hugging Face cache), on `device` (`devices.resolve_device`). Nothing is downloaded unless
+    `download`: a hub id is first resolved to its folder in the cache (`local_weights`)."""
     from geosurge_index.devices import resolve_device
     from geosurge_index.errors import UserError
     from geosurge_index.model.config import SegmenterConfig
@@ -71,8 +73,31 @@ def load_segmenter(kind: str, pretrained: str, input_size: int, device="auto") -
 
     if input_size < 32:
         raise UserError(f"input size {input_size}: too small for a segmenter (at least 32)")
-    cfg = SegmenterConfig(kind=kind, pretrained=pretrained, arch=None, input_size=input_size)
+    local = local_weights(pretrained, download=download)
+    cfg = SegmenterConfig(kind=kind, pretrained=local, arch=None, input_size=input_size)
     return build_segmenter(cfg, None).to(resolve_device(device))
+
+
+def local_weights(name_or_path: str, *, download: bool = False) -> str:
+    """A folder of pretrained weights for `from_pretrained`: `name_or_path` itself when it is a
+    folder, else the hub id's snapshot in the Hugging Face cache, looked up with
+    `local_files_only=True` (no network, whatever HF_HUB_OFFLINE says); `download` fetches it
+    instead. UserError when it is neither."""
+    from geosurge_index.errors import UserError
+
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name_or_path, local_files_only=not download)
+    except Exception as err:  # noqa: BLE001 - not cached, not a valid id, no network ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        how = ("could not be downloaded" if download else
+               "is neither a local folder nor in the Hugging Face cache (nothing is downloaded without "
+               "--download)")
+        raise UserError(f"segmenter weights {name_or_path!r} {how} ({type(err).__name__}: {first}). Give a "
+                        "folder saved with save_pretrained, or a hub id already in the cache") from None
 
 
 @dataclass
