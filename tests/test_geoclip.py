@@ -210,12 +210,10 @@ def test_wrong_clip_architecture_refused_before_writing(tmp_path):
     assert not out.exists()
 
 
-def test_missing_clip_says_what_to_run(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_missing_clip_says_what_to_run(tmp_path):
+    missing = "geosurge-tests/no-such-clip"  # a hub id in no cache: local files only, no network
     with pytest.raises(UserError) as err:
-        imp.import_geoclip(imp.ImportSettings(out=tmp_path / "idx", clip="openai/clip-vit-large-patch14",
-                                              progress=False))
+        imp.import_geoclip(imp.ImportSettings(out=tmp_path / "idx", clip=missing, progress=False))
     msg = str(err.value)
-    assert "--allow-download" in msg and "huggingface-cli download openai/clip-vit-large-patch14" in msg
+    assert f"--clip {missing} --allow-download" in msg and f"huggingface-cli download {missing}" in msg
     assert not (tmp_path / "idx").exists()

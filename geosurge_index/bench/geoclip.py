@@ -162,8 +162,10 @@ def run_speed(settings: GeoClipBench, pkg, gallery, work: Path, say) -> dict:
     say(f"geosurge locate on {settings.images} images ...")
     out_dir = work / f"preds-{time.time_ns()}"
     t = time.perf_counter()
+    # workers=0: decoding in this process, so torch keeps every core (as GeoCLIP's predict has
+    # them); draft 0: full decodes, as GeoCLIP reads images
     summary = run_job(LocateJob(index_dir=str(index_dir), inputs=[str(work / "images")], out_dir=str(out_dir),
-                                device="cpu", save_embeddings=True, draft_size=0))
+                                device="cpu", save_embeddings=True, draft_size=0, workers=0))
     ours_s = time.perf_counter() - t
     import pyarrow.parquet as pq
 

@@ -82,6 +82,9 @@ def register_bench(bench_subparsers) -> None:
                    help="proxy queries for the agreement study, 0 to skip (default: %(default)s)")
     p.add_argument("--cosines", default="1.0,0.7,0.5",
                    help="cosines of the proxy queries to their location embeddings (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=10,
+                   help="finest cells per answer: is GeoCLIP's point among them? (refinement's ceiling; "
+                        "default: %(default)s)")
     p.add_argument("--images", type=int, default=2,
                    help="JPEGs through both pipelines, 0 to skip (GeoCLIP re-encodes its gallery per image: "
                         "slow on CPU; default: %(default)s)")
@@ -108,7 +111,7 @@ def run_bench(args) -> int:
         raise UserError(f"--size {args.size!r} / --cosines {args.cosines!r}: expected WxH and "
                         "comma-separated numbers") from None
     run_geoclip_bench(GeoClipBench(
-        queries=args.queries, cosines=cosines, images=args.images, width=w, height=h,
+        queries=args.queries, cosines=cosines, top_k=args.top_k, images=args.images, width=w, height=h,
         work=Path(args.work) if args.work else None, gallery_limit=args.gallery_limit,
         json_out=Path(args.json) if args.json else None))
     return 0

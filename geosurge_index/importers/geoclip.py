@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -210,7 +210,6 @@ class ImportSettings:
     place_names: bool = True
     gallery_limit: int | None = None  # None: the whole gallery (trials/tests: fewer points)
     progress: bool = True
-    extra_provenance: dict = field(default_factory=dict)
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -274,7 +273,6 @@ def import_geoclip(settings: ImportSettings, *, gallery: GeoClipGallery | None =
         "cells": str(Path(settings.cells).resolve()) if settings.cells is not None
         else f"partition of the GPS gallery, thresholds x {len(gallery.lat)}/{MP16_SIZE}",
         "cell_embedding": settings.cell_mode,
-        **settings.extra_provenance,
     }
     encoder = GeoClipImageEncoder(clip, head, clip_source=clip_source, clip_revision=revision,
                                   provenance={"licence": LICENCE, **provenance})
