@@ -21,7 +21,7 @@ from geosurge_index.importers import geoclip as imp  # noqa: E402
 GALLERY_LIMIT = 1500
 
 
-def _save_clip(folder, projection_dim: int = 768, seed: int = 0):
+def _save_clip(folder, projection_dim: int = 768, seed: int = 0, image_size: int = 224):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     torch.manual_seed(seed)
@@ -30,7 +30,7 @@ def _save_clip(folder, projection_dim: int = 768, seed: int = 0):
         text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
                          vocab_size=100, bos_token_id=0, eos_token_id=2),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           patch_size=14, image_size=224))
+                           patch_size=14, image_size=image_size))
     CLIPModel(cfg).eval().save_pretrained(folder)
     CLIPImageProcessor().save_pretrained(folder)  # CLIP's 224 px processor, as GeoCLIP loads it
     return folder
@@ -66,8 +66,8 @@ def test_location_encoder_matches_geoclip(pkg):
     from geoclip import LocationEncoder
 
     rng = np.random.default_rng(0)
-    lat = np.concatenate([rng.uniform(-90, 90, 3000), [90, -90, 0, 0, 45.5]])
-    lon = np.concatenate([rng.uniform(-180, 180, 3000), [0, 180, -180, 180, -179.999]])
+    lat = np.concatenate([rng.uniform(-90, 90, 800), [90, -90, 0, 0, 45.5]])
+    lon = np.concatenate([rng.uniform(-180, 180, 800), [0, 180, -180, 180, -179.999]])
     pts = torch.tensor(np.stack([lat, lon], 1), dtype=torch.float32)
     theirs = LocationEncoder().eval()  # loads the package's shipped weights
     ours = imp.load_location_encoder(pkg)
@@ -75,7 +75,7 @@ def test_location_encoder_matches_geoclip(pkg):
         a, b = theirs(pts), ours(pts)
     assert float((a - b).abs().max()) < 1e-5
     # the unit vectors the index stores
-    emb = ours.embed(lat, lon, batch_size=700)
+    emb = ours.embed(lat, lon, batch_size=300)
     assert np.abs(emb - torch.nn.functional.normalize(a, dim=1).numpy()).max() < 1e-5
 
 
@@ -111,8 +111,8 @@ def test_cell_tables_modes(pkg):
     from geosurge_index.cells import assign_points, partition
 
     loc = imp.load_location_encoder(pkg)
-    gallery = imp.geoclip_gallery(pkg, location_encoder=loc, limit=400)
-    cells = partition(gallery.lat, gallery.lon, imp.scaled_partition_settings(400)).cells
+    gallery = imp.geoclip_gallery(pkg, location_encoder=loc, limit=150)
+    cells = partition(gallery.lat, gallery.lon, imp.scaled_partition_settings(150)).cells
     points = imp.cell_tables(cells, gallery, loc, "points")
     mean_point = imp.cell_tables(cells, gallery, loc, "mean-point")
     assigned = assign_points(cells, gallery.lat, gallery.lon)
@@ -208,6 +208,10 @@ def test_wrong_clip_architecture_refused_before_writing(tmp_path):
     with pytest.raises(UserError, match="512-d features.*768"):
         imp.import_geoclip(imp.ImportSettings(out=out, clip=str(bad), gallery_limit=50, progress=False))
     assert not out.exists()
+    with pytest.raises(UserError, match="336 px"):
+        imp.import_geoclip(imp.ImportSettings(out=out, clip=str(_save_clip(tmp_path / "clip-336", image_size=336)),
+                                              progress=False))
+    assert not out.exists()
 
 
 def test_missing_clip_says_what_to_run(tmp_path):
@@ -217,3 +221,24 @@ def test_missing_clip_says_what_to_run(tmp_path):
     msg = str(err.value)
     assert f"--clip {missing} --allow-download" in msg and f"huggingface-cli download {missing}" in msg
     assert not (tmp_path / "idx").exists()
+
+
+def test_encoder_kinds_in_encoder_json(tmp_path):
+    """GeoSURGE encoders stay v1 files (older readers open them; a v1 file without `kind` is one);
+    another kind is v2, and an unknown kind is a clear FormatError."""
+    from geosurge_index.errors import FormatError
+    from geosurge_index.model import VisualEncoder, load_encoder, save_encoder, tiny_config
+    from geosurge_index.model.encoder_io import read_encoder_config
+
+    torch.manual_seed(0)
+    save_encoder(VisualEncoder(tiny_config()).eval(), tmp_path)
+    meta = json.loads((tmp_path / "encoder.json").read_text())
+    assert meta["format_version"] == 1 and meta["kind"] == "geosurge"
+    del meta["kind"]  # as written before encoder kinds existed
+    (tmp_path / "encoder.json").write_text(json.dumps(meta))
+    assert load_encoder(tmp_path).embed_dim == tiny_config().embed_dim
+    (tmp_path / "encoder.json").write_text(json.dumps({**meta, "format_version": 2, "kind": "other"}))
+    with pytest.raises(FormatError, match="'other' encoder"):
+        load_encoder(tmp_path)
+    with pytest.raises(FormatError, match="'other' encoder"):
+        read_encoder_config(tmp_path)

@@ -32,6 +32,7 @@ KIND = "geoclip"
 EMBED_DIM = 512
 CLIP_PROJECTION = 768  # the width of CLIP ViT-L/14's image features, the head's input
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+IMAGE_SIZE = 224  # GeoCLIP's input (CLIP's 224 px processor)
 LICENCE = "MIT"
 
 # Equal Earth projection constants (Šavrič, Patterson & Jenny 2018), as GeoCLIP uses them.
@@ -147,6 +148,9 @@ def clip_vision_config(source: str, *, allow_download: bool = False, what: str =
     if int(vision.projection_dim) != CLIP_PROJECTION:
         raise UserError(f"{what} {source!r} projects images to {vision.projection_dim}-d features; GeoCLIP's "
                         f"head takes CLIP ViT-L/14's {CLIP_PROJECTION}-d features ({DEFAULT_CLIP})")
+    if int(vision.image_size) != IMAGE_SIZE:
+        raise UserError(f"{what} {source!r} takes {vision.image_size} px images; GeoCLIP's head was trained on "
+                        f"CLIP ViT-L/14 at {IMAGE_SIZE} px ({DEFAULT_CLIP})")
     return vision
 
 
