@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml Makefile
 	if nvidia-smi -L >/dev/null 2>&1; then $(PIP) install -q faiss-gpu || $(PIP) install -q faiss-cpu; \
 	else $(PIP) install -q faiss-cpu; fi
 	$(PIP) install -q -e '.[test,ray,heif]'
+	# GeoCLIP's wheel (`geosurge import geoclip` reads its weights and gallery; the tests compare with
+	# it). --no-deps: it declares torchvision, which would replace the pinned torch and which its
+	# model code never imports; its other dependencies are already installed above.
+	$(PIP) install -q --no-deps geoclip==1.3.0
 	$(PIP) install -q --no-warn-conflicts --upgrade --target $(VENV)/old-duckdb duckdb==$(OLD_DUCKDB)
 	touch $(STAMP)
 

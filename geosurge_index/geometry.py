@@ -30,10 +30,12 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
 def short_side_size(width: int, height: int, short: int) -> tuple[int, int]:
-    """The size of a resize that keeps the aspect and puts the short side at `short` (rounded;
-    neither side below `short`)."""
-    scale = short / min(width, height)
-    return max(short, round(width * scale)), max(short, round(height * scale))
+    """The size of a resize that keeps the aspect and puts the short side at `short`; the long
+    side is `int(short * long / short_side)` (truncated), exactly as torchvision's `Resize(short)`
+    and transformers' CLIP processor compute it, so a crop equals CLIP's own preprocessing."""
+    if width <= height:
+        return short, max(short, int(short * height / width))
+    return max(short, int(short * width / height)), short
 
 
 @dataclass(frozen=True)

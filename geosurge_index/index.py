@@ -162,6 +162,7 @@ def export_index(
     source: str | None = None,
     place_names: bool = True,
     overwrite: bool = False,
+    model: dict | None = None,
 ) -> Path:
     """Write INDEX_DIR from the per-level geocell embeddings.
 
@@ -170,7 +171,9 @@ def export_index(
     cells.parquet path, or a cells.CellsTable);
     encoder_writer(out_dir): writes encoder.safetensors + encoder.json (None: an index without
     an encoder, enough for `search` over stored embeddings); tau_max: per-level tau_max for the
-    `levels` table. Refuses a non-empty out_dir unless overwrite.
+    `levels` table; model: what the manifest's `model` says beyond the defaults (`kind`,
+    `provenance`, `licence` of imported weights; `embed_dim` is the tables' width). Refuses a
+    non-empty out_dir unless overwrite.
     """
     from geosurge_index.progress import bar
 
@@ -245,6 +248,9 @@ def export_index(
             for lv in range(levels)
         ],
         "encoder": encoder_writer is not None,
+        # what made the embeddings: "geosurge" (trained here) or an imported model's kind,
+        # provenance and licence (`geosurge model-info INDEX`)
+        "model": {"kind": "geosurge" if encoder_writer is not None else None, "embed_dim": dim, **(model or {})},
         "place_names": place_names,
         "files": {name: {"sha256": _sha256(out / name), "bytes": (out / name).stat().st_size}
                   for name in bar(files, desc="checksums", unit="file")},

@@ -185,7 +185,7 @@ def test_ten_crop_pixels_and_their_normalisation():
     np.testing.assert_array_equal(px[5], px[0][:, ::-1])  # the mirrors follow the five crops
     # the corners and the centre of one bicubic resize to TEN_CROP_SCALE x 32 on the short side
     short = round(32 * TEN_CROP_SCALE)
-    big = np.asarray(img.resize((round(90 * short / 60), short), Image.BICUBIC))
+    big = np.asarray(img.resize((int(short * 90 / 60), short), Image.BICUBIC))  # long side rounded down, as CLIP
     np.testing.assert_array_equal(px[0], big[:32, :32])
     np.testing.assert_array_equal(px[3], big[-32:, -32:])
     want = ((px / np.float32(255.0) - CLIP_MEAN) / CLIP_STD).transpose(0, 3, 1, 2)

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "segment",
     "train",
     "export",
+    "import_",
     "verify",
     "search",
     "locate",

@@ -221,6 +221,6 @@ def _run(plan: Plan, progress, actors, gpus_per_actor) -> RunStats:
 
 
 def _image_size(index_dir: str) -> int:
-    from geosurge_index.model import read_encoder_config
+    from geosurge_index.model import encoder_image_size
 
-    return int(read_encoder_config(index_dir).image_size)
+    return encoder_image_size(index_dir)  # any encoder kind

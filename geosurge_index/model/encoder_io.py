@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from geosurge_index.errors import FormatError
 from geosurge_index.formats import read_json
 from geosurge_index.model.checkpoint import (
     load_stored_state,
@@ -20,7 +21,9 @@ from geosurge_index.model.checkpoint import (
 from geosurge_index.model.config import ModelConfig
 
 ENCODER_FORMAT = "geosurge-encoder"
-ENCODER_VERSION = 1
+# v1: a GeoSURGE encoder (its model config). v2: `kind` names another encoder (e.g. "geoclip",
+# `model/geoclip_encoder.py`), whose fields follow; GeoSURGE encoders are still written as v1.
+ENCODER_VERSION = 2
 ENCODER_JSON = "encoder.json"
 ENCODER_WEIGHTS = "encoder.safetensors"
 
@@ -32,30 +35,48 @@ def save_encoder(encoder, directory: str | os.PathLike) -> tuple[Path, Path]:
     tmp = directory / (ENCODER_WEIGHTS + ".tmp")
     write_safetensors(tmp, encoder.stored_state_dict(), {"format": ENCODER_FORMAT})
     os.replace(tmp, weights)
-    write_json(
-        directory / ENCODER_JSON,
-        {
+    if hasattr(encoder, "encoder_json"):  # another kind of encoder: its own fields (v2)
+        meta = {"format": ENCODER_FORMAT, "format_version": 2, **encoder.encoder_json()}
+    else:
+        meta = {
             "format": ENCODER_FORMAT,
-            "format_version": ENCODER_VERSION,
+            "format_version": 1,
+            "kind": "geosurge",
             "model": encoder.config.to_dict(),
             "image_size": encoder.image_size,
             "embed_dim": encoder.embed_dim,
             "fusion": encoder.fusion is not None,
-        },
-    )
+        }
+    write_json(directory / ENCODER_JSON, meta)
     return weights, directory / ENCODER_JSON
 
 
-def read_encoder_config(directory: str | os.PathLike) -> ModelConfig:
+def read_encoder_meta(directory: str | os.PathLike) -> dict:
+    """encoder.json (checked header), with `kind` filled in ("geosurge" for v1 files)."""
     meta = read_json(Path(directory) / ENCODER_JSON, ENCODER_FORMAT, ENCODER_VERSION)
+    return {"kind": "geosurge", **meta}
+
+
+def read_encoder_config(directory: str | os.PathLike) -> ModelConfig:
+    meta = read_encoder_meta(directory)
+    if meta["kind"] != "geosurge":
+        raise FormatError(f"{Path(directory) / ENCODER_JSON} describes a {meta['kind']!r} encoder, not a "
+                          "GeoSURGE model config")
     return ModelConfig.from_dict(meta["model"])
 
 
 def load_encoder(directory: str | os.PathLike, device: str = "cpu", *, weights: bool = True):
-    """-> `VisualEncoder` in eval mode on `device` (FormatError on missing/corrupted files)."""
+    """-> the index's visual encoder in eval mode on `device`: a `VisualEncoder`, or the encoder
+    of the kind encoder.json names (FormatError on missing/corrupted files or an unknown kind)."""
     from geosurge_index.model.encoder import VisualEncoder
 
     directory = Path(directory)
+    meta = read_encoder_meta(directory)
+    if meta["kind"] == "geoclip":
+        from geosurge_index.model.geoclip_encoder import load_geoclip_encoder
+
+        state = read_safetensors(directory / ENCODER_WEIGHTS)
+        return load_geoclip_encoder(meta, state, directory, weights=weights).to(device).eval()
     config = read_encoder_config(directory)
     state = read_safetensors(directory / ENCODER_WEIGHTS)
     encoder = VisualEncoder(config, weights=weights)
@@ -65,5 +86,4 @@ def load_encoder(directory: str | os.PathLike, device: str = "cpu", *, weights: 
 
 def encoder_image_size(directory: str | os.PathLike) -> int:
     """The square side the encoder in `directory` takes, from encoder.json alone (no torch model)."""
-    meta = read_json(Path(directory) / ENCODER_JSON, ENCODER_FORMAT, ENCODER_VERSION)
-    return int(meta["image_size"])
+    return int(read_encoder_meta(directory)["image_size"])
