@@ -95,6 +95,7 @@ def run_locate(args: argparse.Namespace) -> int:
     from geosurge_index.locate.runner import run_job
 
     job = job_from_args(args)
+    _warn_untrained_segmenter(job.index_dir)
     ray_opts = {"actors": args.ray_actors, "gpus_per_actor": args.ray_gpus_per_actor, "num_cpus": args.ray_cpus}
     try:
         summary = run_job(job, ray_address=args.ray, ray_options=ray_opts)
@@ -111,6 +112,19 @@ def run_locate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _warn_untrained_segmenter(index_dir) -> None:
+    """Say once, before the run, that images without class maps go through a random segmenter."""
+    from geosurge_index.errors import FormatError
+    from geosurge_index.locate.locator import segmenter_warning
+
+    try:
+        note = segmenter_warning(index_dir)
+    except (FormatError, OSError):
+        return  # the run's own index check names what is wrong
+    if note:
+        print(f"geosurge locate: warning: {note}", file=sys.stderr)
 
 
 def format_summary(s: dict, out: str) -> str:
