@@ -34,7 +34,7 @@ def run_local(plan: Plan, predictor: Predictor | None = None, progress=None) -> 
 
     job = plan.job
     if predictor is None:
-        predictor = Predictor.open(job.index_dir, job.device, job.settings())
+        predictor = Predictor.open(job.index_dir, job.device, job.settings(), job.runtime)
     cuda = predictor.device.type == "cuda"
     workers = default_workers(cuda) if job.workers is None else job.workers
     threads = torch.get_num_threads()
