@@ -1,6 +1,6 @@
 # Everything installs from nothing into .venv. torch first (the pinned CPU build on disk: an
 # unpinned torch would pull a multi-GB CUDA build), then faiss for this host, then the package
-# with its `test` and `ray` extras (Ray is optional for users; installed here so its tests run).
+# with its `test`, `ray` and `onnx` extras (optional for users; installed here so their tests run).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	if nvidia-smi -L >/dev/null 2>&1; then $(PIP) install -q faiss-gpu || $(PIP) install -q faiss-cpu; \
 	else $(PIP) install -q faiss-cpu; fi
-	$(PIP) install -q -e '.[test,ray]'
+	$(PIP) install -q -e '.[test,ray,onnx]'
 	touch $(STAMP)
 
 lint: install

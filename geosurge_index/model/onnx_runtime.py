@@ -68,6 +68,7 @@ def choose_runtime(index_dir: str | os.PathLike, manifest: dict, runtime: str = 
     else:
         wanted = [runtime.split("-", 1)[1]]
     problems: list[str] = []
+    damaged: list[str] = []
     try:
         import onnxruntime as ort
     except ImportError:
@@ -84,8 +85,12 @@ def choose_runtime(index_dir: str | os.PathLike, manifest: dict, runtime: str = 
             continue
         why = onnx_file_problem(index_dir, entry, checksums=checksums)
         if why is None:
+            if damaged:
+                warnings.warn(f"{index_dir}: {'; '.join(damaged)}: the {precision} ONNX encoder runs instead",
+                              OnnxFallbackWarning, stacklevel=2)
             return RuntimeChoice("onnx", precision, entry["file"], tuple(problems))
         problems.append(why)
+        damaged.append(why)  # listed but unusable: worth a warning even when another one runs
     return _fallback(index_dir, runtime, problems)
 
 
