@@ -198,3 +198,13 @@ def test_runtime_setting_from_the_environment_and_bad_values():
     assert InferenceSettings().runtime == "auto"
     with pytest.raises(UserError, match="GEOSURGE_RUNTIME: setting runtime must be one of"):
         InferenceSettings.from_env({"GEOSURGE_RUNTIME": "tensorrt"})
+
+
+def test_export_with_onnx_writes_the_fp32_encoder_only_when_asked(plain_index, tmp_path):
+    ckpt = plain_index.with_name(plain_index.name + ".build") / "ckpt"  # random_index's checkpoint
+    out = tmp_path / "index"
+    assert cli_main(["export", str(ckpt), "--out", str(out), "--no-place-names", "--onnx",
+                     "--onnx-no-int8", "--onnx-no-segmenter"]) == 0
+    assert set(onnx_entries(read_manifest(out))) == {"encoder_fp32"}
+    assert not (out / "encoder.int8.onnx").exists()
+    assert Predictor.open(out, "cpu").encoder.runtime == "onnx-fp32"
