@@ -4,8 +4,11 @@ Written into INDEX_DIR beside encoder.safetensors and listed, with checksums and
 measured at export, in the manifest's `onnx` section (`index_onnx`):
 
   encoder.onnx        fp32: (pixel_values (B,3,S,S) float32, histograms (B,grid^2,C) float32)
-                      -> embedding (B,D), unit norm. ONNX Runtime's transformer optimizer fuses
-                      LayerNorm + residual (SkipLayerNormalization) and QuickGelu.
+                      -> embedding (B,D), unit norm. The plain export: ONNX Runtime's own graph
+                      optimisations run when a session loads it. (`optimize=True` also applies
+                      the offline transformer optimizer: SkipLayerNormalization and QuickGelu
+                      fusions, no attention fusion for this graph; it was no faster in
+                      `geosurge bench cpu`, so it is off by default.)
   encoder.int8.onnx   the same graph with dynamic int8 weights (ONNX Runtime `quantize_dynamic`,
                       per output channel); activations are quantised per call.
   segmenter.onnx      fp32: pixel_values -> class_map (B,S,S) int64, where the segmenter exports.
@@ -47,7 +50,7 @@ def role(kind: str, precision: str) -> str:
 class OnnxExportSettings:
     int8: bool = True  # also write the dynamically quantised encoder
     per_channel: bool = True  # int8 scales per output channel (finer than one per tensor)
-    optimize: bool = True  # ONNX Runtime's transformer fusions on the fp32 graph
+    optimize: bool = False  # the offline transformer optimizer on the fp32 graph (measured: no faster)
     segmenter: bool = True  # export the segmenter too (when the encoder has one)
     check_images: int = 2  # seeded random inputs compared with torch at export
 
