@@ -1,6 +1,6 @@
 # Everything installs from nothing into .venv. torch first (the pinned CPU build on disk: an
 # unpinned torch would pull a multi-GB CUDA build), then faiss for this host, then the package
-# with its `test`, `ray` and `heif` extras (optional for users; installed here so their tests run),
+# with its `test`, `ray`, `heif` and `onnx` extras (optional for users; installed here so their tests run),
 # and the oldest DuckDB that opens an index's cells.duckdb, in a folder of its own that only the
 # test of that promise puts on its PYTHONPATH (tests/test_outputs.py).
 VENV   ?= .venv
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	if nvidia-smi -L >/dev/null 2>&1; then $(PIP) install -q faiss-gpu || $(PIP) install -q faiss-cpu; \
 	else $(PIP) install -q faiss-cpu; fi
-	$(PIP) install -q -e '.[test,ray,heif]'
+	$(PIP) install -q -e '.[test,ray,heif,onnx]'
 	# GeoCLIP's wheel (`geosurge import geoclip` reads its weights and gallery; the tests compare with
 	# it). --no-deps: it declares torchvision, which would replace the pinned torch and which its
 	# model code never imports; its other dependencies are already installed above.

@@ -2,7 +2,7 @@
 the flags, the `GEOSURGE_*` environment variables and the help are generated.
 
 - `InferenceSettings`: the knobs every way of running the model shares (device, batch size, beam,
-  top-k, draft size, pixel cap, ten-crop): `geosurge locate`, the bulk `LocateJob`,
+  top-k, draft size, pixel cap, runtime, ten-crop): `geosurge locate`, the bulk `LocateJob`,
   `Locator.open(settings=...)` and the service.
 - `BulkSettings`: those plus the bulk runner's decoding processes (`geosurge locate`).
 - `ServiceSettings`: those plus the HTTP service's (`geosurge serve`).
@@ -96,6 +96,13 @@ class InferenceSettings(BaseSettings):
     max_pixels: int = setting(
         DEFAULT_MAX_PIXELS, "largest image, width x height, accepted: a decompression-bomb cap, checked on "
         "the header before any pixel is decoded (bulk: a too_many_pixels error row; HTTP: 413)", ge=1)
+    runtime: Literal["auto", "torch", "onnx", "onnx-fp32", "onnx-int8"] = setting(
+        "auto", "how the encoder runs: torch (the reference), onnx (the fastest ONNX Runtime encoder the "
+        "index carries: `geosurge export-onnx`), onnx-fp32, onnx-int8; an explicit ONNX choice refuses "
+        "when its file is missing or fails its checksum", metavar="RUNTIME",
+        default_help="auto: on the CPU fp32 ONNX when the index carries it (int8 only when asked: its "
+        "top-1 agreement was under 99%), else torch, with a warning when a listed file is unusable; "
+        "on CUDA torch")
     ten_crop: bool = setting(
         False, "test-time ten-crop averaging (the paper's evaluation setting): embed the 4 corner crops and "
         "the centre crop of a 1.143x resize and their mirror images, and search with the L2-normalised "

@@ -1,8 +1,13 @@
-"""`geosurge export CHECKPOINT --out INDEX_DIR`: a checkpoint -> the index folder."""
+"""`geosurge export CHECKPOINT --out INDEX_DIR`: a checkpoint -> the index folder (`--onnx`: with the
+ONNX Runtime encoders). Also registers `geosurge export-onnx` and `geosurge bench cpu`
+(`cli.export_onnx`)."""
 
 from __future__ import annotations
 
 import argparse
+
+from geosurge_index.cli import export_onnx
+from geosurge_index.cli.export_onnx import add_export_arguments
 
 
 def register(subparsers) -> None:
@@ -30,7 +35,16 @@ def register(subparsers) -> None:
     p.add_argument("--no-place-names", dest="place_names", action="store_false",
                    help="skip reverse geocoding; the place-name columns are then absent "
                         "(default: fill them)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write the ONNX Runtime encoders for fast CPU inference, as "
+                        "`geosurge export-onnx INDEX_DIR` does (needs geosurge-index[onnx])")
+    add_export_arguments(p, prefix="onnx-")
     p.set_defaults(func=run)
+    export_onnx.register(subparsers)
+
+
+def register_bench(bench_subparsers) -> None:
+    export_onnx.register_bench(bench_subparsers)
 
 
 def run(args) -> int:
@@ -47,4 +61,6 @@ def run(args) -> int:
     sizes = ", ".join(str(e["n_cells"]) for e in m["levels"])
     print(f"wrote {out}: {len(m['levels'])} levels ({sizes} cells), dim {m['dim']}, "
           f"encoder {'included' if m['encoder'] else 'absent'}")
+    if args.onnx:
+        export_onnx.export(out, args)
     return 0

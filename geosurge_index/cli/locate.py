@@ -65,7 +65,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--chunk-size", type=int, default=1024,
                    help="inputs per output shard, the unit of resume (default: %(default)s)")
-    BulkSettings.add_arguments(g, ["batch_size", "workers", "device", "max_error_rate"], switches=True)
+    BulkSettings.add_arguments(g, ["batch_size", "workers", "device", "runtime", "max_error_rate"],
+                               switches=True)
     g = p.add_argument_group("Ray (more than one machine)")
     g.add_argument("--ray", metavar="ADDRESS", default=None,
                    help="run on Ray Data: 'auto' (the cluster this machine belongs to), HOST:PORT or "

@@ -53,6 +53,7 @@ class LocateJob:
     device: str = _DEFAULTS.device
     draft_size: int | None = _DEFAULTS.draft_size  # None: the encoder's input size; 0: off
     max_pixels: int = _DEFAULTS.max_pixels
+    runtime: str = _DEFAULTS.runtime  # auto | torch | onnx | onnx-fp32 | onnx-int8 (model.onnx_runtime)
     ten_crop: bool = _DEFAULTS.ten_crop  # test-time ten-crop averaging (10x the encoder work)
     max_image_bytes: int = _DEFAULTS.max_image_bytes  # larger inputs are too_large rows, never read
     max_error_rate: float | None = _DEFAULTS.max_error_rate  # None: fail only when every row is an error

@@ -173,7 +173,8 @@ class Locator:
         s = (settings or InferenceSettings()).inference()
         if given:
             s = s.with_(**given)
-        predictor = Predictor.open(index_dir, s.device, SearchSettings(s.top_k, s.beam, False, s.ten_crop))
+        predictor = Predictor.open(index_dir, s.device, SearchSettings(s.top_k, s.beam, False, s.ten_crop),
+                                   s.runtime)
         size = predictor.image_size
         places = _read_places(Path(index_dir), predictor.index.levels)
         spec = DecodeSpec(size, size if s.draft_size is None else s.draft_size, s.max_pixels, s.ten_crop)

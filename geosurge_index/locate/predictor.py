@@ -56,16 +56,20 @@ class Predictor:
         self.image_size = int(encoder.image_size)
 
     @classmethod
-    def open(cls, index_dir, device="auto", settings: SearchSettings = SearchSettings()) -> Predictor:
+    def open(cls, index_dir, device="auto", settings: SearchSettings = SearchSettings(),
+             runtime: str = "auto") -> Predictor:
+        """The index and its encoder. `runtime` (the setting of that name: auto, torch, onnx,
+        onnx-fp32, onnx-int8) chooses torch or an ONNX Runtime encoder (`model.onnx_runtime`);
+        `predictor.encoder.runtime` names the one that runs."""
         from geosurge_index.index import GeoIndex
-        from geosurge_index.model import load_encoder
+        from geosurge_index.model.onnx_runtime import open_encoder
 
         dev = resolve_device(device)
         index = GeoIndex.open(index_dir, device=str(dev))
         if not index.has_encoder:
             raise UserError(f"INDEX_DIR {index_dir} was exported without a visual encoder: it can search "
                             "stored embeddings (`geosurge search`) but cannot locate images")
-        return cls(load_encoder(index_dir, dev), index, dev, settings)
+        return cls(open_encoder(index_dir, dev, runtime, index.manifest), index, dev, settings)
 
     def encode(self, pixels, class_maps, has_map: np.ndarray) -> np.ndarray:
         """uint8 (n, S, S, 3) + class maps (n, S, S) -> float32 (n, D) embeddings. With

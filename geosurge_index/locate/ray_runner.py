@@ -94,8 +94,8 @@ def decode_batch(batch: pa.Table, spec: DecodeSpec) -> dict:
 class PredictActor:
     """Encoder + search in a Ray actor: the model is loaded once per actor."""
 
-    def __init__(self, index_dir: str, device: str, settings: SearchSettings):
-        self.predictor = Predictor.open(index_dir, device, settings)
+    def __init__(self, index_dir: str, device: str, settings: SearchSettings, runtime: str = "auto"):
+        self.predictor = Predictor.open(index_dir, device, settings, runtime)
 
     def __call__(self, batch: dict) -> pa.Table:
         ok = np.asarray(batch["ok"], bool)
@@ -199,7 +199,8 @@ def _run(plan: Plan, progress, actors, gpus_per_actor) -> RunStats:
                         batch_format="pyarrow", num_cpus=1)
     ds = ds.map_batches(
         PredictActor,
-        fn_constructor_kwargs={"index_dir": job.index_dir, "device": device, "settings": job.settings()},
+        fn_constructor_kwargs={"index_dir": job.index_dir, "device": device, "settings": job.settings(),
+                               "runtime": job.runtime},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actor_plan.actors),

@@ -46,7 +46,7 @@ def run_local(plan: Plan, predictor: Predictor | None = None, progress=None) -> 
 
     job = plan.job
     if predictor is None:
-        predictor = Predictor.open(job.index_dir, job.device, job.settings())
+        predictor = Predictor.open(job.index_dir, job.device, job.settings(), job.runtime)
     cuda = predictor.device.type == "cuda"
     batch_size = job.batch_size or default_batch_size(cuda, job.ten_crop)
     crops = 10 if job.ten_crop else 1

@@ -72,4 +72,14 @@ class VisualEncoder(nn.Module):
             if tuple(class_map.shape) != (b, h, w):
                 raise ValueError(f"class_map must be (B, {h}, {w}), got {tuple(class_map.shape)}")
             x = self.fusion(class_map, tokens)
+        return self._project(x)
+
+    def forward_histograms(self, pixel_values: torch.Tensor, histograms: torch.Tensor | None) -> torch.Tensor:
+        """As `forward`, given the class map's `fusion.patch_histograms` (B, grid^2, C) instead of
+        the map (None when fusion is off): the graph the ONNX export traces."""
+        tokens = self.backbone(pixel_values)
+        x = tokens[:, 0] if self.fusion is None else self.fusion.from_histograms(histograms, tokens)
+        return self._project(x)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(self.head_norm(x)).float(), dim=-1)
