@@ -38,7 +38,8 @@ def add_export_arguments(p, *, prefix: str = "") -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "export-onnx", help="add ONNX Runtime encoders (fp32, int8) to an INDEX_DIR for fast CPU inference",
-        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  geosurge export-onnx demo-out/index\n  geosurge locate demo-out/index photos/ --out preds/ --runtime onnx-fp32")
     p.add_argument("index_dir", metavar="INDEX_DIR", help="index folder written by `geosurge export`")
     add_export_arguments(p)
     p.set_defaults(func=run)
@@ -81,7 +82,8 @@ def register_bench(bench_subparsers) -> None:
 
     p = bench_subparsers.add_parser(
         "cpu", help="CPU inference: torch vs ONNX Runtime fp32/int8, segmenter settings, agreement",
-        description=BENCH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=BENCH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  geosurge bench cpu --quick\n  geosurge bench cpu --demo-index demo-out/index")
     d = CpuBench()
     p.add_argument("--quick", action="store_true", help="the tiny config only (seconds, for a smoke test)")
     p.add_argument("--images", type=int, default=d.images, help="images per timing (default: %(default)s)")

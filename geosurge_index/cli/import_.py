@@ -30,7 +30,9 @@ example:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("import", help="build an index from a published model (GeoCLIP)",
-                              description="Build an INDEX_DIR from a published geolocation model.")
+                              description="Build an INDEX_DIR from a published geolocation model.",
+                              epilog="example:\n  geosurge import geoclip --out geoclip-index --clip ~/models/clip-vit-large-patch14",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="model", metavar="MODEL")
     p.set_defaults(func=lambda args: p.print_help() or 2)
     g = sub.add_parser("geoclip", help="GeoCLIP (NeurIPS 2023, MIT): CLIP ViT-L/14 + its location encoder",
