@@ -52,7 +52,11 @@ def test_full_size_parameter_counts(full_meta):
     assert 210e6 < parts["segmenter"][0] < 225e6  # OneFormer Swin-L ADE20K (219 M measured)
     geo_total = sum([3298, 7202, 12893, 16000, 19000, 21000, 23000]) * 768 + 7
     assert parts["geographic embeddings + temperatures"] == (geo_total, geo_total)
-    assert parts["head (LayerNorm + Linear)"] == (2 * 128 + 128 * 768 + 768,) * 2
+    if full_meta.config.fusion.readout == "cls+clip":  # LN(fused CLS) + LN(CLIP CLS) + Linear(128 + 1024 -> 768)
+        head = 2 * 128 + 2 * 1024 + (128 + 1024) * 768 + 768
+    else:  # "cls": LN(fused CLS) + Linear(128 -> 768)
+        head = 2 * 128 + 128 * 768 + 768
+    assert parts["head (LayerNorm + Linear)"] == (head,) * 2
 
 
 def test_full_size_shapes_on_meta(full_meta):
@@ -317,7 +321,11 @@ def test_class_maps_are_written_once_beside_the_images(tmp_path):
     counts = write_class_maps(paths + [tmp_path / "bad.jpg"], enc.segmenter, progress=False)
     assert counts == {"written": 2, "zero_bytes": 1}
     m = Image.open(class_map_path(paths[0]))
-    assert m.mode == "L" and m.size == (85, 64)  # whole image, short side = segmenter input size
+    assert m.mode == "L" and m.size == (336, 336)  # the centre crop at the default encoder side
+    counts = write_class_maps(paths, enc.segmenter, progress=False, overwrite=True, image_size=64)
+    assert counts == {"written": 2}
+    m = Image.open(class_map_path(paths[0]))
+    assert m.mode == "L" and m.size == (64, 64)  # the centre crop the tiny encoder sees
     cm = load_class_map(class_map_path(paths[0]), 64)
     assert cm.shape == (64, 64) and cm.max() < 150
     assert write_class_maps(paths, enc.segmenter, progress=False) == {"existing": 2}
