@@ -29,7 +29,6 @@ from geosurge_index import geometry
 from geosurge_index.images import ImageDecodeError, class_map_path, decode_image
 from geosurge_index.model.segmenter import Segmenter
 
-
 # The side of the crop the default backbone sees (CLIP ViT-L/14-336); `geosurge segment --image-size`.
 DEFAULT_IMAGE_SIZE = 336
 
