@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "maps",
     "serve",
     "demo",
+    "ablations",
 ]
 
 

@@ -53,6 +53,7 @@ class LocateJob:
     draft_size: int | None = _DEFAULTS.draft_size  # None: the encoder's input size; 0: off
     max_pixels: int = _DEFAULTS.max_pixels
     ten_crop: bool = _DEFAULTS.ten_crop  # test-time ten-crop averaging (10x the encoder work)
+    protocol: str | None = _DEFAULTS.protocol  # "paper": ten-crop (sets ten_crop); "fast": one centre crop
 
     def __post_init__(self) -> None:
         for name, value in self.inference_settings().values().items():  # checked and normalised
