@@ -28,7 +28,7 @@ Examples:
   geosurge locate index/ photos/ --out preds/
   geosurge locate index/ manifest.parquet --id-column key --out preds/ --save-embeddings
   geosurge locate index/ shards/{00000..00099}.tar --out preds/ --ray auto
-  geosurge locate index/ im2gps3k/ --out preds-10crop/ --ten-crop   # the paper's test-time setting
+  geosurge locate index/ im2gps3k/ --out preds-paper/ --protocol paper   # the paper's test protocol (ten-crop)
   duckdb -c "SELECT count(*), count(error) FROM 'preds/*.parquet'"
 """
 
