@@ -101,8 +101,7 @@ class InferenceSettings(BaseSettings):
         "mean; 10x the encoder work", metavar="BOOL", default_help="off: one centre crop")
     protocol: Literal["fast", "paper"] | None = setting(
         None, "test protocol: 'paper' is the paper's benchmark protocol, ten-crop averaging (sets "
-        "ten_crop; measured on the demo index: ~10x the encoder time for a small accuracy change, see "
-        "README); 'fast' is one centre crop", metavar="PROTOCOL",
+        "ten_crop; 8x the time of one crop on the demo index, see README); 'fast' is one centre crop", metavar="PROTOCOL",
         default_help="fast (one centre crop) unless ten_crop is on")
 
     # -- construction --------------------------------------------------------------------------
