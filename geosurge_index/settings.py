@@ -107,6 +107,10 @@ class InferenceSettings(BaseSettings):
         False, "test-time ten-crop averaging (the paper's evaluation setting): embed the 4 corner crops and "
         "the centre crop of a 1.143x resize and their mirror images, and search with the L2-normalised "
         "mean; 10x the encoder work", metavar="BOOL", default_help="off: one centre crop")
+    protocol: Literal["fast", "paper"] | None = setting(
+        None, "test protocol: 'paper' is the paper's benchmark protocol, ten-crop averaging (sets "
+        "ten_crop; 8x the time of one crop on the demo index, see README); 'fast' is one centre crop", metavar="PROTOCOL",
+        default_help="fast (one centre crop) unless ten_crop is on")
 
     # -- construction --------------------------------------------------------------------------
 
@@ -133,6 +137,21 @@ class InferenceSettings(BaseSettings):
                 if name in values:
                     raise UserError(f"setting {public} given twice (also as {name})")
                 values[name] = values.pop(public)
+        return values
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol_sets_ten_crop(cls, values: Any) -> Any:
+        """protocol 'paper' turns ten-crop on; 'fast' refuses it (one centre crop)."""
+        if not isinstance(values, dict) or values.get("protocol") is None:
+            return values
+        protocol = str(values["protocol"]).strip().lower()
+        values = dict(values, protocol=protocol)
+        if protocol == "paper":
+            values["ten_crop"] = True
+        elif protocol == "fast" and str(values.get("ten_crop", False)).strip().lower() in ("true", "1", "yes", "on"):
+            raise UserError("protocol 'fast' is one centre crop, but ten_crop is on: drop one of them "
+                            "(protocol 'paper' is ten-crop)")
         return values
 
     @field_validator("beam", mode="before")

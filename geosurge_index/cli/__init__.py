@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "maps",
     "serve",
     "demo",
+    "ablations",
 ]
 
 

@@ -24,6 +24,9 @@ Everything is written under OUT (default ./demo-out). Running it again reuses ev
 outputs exist and were made with the same settings; --fresh redoes everything. The demo world is
 synthetic: its accuracy says the system works end to end, not how well it geolocates real
 photos (for that, see build/mp16.toml and README).
+
+--ablations runs the paper's ablations on the demo world instead (`geosurge ablations --help`):
+  geosurge demo --ablations --seeds 3 --json ablations.json
 """
 
 
@@ -57,11 +60,22 @@ def register(subparsers) -> None:
                         "in proportion to --train otherwise)")
     p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing what is built")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    abl = p.add_argument_group("ablations (with --ablations; see `geosurge ablations --help`)")
+    abl.add_argument("--ablations", action="store_true",
+                     help="instead of the demo, train and evaluate the paper's ablations on the demo world")
+    from geosurge_index.cli.ablations import add_arguments
+
+    add_arguments(abl, prefix="ablation-")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import os
+
+    if args.ablations:
+        from geosurge_index.cli.ablations import run as run_ablations
+
+        return run_ablations(args)
 
     from geosurge_index.demo import DemoSettings, run_demo
     from geosurge_index.errors import UserError

@@ -28,7 +28,7 @@ Examples:
   geosurge locate index/ photos/ --out preds/
   geosurge locate index/ manifest.parquet --id-column key --out preds/ --save-embeddings
   geosurge locate index/ shards/{00000..00099}.tar --out preds/ --ray auto
-  geosurge locate index/ im2gps3k/ --out preds-10crop/ --ten-crop   # the paper's test-time setting
+  geosurge locate index/ im2gps3k/ --out preds-paper/ --protocol paper   # the paper's test protocol (ten-crop)
   duckdb -c "SELECT count(*), count(error) FROM 'preds/*.parquet'"
 """
 
@@ -61,7 +61,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     BulkSettings.add_arguments(g, ["top_k", "beam"], switches=True)
     g.add_argument("--save-embeddings", action="store_true",
                    help="also store each image's visual embedding (768 floats) in an `embedding` column")
-    BulkSettings.add_arguments(g, ["ten_crop"], switches=True)
+    BulkSettings.add_arguments(g, ["ten_crop", "protocol"], switches=True)
     g = p.add_argument_group("execution")
     g.add_argument("--chunk-size", type=int, default=1024,
                    help="inputs per output shard, the unit of resume (default: %(default)s)")

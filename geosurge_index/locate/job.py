@@ -57,6 +57,7 @@ class LocateJob:
     ten_crop: bool = _DEFAULTS.ten_crop  # test-time ten-crop averaging (10x the encoder work)
     max_image_bytes: int = _DEFAULTS.max_image_bytes  # larger inputs are too_large rows, never read
     max_error_rate: float | None = _DEFAULTS.max_error_rate  # None: fail only when every row is an error
+    protocol: str | None = _DEFAULTS.protocol  # "paper": ten-crop (sets ten_crop); "fast": one centre crop
 
     def __post_init__(self) -> None:
         for name, value in self.inference_settings().values().items():  # checked and normalised

@@ -20,6 +20,16 @@ DEFAULT_BACKBONE = "openai/clip-vit-large-patch14-336"
 DEFAULT_ONEFORMER = "shi-labs/oneformer_ade20k_swin_large"
 DEFAULT_SEGFORMER = "nvidia/segformer-b0-finetuned-ade-512-512"
 NUM_ADE20K_CLASSES = 150
+# Each segmenter's own test resolution (short side / square side it was evaluated at on ADE20K).
+SEGMENTER_INPUT_SIZE = {"oneformer": 640, "segformer": 512}
+# The fusion read-outs (`FusionConfig.readout`): "cls" = the fused semantic CLS token alone (the
+# read-out of checkpoints written before the option existed); "cls+clip" = the fused CLS
+# concatenated with CLIP's own CLS token before the LayerNorm + Linear (a residual path from CLIP
+# to the embedding). The default is the measured better one (ARCHITECTURE.md, "paper unclear, measured").
+READOUTS = ("cls", "cls+clip")
+LEGACY_READOUT = "cls"
+HEADS = ("geo", "classifier")
+DEFAULT_READOUT = "cls+clip"
 EMBED_DIM = 768
 NUM_LEVELS = 7
 
@@ -73,7 +83,15 @@ class SegmenterConfig:
     kind: str = "oneformer"  # oneformer | segformer | none (class maps must then be given)
     pretrained: str | None = DEFAULT_ONEFORMER
     arch: dict[str, Any] | None = None  # OneFormerConfig / SegformerConfig kwargs
-    input_size: int = 512  # the segmenter runs at this square resolution
+    # The segmenter runs on the region the backbone sees (the centre crop, or each ten-crop box)
+    # resized to this square side. None: the checkpoint's own test size (SEGMENTER_INPUT_SIZE:
+    # 640 for OneFormer Swin-L ADE20K, whose ADE20K test resolution is a 640 short side; 512 for
+    # SegFormer ADE20K, trained on 512 crops). Configs written before this default keep their 512.
+    input_size: int | None = None
+
+    def __post_init__(self):
+        if self.input_size is None:
+            self.input_size = SEGMENTER_INPUT_SIZE.get(self.kind, 512)
 
 
 @dataclass
@@ -88,6 +106,7 @@ class FusionConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     self_attention: bool = True  # mix the semantic tokens after each cross-attention (see fusion.py)
+    readout: str = DEFAULT_READOUT  # see READOUTS; configs without the key load as LEGACY_READOUT
 
 
 @dataclass
@@ -99,6 +118,10 @@ class ModelConfig:
     num_classes: int = NUM_ADE20K_CLASSES
     init_temperature: float = 0.07
     geo_init_std: float = 0.02
+    # "geo": the paper's geographic embeddings (a cosine / temperature per cell, every level);
+    # "classifier": a plain Linear classification head over the cells of the finest level alone
+    # (an ablation: `geosurge ablations`; it trains and validates but cannot be exported as an index)
+    head: str = "geo"
 
     # -- derived -----------------------------------------------------------------------------
     def backbone_arch(self) -> dict[str, Any]:
@@ -128,11 +151,15 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = copy.deepcopy(d)
+        fusion = d.pop("fusion", {})
+        if isinstance(fusion, dict):
+            # written before the read-out was an option: the read-out those weights were trained with
+            fusion.setdefault("readout", LEGACY_READOUT)
         try:
             return cls(
                 backbone=BackboneConfig(**d.pop("backbone", {})),
                 segmenter=SegmenterConfig(**d.pop("segmenter", {})),
-                fusion=FusionConfig(**d.pop("fusion", {})),
+                fusion=FusionConfig(**fusion),
                 **d,
             )
         except TypeError as err:
@@ -148,6 +175,12 @@ class ModelConfig:
         if self.segmenter.kind != "none" and self.segmenter.pretrained is None and self.segmenter.arch is None:
             raise UserError("model.segmenter: set `pretrained` (path or hub id) or `arch` (a config)")
         f = self.fusion
+        if f.readout not in READOUTS:
+            raise UserError(f"model.fusion.readout = {f.readout!r}: choose one of {', '.join(READOUTS)}")
+        if self.head not in HEADS:
+            raise UserError(f"model.head = {self.head!r}: choose one of {', '.join(HEADS)}")
+        if self.segmenter.input_size is not None and self.segmenter.input_size < 32:
+            raise UserError(f"model.segmenter.input_size = {self.segmenter.input_size}: at least 32")
         if f.enabled and (f.query_dim % f.heads or f.latent_dim % f.heads):
             raise UserError("model.fusion: query_dim and latent_dim must be multiples of heads")
         if self.image_size % self.patch_size:

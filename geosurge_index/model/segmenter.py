@@ -43,8 +43,10 @@ def _strip(arch: dict) -> dict:
 
 
 class Segmenter(nn.Module):
-    """Base: re-normalises the encoder's input for the segmenter, runs it at `input_size`, and
-    returns the arg-max class map at the encoder's resolution."""
+    """Base: re-normalises the encoder's input (the crop the backbone sees) for the segmenter,
+    runs it at `input_size`, and returns the arg-max class map at the encoder's resolution.
+    `geosurge segment` stores exactly this map for the centre crop (`model.classmaps.segment_pil`),
+    so stored and on-the-fly maps are the same."""
 
     def __init__(self, cfg: SegmenterConfig):
         super().__init__()
