@@ -99,6 +99,14 @@ class InferenceSettings(BaseSettings):
         False, "test-time ten-crop averaging (the paper's evaluation setting): embed the 4 corner crops and "
         "the centre crop of a 1.143x resize and their mirror images, and search with the L2-normalised "
         "mean; 10x the encoder work", metavar="BOOL", default_help="off: one centre crop")
+    cap_km: float | None = setting(
+        None, "precision cap (privacy): answer with the mean point of the deepest cell on the predicted path "
+        "whose extent (sqrt of its area) is at least this many km; nothing finer leaves (no finer cells, "
+        "top-k, neighbours or embeddings). Typical: 1 street, 25 city, 200 region, 750 country",
+        metavar="KM", ge=0, le=5000, default_help="no cap")
+    cap_level: int | None = setting(
+        None, "precision cap by hierarchy level: answer at this level (1 = coarsest) or coarser; with "
+        "--cap-km the coarser of the two applies", metavar="LEVEL", ge=1, default_help="no cap")
 
     # -- construction --------------------------------------------------------------------------
 
@@ -264,6 +272,10 @@ class BulkSettings(InferenceSettings):
         None, "decoding processes; 0 decodes in the main process", ge=0,
         default_help="on CUDA all cores but one, at most 16; on the CPU a quarter of the cores, at least 1, "
         "and the model gets the remaining cores as torch threads")
+    skip_tagged: bool = setting(
+        False, "leave photos whose EXIF already holds valid GPS out of the model: they get a row with "
+        "their EXIF coordinates and the error kind skipped_tagged", metavar="BOOL",
+        default_help="off: every photo is located; its EXIF GPS is reported beside the estimate")
 
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]

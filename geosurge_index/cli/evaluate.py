@@ -27,8 +27,14 @@ Truth files: any CSV/Parquet with an id column (id, IMG_ID, name, ...) and lat/l
 the truth is the `lat`/`lon` in each sample's KEY.json, the id the sample key, as `geosurge
 locate SHARD.tar` names its predictions; a folder of shards is read as one truth.
 
+--truth exif: the photos' own EXIF GPS (the exif_* columns `geosurge locate` writes): scores the
+predictions of the tagged photos of an archive against where they were taken, so that you learn
+how well the index does on your archive before trusting it on the untagged ones (run locate
+without --skip-tagged for this; malformed GPS counts as untagged).
+
 Example:
   geosurge eval preds/ --truth im2gps3k_places365.csv --index index/ --json im2gps3k.json
+  geosurge eval preds/ --truth exif
   geosurge eval preds/ --truth shard-00000.tar
   geosurge eval preds/ --truth shards/
 """
@@ -43,7 +49,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("pred_dir", metavar="PRED_DIR", help="folder of prediction shards (`geosurge locate --out`)")
     p.add_argument("--truth", required=True, metavar="FILE", help="ground truth: CSV/Parquet (id, lat, lon), or WebDataset shards (a .tar or "
-                        "a folder of them) whose samples' JSON holds lat/lon")
+                        "a folder of them) whose samples' JSON holds lat/lon, or `exif`: the photos' own "
+                        "EXIF GPS")
     p.add_argument("--index", metavar="INDEX_DIR", default=None,
                    help="the index the predictions came from: adds per-level cell accuracy (default: none)")
     p.add_argument("--id-column", default=None, help="the truth file's id column (default: found by name)")
@@ -71,11 +78,14 @@ def format_rows(rows: list[tuple[str, str]]) -> str:
 
 def run_eval(args: argparse.Namespace) -> int:
     from geosurge_index.benchmarks import read_truth
-    from geosurge_index.evaluation import evaluate_predictions
+    from geosurge_index.evaluation import EXIF_TRUTH, evaluate_predictions, exif_truth
 
     check_output_folder(args.json, "--json")
-    truth = read_truth(args.truth, id_column=args.id_column, lat_column=args.lat_column,
-                       lon_column=args.lon_column, skip_invalid=args.skip_invalid)
+    if args.truth == EXIF_TRUTH:
+        truth = exif_truth(args.pred_dir)
+    else:
+        truth = read_truth(args.truth, id_column=args.id_column, lat_column=args.lat_column,
+                           lon_column=args.lon_column, skip_invalid=args.skip_invalid)
     report = evaluate_predictions(args.pred_dir, truth, args.index, skip_missing=args.skip_missing)
     print(f"predictions {args.pred_dir} against {args.truth}"
           + (f" ({truth.n_skipped_invalid} invalid truth rows skipped)" if truth.n_skipped_invalid else ""))

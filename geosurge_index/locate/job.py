@@ -53,10 +53,22 @@ class LocateJob:
     draft_size: int | None = _DEFAULTS.draft_size  # None: the encoder's input size; 0: off
     max_pixels: int = _DEFAULTS.max_pixels
     ten_crop: bool = _DEFAULTS.ten_crop  # test-time ten-crop averaging (10x the encoder work)
+    cap_km: float | None = _DEFAULTS.cap_km  # precision cap (`privacy`): None = none
+    cap_level: int | None = _DEFAULTS.cap_level
+    skip_tagged: bool = _DEFAULTS.skip_tagged  # photos with valid EXIF GPS are not located
 
     def __post_init__(self) -> None:
         for name, value in self.inference_settings().values().items():  # checked and normalised
             setattr(self, name, value)
+        if self.save_embeddings and self.cap is not None:
+            raise UserError("--save-embeddings with a precision cap: embeddings are finer than any cap, "
+                            "so a capped run never stores them")
+
+    @property
+    def cap(self):
+        from geosurge_index.privacy import Cap
+
+        return Cap.of(self.cap_km, self.cap_level)
 
     @classmethod
     def from_settings(cls, index_dir: str, inputs: list[str], out_dir: str, settings: InferenceSettings,
@@ -71,7 +83,7 @@ class LocateJob:
         return BulkSettings(**{name: getattr(self, name) for name in BulkSettings.model_fields})
 
     def settings(self) -> SearchSettings:
-        return SearchSettings(self.top_k, self.beam, self.save_embeddings, self.ten_crop)
+        return SearchSettings(self.top_k, self.beam, self.save_embeddings, self.ten_crop, self.cap)
 
     def output_settings(self) -> dict:
         """The settings that change the rows: a resume must keep them."""
@@ -80,6 +92,9 @@ class LocateJob:
                "path_column": self.columns.path, "id_column": self.columns.id}
         if self.ten_crop:  # recorded only when on, so that runs from before the setting still resume
             out["ten_crop"] = True
+        for name in ("cap_km", "cap_level", "skip_tagged"):  # likewise
+            if getattr(self, name):
+                out[name] = getattr(self, name)
         return out
 
 

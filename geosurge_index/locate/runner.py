@@ -70,7 +70,8 @@ def _run_local(plan: Plan, predictor: Predictor, progress, cuda: bool, loader_pl
     if predictor.settings.ten_crop != job.ten_crop:
         raise ValueError("the predictor's ten_crop setting differs from the job's")
     size = predictor.image_size
-    spec = DecodeSpec(size, size if job.draft_size is None else job.draft_size, job.max_pixels, job.ten_crop)
+    spec = DecodeSpec(size, size if job.draft_size is None else job.draft_size, job.max_pixels, job.ten_crop,
+                      skip_tagged=job.skip_tagged)
     batches = batches_of(plan.pending_rows(), batch_size, plan.config.chunk_size)
     dataset = InputDataset(plan.table, batches, spec)
     workers = loader_plan.workers
