@@ -156,50 +156,57 @@ class CappedCells:
 
 
 def capped_cells(paths: np.ndarray, tree, cap: Cap) -> CappedCells:
-    """(n, L) paths (cell_index per level) -> the deepest cell of each path allowed by `cap`."""
+    """(n, L) paths (cell_index per level; -1 below a path's known depth, as in rows capped before)
+    -> the deepest cell of each path allowed by `cap`."""
     cc = cap_cells(tree)
     paths = np.asarray(paths, dtype=np.int64).reshape(-1, tree.levels)
     n, levels = paths.shape
-    ext = np.stack([cc.extent[lv][paths[:, lv]] for lv in range(levels)], axis=1) if n else np.zeros((0, levels))
+    known = paths >= 0
+    ext = np.full((n, levels), -np.inf)
+    for lv in range(levels):
+        ext[known[:, lv], lv] = cc.extent[lv][paths[known[:, lv], lv]]
     # extents never grow along a path: the allowed levels are a prefix
-    k = (ext >= (cap.km or 0.0) - 1e-9).sum(axis=1) if cap.km is not None else np.full(n, levels)
+    k = (ext >= (cap.km or 0.0) - 1e-9).sum(axis=1) if cap.km is not None else known.sum(axis=1)
     if cap.level is not None:
         k = np.minimum(k, int(cap.level))
     k = k.astype(np.int64)
     rows = np.arange(n)
-    at = np.maximum(k - 1, 0)
-    cell = np.where(k > 0, paths[rows, at], -1)
-    lat = np.empty(n)
-    lon = np.empty(n)
+    cell = np.where(k > 0, paths[rows, np.maximum(k - 1, 0)], -1)
+    lat, lon = np.empty(n), np.empty(n)
     ids = np.zeros(n, dtype=np.uint64)
     extent = np.zeros(n)
     for lv in np.unique(k[k > 0]):
         sel = k == lv
         c = cell[sel]
-        lat[sel] = tree.mean_lat[lv - 1][c]
-        lon[sel] = tree.mean_lon[lv - 1][c]
-        ids[sel] = cc.ids[lv - 1][c]
-        extent[sel] = cc.extent[lv - 1][c]
+        lat[sel], lon[sel] = tree.mean_lat[lv - 1][c], tree.mean_lon[lv - 1][c]
+        ids[sel], extent[sel] = cc.ids[lv - 1][c], cc.extent[lv - 1][c]
     above = np.flatnonzero(k == 0)
     if len(above):
-        base = cc.ids[0][paths[above, 0]]
-        found = np.zeros(len(above), dtype=bool)
-        for s2_level in range(int(s2.levels(base).max()) - 1, -1, -1):
-            todo = ~found & (s2.levels(base) > s2_level)
-            if not todo.any():
-                continue
-            anc = s2.parent_ids(base[todo], s2_level)
-            e = np.sqrt(s2.cell_areas_km2(anc))
-            ok = e >= cap.km - 1e-9
-            idx = np.flatnonzero(todo)[ok]
-            ids[above[idx]] = anc[ok]
-            extent[above[idx]] = e[ok]
-            found[idx] = True
-            if found.all():
-                break
-        clat, clon = s2.cell_centers(ids[above])
-        lat[above], lon[above] = clat, clon
+        ids[above], extent[above], lat[above], lon[above] = s2_ancestor_at_least(
+            cc.ids[0][paths[above, 0]], cap.km or 0.0)
     return CappedCells(k.astype(np.int8), cell, ids, lat, lon, extent)
+
+
+def s2_ancestor_at_least(base: np.ndarray, km: float):
+    """The deepest S2 ancestor (or the cell itself) of each id whose extent is at least `km`
+    -> (ids, extents, centre lat, centre lon). Faces (about 9,000 km) satisfy any cap."""
+    base = np.asarray(base, dtype=np.uint64)
+    ids, extent = base.copy(), np.sqrt(s2.cell_areas_km2(base)) if len(base) else np.zeros(0)
+    todo = extent < km - 1e-9
+    if todo.any():
+        for s2_level in range(int(s2.levels(base[todo]).max()) - 1, -1, -1):
+            sel = np.flatnonzero(todo & (s2.levels(base) > s2_level))
+            if not len(sel):
+                continue
+            anc = s2.parent_ids(base[sel], s2_level)
+            e = np.sqrt(s2.cell_areas_km2(anc))
+            ok = e >= km - 1e-9
+            ids[sel[ok]], extent[sel[ok]] = anc[ok], e[ok]
+            todo[sel[ok]] = False
+            if not todo.any():
+                break
+    lat, lon = s2.cell_centers(ids) if len(ids) else (np.zeros(0), np.zeros(0))
+    return ids, extent, lat, lon
 
 
 def _capped_probability(answer: CappedCells, topk: np.ndarray, probs: np.ndarray, tree) -> np.ndarray:
@@ -248,12 +255,18 @@ def _cap_table(table: pa.Table, tree, cap: Cap) -> pa.Table:
         raise UserError(f"prediction rows lack {missing[0]}: cannot apply a precision cap to them")
     lat_valid = np.asarray(table.column("lat").is_valid().to_numpy(zero_copy_only=False), dtype=bool) \
         if n else np.zeros(0, bool)
-    cells = [table.column(c).to_numpy(zero_copy_only=False) for c in cell_cols]
-    ok = lat_valid & np.all([~pd_isnull(c) for c in cells], axis=0) if n else lat_valid
+    # -1 below a row's known depth (a row capped before keeps its path down to its cap)
+    cells = np.stack([table.column(c).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+                      for c in cell_cols], axis=1) if n else np.zeros((0, levels), np.int64)
+    earlier = _earlier_s2_answers(table, n)  # rows capped above level 1 before: their S2 cell
+    ok = lat_valid & ((cells[:, 0] >= 0) | (earlier != 0))
     rows = np.flatnonzero(ok)
-    paths = np.stack([np.asarray(c[rows], dtype=np.int64) for c in cells], axis=1) if len(rows) else \
-        np.zeros((0, levels), np.int64)
-    ans = capped_cells(paths, tree, cap)
+    ans = capped_cells(cells[rows], tree, cap)
+    again = np.flatnonzero((earlier[rows] != 0) & (cells[rows, 0] < 0))
+    if len(again):
+        got = s2_ancestor_at_least(earlier[rows][again], cap.km or 0.0)
+        ans.s2_id[again], ans.extent_km[again], ans.lat[again], ans.lon[again] = got
+        ans.level[again], ans.cell[again] = 0, -1
     prob = None
     if {"topk_cells", "topk_probs"} <= set(table.column_names) and len(rows):
         topk, probs = _lists(table.column("topk_cells"), rows), _lists(table.column("topk_probs"), rows)
@@ -302,8 +315,10 @@ def _cap_table(table: pa.Table, tree, cap: Cap) -> pa.Table:
             continue
         else:  # topk_*, embedding, gallery neighbours, anything unknown: withheld
             out[name] = pa.nulls(n, col.type)
-    out["cap_km"] = pa.array(np.where(ok, np.nan if cap.km is None else cap.km, np.nan), pa.float64(),
-                             mask=~ok if cap.km is not None else np.ones(n, bool))
+    before = (np.asarray(table.column("cap_km").to_numpy(zero_copy_only=False), dtype=np.float64)
+              if "cap_km" in table.column_names else np.full(n, np.nan))
+    km = np.fmax(before, np.nan if cap.km is None else cap.km)
+    out["cap_km"] = pa.array(km, pa.float64(), mask=~ok | np.isnan(km))
     out["cap_level"] = spread(ans.level.astype(np.int8), pa.int8())
     toks = np.full(n, None, dtype=object)
     if len(rows):
@@ -321,13 +336,16 @@ def _cap_table(table: pa.Table, tree, cap: Cap) -> pa.Table:
     return pa.table(arrays, schema=pa.schema(fields, metadata=table.schema.metadata))
 
 
-def pd_isnull(a: np.ndarray) -> np.ndarray:
-    """Null entries of a column turned to numpy (None in object arrays, NaN in floats)."""
-    if a.dtype == object:
-        return np.array([v is None for v in a], dtype=bool)
-    if np.issubdtype(a.dtype, np.floating):
-        return np.isnan(a)
-    return np.zeros(a.shape, dtype=bool)
+def _earlier_s2_answers(table: pa.Table, n: int) -> np.ndarray:
+    """uint64 (n,): the S2 id of rows answered above level 1 by an earlier cap (cap_level 0), else 0."""
+    out = np.zeros(n, dtype=np.uint64)
+    if "cap_level" not in table.column_names or "cap_token" not in table.column_names or not n:
+        return out
+    lv = table.column("cap_level").fill_null(-1).to_numpy(zero_copy_only=False)
+    sel = np.flatnonzero(lv == 0)
+    if len(sel):
+        out[sel] = s2.tokens_to_ids(np.asarray(table.column("cap_token").take(pa.array(sel)).to_pylist(), dtype=str))
+    return out
 
 
 def _col(table: pa.Table, name: str, rows: np.ndarray) -> np.ndarray:

@@ -82,8 +82,8 @@ def run(args) -> int:
     from geosurge_index.embeddings import read_embedding_batches
     from geosurge_index.errors import UserError
     from geosurge_index.index import GeoIndex
-    from geosurge_index.progress import bar
     from geosurge_index.privacy import Cap, apply_cap
+    from geosurge_index.progress import bar
     from geosurge_index.search import parse_beam
     from geosurge_index.settings import InferenceSettings
 
