@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "evaluate",
     "coverage",
     "maps",
+    "review",
     "sidecars",
     "serve",
     "demo",
