@@ -93,16 +93,31 @@ def gps_from_ifd(gps: dict) -> GpsTag:
     return GpsTag(True, True, lat, lon)
 
 
+def _gps_ifd(im: Image.Image) -> dict:
+    """The GPS IFD of an opened image, from its header only. Pillow's `getexif` on a PNG whose
+    eXIf chunk is not before the pixels decodes the whole image to find it (outside any pixel
+    budget: a 100 MP PNG would cost 300 MB here), so a PNG gives the EXIF of its header or none."""
+    if im.format == "PNG":
+        raw = im.info.get("exif")
+        if not raw:
+            return {}
+        exif = Image.Exif()
+        exif.load(raw if raw[:6] != b"Exif\x00\x00" else raw[6:])
+        return dict(exif.get_ifd(GPS_IFD))
+    return dict(im.getexif().get_ifd(GPS_IFD))
+
+
 def read_gps(source) -> GpsTag:
-    """A photo (bytes, a path, or an open PIL image) -> its EXIF GPS. Reads the header only."""
+    """A photo (bytes, a path, or an open PIL image) -> its EXIF GPS. Reads the header only
+    (never the pixels; see `_gps_ifd`)."""
     try:
         if isinstance(source, Image.Image):
-            return gps_from_ifd(dict(source.getexif().get_ifd(GPS_IFD)))
+            return gps_from_ifd(_gps_ifd(source))
         if isinstance(source, (bytes, bytearray, memoryview)):
             source = io.BytesIO(bytes(source))
         elif isinstance(source, (str, os.PathLike)):
             source = os.fspath(source)
         with Image.open(source) as im:
-            return gps_from_ifd(dict(im.getexif().get_ifd(GPS_IFD)))
+            return gps_from_ifd(_gps_ifd(im))
     except Exception as err:  # noqa: BLE001 - an unreadable EXIF is no GPS, with a note
         return GpsTag(False, False, None, None, f"EXIF unreadable: {type(err).__name__}: {err}")

@@ -141,3 +141,20 @@ def test_eval_truth_exif_scores_the_tagged_photos(archive, tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["eval", str(skip), "--truth", "exif"]) != 0
     assert "skip-tagged" in capsys.readouterr().err
+
+
+def test_png_gps_is_read_from_the_header_without_decoding_pixels(monkeypatch):
+    """Pillow's getexif on a PNG decodes the image to look for a late eXIf chunk: a 100 MP PNG
+    would be decoded outside the service's pixel budget. Only the header is read."""
+    from PIL import PngImagePlugin
+
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x8825] = gps_ifd(48.8566, 2.3522)
+    photo().save(buf, "PNG", exif=exif.tobytes())
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: pytest.fail("pixels decoded"))
+    tag = read_gps(buf.getvalue())
+    assert tag.valid and (tag.lat, tag.lon) == pytest.approx((48.8566, 2.3522), abs=1e-6)
+    plain = io.BytesIO()
+    photo().save(plain, "PNG")
+    assert not read_gps(plain.getvalue()).present
