@@ -13,6 +13,7 @@ import numpy as np
 
 from geosurge_index import s2, sql
 from geosurge_index.cells import assign_points
+from geosurge_index.coords import Coordinates
 from geosurge_index.metrics import EvalReport, evaluate_points
 
 
@@ -62,6 +63,40 @@ def evaluate_predictions(pred_dir, truth, index_dir=None, *, skip_missing: bool 
     )
     report.n_predictions = n_predictions
     return report
+
+
+EXIF_TRUTH = "exif"  # `geosurge eval PRED_DIR --truth exif`
+
+
+def exif_truth(pred_dir) -> Coordinates:
+    """The ground truth an archive carries itself: each photo's own valid EXIF GPS (the `exif_*`
+    columns `geosurge locate` writes), keyed by the prediction's id, for the photos that were
+    located (a `--skip-tagged` row has no prediction to score). Photos with malformed GPS are
+    untagged and left out."""
+    import pyarrow.parquet as pq
+
+    from geosurge_index.coords import coordinates_from_arrays
+    from geosurge_index.errors import UserError
+    from geosurge_index.exif_gps import TAGGED_ERROR
+    from geosurge_index.pred_store import PredStore
+
+    shards = PredStore(pred_dir).shard_paths()
+    if not shards:
+        raise UserError(f"PRED_DIR {pred_dir} holds no prediction shards")
+    cols = ["id", "error", "exif_lat", "exif_lon", "exif_gps_valid"]
+    try:
+        t = pq.read_table(shards, columns=cols)
+    except (KeyError, ValueError, OSError) as err:  # an older PRED_DIR: no exif columns
+        raise UserError(f"--truth exif: {pred_dir} has no EXIF GPS columns ({err}); locate the photos again "
+                        "with this version to read their GPS") from None
+    rows = t.to_pydict()
+    keep = [i for i, v in enumerate(rows["exif_gps_valid"])
+            if v and not (rows["error"][i] or "").startswith(TAGGED_ERROR + ":")]
+    if not keep:
+        raise UserError(f"--truth exif: no photo in {pred_dir} was both located and tagged with valid EXIF GPS "
+                        "(a run with --skip-tagged locates none of its tagged photos)")
+    return coordinates_from_arrays([rows["exif_lat"][i] for i in keep], [rows["exif_lon"][i] for i in keep],
+                                   ids=[rows["id"][i] for i in keep], source=f"{pred_dir} (EXIF GPS)")
 
 
 @dataclass

@@ -90,7 +90,16 @@ def pred_schema(save_embeddings: bool = False) -> pa.Schema:
         fields.append(("embedding", pa.list_(pa.float32())))
     fields += [("width", pa.int32()), ("height", pa.int32()), ("error", pa.string()),
                ("topk_tokens", pa.list_(pa.string())), (GEOMETRY_COLUMN, pa.binary())]
+    fields += ARCHIVE_FIELDS
     return with_geo_metadata(pa.schema(fields))
+
+
+# The photo's own EXIF GPS (`exif_gps`) and the precision cap in force (`privacy`), added at the end:
+# exif_lat/exif_lon null unless valid; exif_gps_note says why GPS present is not valid; cap_* null
+# when no cap; cap_level is the level answered (0: an S2 cell coarser than level 1).
+ARCHIVE_FIELDS = [("exif_lat", pa.float64()), ("exif_lon", pa.float64()), ("exif_gps_present", pa.bool_()),
+                  ("exif_gps_valid", pa.bool_()), ("exif_gps_note", pa.string()),
+                  ("cap_km", pa.float64()), ("cap_level", pa.int8()), ("cap_token", pa.string())]
 
 
 @dataclass(frozen=True)

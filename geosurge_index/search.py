@@ -549,7 +549,8 @@ def result_to_arrow(result: SearchResult | None, tree: CellTree, ids: Sequence[s
                     errors: Sequence[str | None] | None = None,
                     embeddings: np.ndarray | None = None,
                     widths: Sequence[int | None] | None = None,
-                    heights: Sequence[int | None] | None = None) -> pa.Table:
+                    heights: Sequence[int | None] | None = None,
+                    gps: Sequence | None = None) -> pa.Table:
     """Prediction rows in the PRED_DIR schema (`pred_store.pred_schema`), one per input.
 
     `ids` (and `paths`, `errors`, `widths`, `heights` when given) have one entry per input.
@@ -626,4 +627,17 @@ def result_to_arrow(result: SearchResult | None, tree: CellTree, ids: Sequence[s
     cols["topk_tokens"] = spread_list(flat.reshape(topk.shape), pa.string())
     cols["geometry"] = points_wkb(cols["lon"].to_numpy(zero_copy_only=False),
                                   cols["lat"].to_numpy(zero_copy_only=False))
+    cols.update(exif_columns(gps, n))  # the photo's own GPS; cap_* stay null (`privacy.apply_cap` sets them)
+    for name in ("cap_km", "cap_level", "cap_token"):
+        cols[name] = pa.nulls(n, schema.field(name).type)
     return pa.table([cols[f.name] for f in schema], schema=schema)
+
+
+def exif_columns(gps: Sequence | None, n: int) -> dict[str, pa.Array]:
+    """`exif_*` prediction columns from one `exif_gps.GpsTag` (or None: unknown) per input."""
+    tags = list(gps) if gps is not None else [None] * n
+    get = lambda attr: [None if t is None else getattr(t, attr) for t in tags]  # noqa: E731
+    return {"exif_lat": pa.array(get("lat"), pa.float64()), "exif_lon": pa.array(get("lon"), pa.float64()),
+            "exif_gps_present": pa.array(get("present"), pa.bool_()),
+            "exif_gps_valid": pa.array(get("valid"), pa.bool_()),
+            "exif_gps_note": pa.array(get("note"), pa.string())}

@@ -111,6 +111,14 @@ class InferenceSettings(BaseSettings):
         None, "test protocol: 'paper' is the paper's benchmark protocol, ten-crop averaging (sets "
         "ten_crop; 8x the time of one crop on the demo index, see README); 'fast' is one centre crop", metavar="PROTOCOL",
         default_help="fast (one centre crop) unless ten_crop is on")
+    cap_km: float | None = setting(
+        None, "precision cap (privacy): answer with the mean point of the deepest cell on the predicted path "
+        "whose extent (sqrt of its area) is at least this many km; nothing finer leaves (no finer cells, "
+        "top-k, neighbours or embeddings). Typical: 1 street, 25 city, 200 region, 750 country",
+        metavar="KM", ge=0, le=5000, default_help="no cap")
+    cap_level: int | None = setting(
+        None, "precision cap by hierarchy level: answer at this level (1 = coarsest) or coarser; with "
+        "--cap-km the coarser of the two applies", metavar="LEVEL", ge=1, default_help="no cap")
 
     # -- construction --------------------------------------------------------------------------
 
@@ -299,6 +307,10 @@ class BulkSettings(InferenceSettings):
         None, "exit with status 1 when more than this fraction (0..1) of the rows are errors (the rows "
         "are written either way)", metavar="RATE", ge=0, le=1,
         default_help="fail only when every row is an error")
+    skip_tagged: bool = setting(
+        False, "leave photos whose EXIF already holds valid GPS out of the model: they get a row with "
+        "their EXIF coordinates and the error kind skipped_tagged", metavar="BOOL",
+        default_help="off: every photo is located; its EXIF GPS is reported beside the estimate")
 
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]

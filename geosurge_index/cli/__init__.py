@@ -28,6 +28,8 @@ COMMAND_MODULES = [
     "evaluate",
     "coverage",
     "maps",
+    "review",
+    "sidecars",
     "serve",
     "demo",
     "ablations",

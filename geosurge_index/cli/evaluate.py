@@ -35,9 +35,17 @@ encoder work; measured on a demo index (the tiny 64 px model, 400 test photos, a
 CPU): 8.3x the time (31 vs 261 images/s) and no accuracy gain there (-0.25 / -0.25 / -2.25 /
 -1.0 points at 25 / 200 / 750 / 2500 km); the paper reports it for its full-size model.
 
+
+--truth exif: the photos' own EXIF GPS (the exif_* columns `geosurge locate` writes): scores the
+predictions of the tagged photos of an archive against where they were taken, so that you learn
+how well the index does on your archive before trusting it on the untagged ones (run locate
+without --skip-tagged for this; malformed GPS counts as untagged).
+
+
 Example:
   geosurge locate index/ im2gps3k/ --out preds-paper/ --protocol paper
   geosurge eval preds-paper/ --truth im2gps3k_places365.csv --index index/ --json im2gps3k.json
+  geosurge eval preds/ --truth exif
   geosurge eval preds/ --truth shard-00000.tar
   geosurge eval preds/ --truth shards/
 """
@@ -52,7 +60,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("pred_dir", metavar="PRED_DIR", help="folder of prediction shards (`geosurge locate --out`)")
     p.add_argument("--truth", required=True, metavar="FILE", help="ground truth: CSV/Parquet (id, lat, lon), or WebDataset shards (a .tar or "
-                        "a folder of them) whose samples' JSON holds lat/lon")
+                        "a folder of them) whose samples' JSON holds lat/lon, or `exif`: the photos' own "
+                        "EXIF GPS")
     p.add_argument("--index", metavar="INDEX_DIR", default=None,
                    help="the index the predictions came from: adds per-level cell accuracy (default: none)")
     p.add_argument("--id-column", default=None, help="the truth file's id column (default: found by name)")
@@ -80,11 +89,14 @@ def format_rows(rows: list[tuple[str, str]]) -> str:
 
 def run_eval(args: argparse.Namespace) -> int:
     from geosurge_index.benchmarks import read_truth
-    from geosurge_index.evaluation import evaluate_predictions
+    from geosurge_index.evaluation import EXIF_TRUTH, evaluate_predictions, exif_truth
 
     check_output_folder(args.json, "--json")
-    truth = read_truth(args.truth, id_column=args.id_column, lat_column=args.lat_column,
-                       lon_column=args.lon_column, skip_invalid=args.skip_invalid)
+    if args.truth == EXIF_TRUTH:
+        truth = exif_truth(args.pred_dir)
+    else:
+        truth = read_truth(args.truth, id_column=args.id_column, lat_column=args.lat_column,
+                           lon_column=args.lon_column, skip_invalid=args.skip_invalid)
     report = evaluate_predictions(args.pred_dir, truth, args.index, skip_missing=args.skip_missing)
     print(f"predictions {args.pred_dir} against {args.truth}"
           + (f" ({truth.n_skipped_invalid} invalid truth rows skipped)" if truth.n_skipped_invalid else ""))

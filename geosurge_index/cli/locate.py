@@ -18,6 +18,10 @@ INPUT, one or more of:
   WebDataset shards uncompressed .tar files as img2dataset writes them (id = the sample key)
 Precomputed class maps are used when present (<stem>.classmap.png beside an image, classmap.png
 in a tar sample; `geosurge segment` writes them); otherwise the index's segmenter computes them.
+Each row also carries the photo's own EXIF GPS (exif_lat, exif_lon, exif_gps_present,
+exif_gps_valid, exif_gps_note: malformed GPS is treated as untagged, with a note); --skip-tagged
+leaves photos with valid GPS out of the model (their row has the error kind skipped_tagged).
+--cap-km / --cap-level: the precision cap: nothing finer than the cap is written.
 
 Resume: inputs are numbered and cut into chunks; each chunk is written atomically as one shard.
 Run the same command again after an interruption (even kill -9) and it continues where it
@@ -29,6 +33,7 @@ Examples:
   geosurge locate index/ manifest.parquet --id-column key --out preds/ --save-embeddings
   geosurge locate index/ shards/{00000..00099}.tar --out preds/ --ray auto
   geosurge locate index/ im2gps3k/ --out preds-paper/ --protocol paper   # the paper's test protocol (ten-crop)
+  geosurge locate index/ ~/Pictures --out preds/ --cap-km 25 --skip-tagged   # a photo archive, city precision
   duckdb -c "SELECT count(*), count(error) FROM 'preds/*.parquet'"
 """
 
@@ -62,6 +67,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-embeddings", action="store_true",
                    help="also store each image's visual embedding (768 floats) in an `embedding` column")
     BulkSettings.add_arguments(g, ["ten_crop", "protocol"], switches=True)
+    g = p.add_argument_group("photo archives (README: For photo archives)")
+    BulkSettings.add_arguments(g, ["cap_km", "cap_level", "skip_tagged"], switches=True)
     g = p.add_argument_group("execution")
     g.add_argument("--chunk-size", type=int, default=1024,
                    help="inputs per output shard, the unit of resume (default: %(default)s)")

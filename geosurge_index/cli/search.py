@@ -71,6 +71,9 @@ def register(subparsers) -> None:
                         "unit-norm vectors, cell counts, the tree are still checked) (default: verify every "
                         "checksum)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    from geosurge_index.settings import InferenceSettings
+
+    InferenceSettings.add_arguments(p, ["cap_km", "cap_level"])
     _add_engine_flags(p)
     p.set_defaults(func=run)
 
@@ -81,8 +84,10 @@ def run(args) -> int:
     from geosurge_index.embeddings import read_embedding_batches
     from geosurge_index.errors import UserError
     from geosurge_index.index import GeoIndex
+    from geosurge_index.privacy import Cap, apply_cap
     from geosurge_index.progress import bar
     from geosurge_index.search import parse_beam
+    from geosurge_index.settings import InferenceSettings
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -93,6 +98,7 @@ def run(args) -> int:
     index = GeoIndex.open(args.index_dir, device=args.device, backend=args.backend, verify=args.verify,
                           encoder=False)
     beam = parse_beam(args.beam, index.levels)
+    cap = Cap.from_settings(InferenceSettings.from_env(cap_km=args.cap_km, cap_level=args.cap_level))
     batches, total = read_embedding_batches(args.embeddings, index.dim, args.batch_size,
                                             id_column=args.id_column,
                                             embedding_column=args.embedding_column)
@@ -108,7 +114,7 @@ def run(args) -> int:
                 if b.embeddings.shape[0]:
                     result = index.search(b.embeddings, top_k=args.top_k, beam=beam,
                                           exhaustive=args.exhaustive, batch_size=args.batch_size)
-                table = index.to_arrow(result, b.ids, b.paths, b.errors)
+                table = apply_cap(index.to_arrow(result, b.ids, b.paths, b.errors), index.tree, cap)
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema)
                 writer.write_table(table)

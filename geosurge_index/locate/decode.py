@@ -17,6 +17,7 @@ import pyarrow as pa
 from PIL import Image
 
 from geosurge_index import geometry, sources
+from geosurge_index.exif_gps import TAGGED_ERROR, GpsTag, read_gps
 from geosurge_index.geometry import TEN_CROPS  # test-time ten-crop: 4 corners + centre, and their mirrors
 from geosurge_index.images import (
     DEFAULT_MAX_PIXELS,
@@ -38,6 +39,7 @@ class DecodeSpec:
     max_pixels: int = DEFAULT_MAX_PIXELS
     ten_crop: bool = False
     max_bytes: int = DEFAULT_MAX_BYTES  # the most bytes read of one input (`sources.read_bytes`)
+    skip_tagged: bool = False  # a photo with valid EXIF GPS is not decoded: an error row of kind skipped_tagged
 
     @property
     def crops(self) -> int:
@@ -54,6 +56,7 @@ class Decoded:
     width: int = 0  # the photo's size as seen (EXIF rotation applied, before draft scaling); 0 on error
     height: int = 0
     error: str | None = None  # "kind: message"
+    gps: GpsTag | None = None  # the photo's own EXIF GPS (`exif_gps.read_gps`)
 
 
 def class_map_image(source, name: str | None = None) -> Image.Image:
@@ -90,6 +93,18 @@ def class_map_image(source, name: str | None = None) -> Image.Image:
 
 def _decode(image_source, cmap_source, spec: DecodeSpec, name: str | None = None,
             hold: PixelHold | None = None) -> Decoded:
+    """Bytes or a PIL image -> Decoded, with the photo's EXIF GPS. Never raises on bad data."""
+    gps = read_gps(image_source)
+    if spec.skip_tagged and gps.valid:
+        return Decoded(None, None, error=f"{TAGGED_ERROR}: the photo carries EXIF GPS ({gps.lat:.6f}, "
+                       f"{gps.lon:.6f}); --skip-tagged leaves it to its own coordinates", gps=gps)
+    decoded = _decode_pixels(image_source, cmap_source, spec, name, hold)
+    decoded.gps = gps
+    return decoded
+
+
+def _decode_pixels(image_source, cmap_source, spec: DecodeSpec, name: str | None = None,
+                   hold: PixelHold | None = None) -> Decoded:
     """Bytes or a PIL image -> Decoded. Never raises on bad data: failures become `error`."""
     try:
         sized = decode_image_with_size(image_source, max_pixels=spec.max_pixels,
@@ -174,6 +189,7 @@ class DecodedBatch:
     width: np.ndarray  # int32 (n,)
     height: np.ndarray  # int32 (n,)
     errors: list  # (n,) str | None
+    gps: list | None = None  # (n,) GpsTag | None: each photo's EXIF GPS
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -210,6 +226,7 @@ def collate(rows: Sequence[int], decoded: Sequence[Decoded], image_size: int, as
         width=np.array([d.width for d in decoded], dtype=np.int32),
         height=np.array([d.height for d in decoded], dtype=np.int32),
         errors=[d.error for d in decoded],
+        gps=[d.gps for d in decoded],
     )
 
 

@@ -58,10 +58,22 @@ class LocateJob:
     max_image_bytes: int = _DEFAULTS.max_image_bytes  # larger inputs are too_large rows, never read
     max_error_rate: float | None = _DEFAULTS.max_error_rate  # None: fail only when every row is an error
     protocol: str | None = _DEFAULTS.protocol  # "paper": ten-crop (sets ten_crop); "fast": one centre crop
+    cap_km: float | None = _DEFAULTS.cap_km  # precision cap (`privacy`): None = none
+    cap_level: int | None = _DEFAULTS.cap_level
+    skip_tagged: bool = _DEFAULTS.skip_tagged  # photos with valid EXIF GPS are not located
 
     def __post_init__(self) -> None:
         for name, value in self.inference_settings().values().items():  # checked and normalised
             setattr(self, name, value)
+        if self.save_embeddings and self.cap is not None:
+            raise UserError("--save-embeddings with a precision cap: embeddings are finer than any cap, "
+                            "so a capped run never stores them")
+
+    @property
+    def cap(self):
+        from geosurge_index.privacy import Cap
+
+        return Cap.of(self.cap_km, self.cap_level)
 
     @classmethod
     def from_settings(cls, index_dir: str, inputs: list[str], out_dir: str, settings: InferenceSettings,
@@ -76,7 +88,7 @@ class LocateJob:
         return BulkSettings(**{name: getattr(self, name) for name in BulkSettings.model_fields})
 
     def settings(self) -> SearchSettings:
-        return SearchSettings(self.top_k, self.beam, self.save_embeddings, self.ten_crop)
+        return SearchSettings(self.top_k, self.beam, self.save_embeddings, self.ten_crop, self.cap)
 
     def output_settings(self) -> dict:
         """The settings that change the rows: a resume must keep them."""
@@ -87,6 +99,9 @@ class LocateJob:
             out["ten_crop"] = True
         if self.max_image_bytes != _DEFAULTS.max_image_bytes:  # likewise
             out["max_image_bytes"] = self.max_image_bytes
+        for name in ("cap_km", "cap_level", "skip_tagged"):  # likewise
+            if getattr(self, name):
+                out[name] = getattr(self, name)
         return out
 
 

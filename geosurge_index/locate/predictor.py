@@ -16,6 +16,7 @@ from geosurge_index.devices import autocast_dtype, resolve_device  # resolve_dev
 from geosurge_index.errors import FormatError, UserError
 from geosurge_index.geometry import clip_normalise
 from geosurge_index.locate.decode import TEN_CROPS, DecodedBatch
+from geosurge_index.privacy import Cap, apply_cap
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class SearchSettings:
     beam: int | str | None = None  # None: the index's default; "4,4,8,8,8,8": one per level
     save_embeddings: bool = False
     ten_crop: bool = False  # pixels come as 10 crops per image; the embedding is their normalised mean
+    cap: Cap | None = None  # precision cap applied to the rows (`privacy.apply_cap`)
 
 
 def embedding_dim(encoder, index) -> int | None:
@@ -138,7 +140,9 @@ class Predictor:
             result, self.index.tree, ids, paths, batch.errors, saved,
             widths=[int(w) if o else None for w, o in zip(batch.width, ok, strict=True)],
             heights=[int(h) if o else None for h, o in zip(batch.height, ok, strict=True)],
+            gps=batch.gps,
         )
+        table = apply_cap(table, self.index.tree, self.settings.cap)
         return table, result, emb
 
     @property

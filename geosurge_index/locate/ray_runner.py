@@ -16,6 +16,8 @@ imports it, and only inside functions (`require_ray`), so everything else works 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass
 
@@ -23,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from geosurge_index.errors import UserError
+from geosurge_index.exif_gps import GpsTag
 from geosurge_index.locate.decode import DecodedBatch, DecodeSpec, decode_rows
 from geosurge_index.locate.job import Plan, RunStats, default_batch_size
 from geosurge_index.locate.predictor import Predictor, SearchSettings
@@ -88,6 +91,7 @@ def decode_batch(batch: pa.Table, spec: DecodeSpec) -> dict:
         "width": db.width,
         "height": db.height,
         "error": np.asarray([e or "" for e in db.errors], dtype=object),  # "" = fine (`ok` decides)
+        "gps": np.asarray([json.dumps(None if g is None else dataclasses.asdict(g)) for g in db.gps], dtype=object),
     }
 
 
@@ -108,6 +112,7 @@ class PredictActor:
             width=np.asarray(batch["width"], np.int32),
             height=np.asarray(batch["height"], np.int32),
             errors=[None if o else str(e) for o, e in zip(ok, batch["error"], strict=True)],
+            gps=[None if g is None else GpsTag(**g) for g in map(json.loads, batch["gps"])] if "gps" in batch else None,
         )
         table = self.predictor.predict(db, list(batch["id"]), list(batch["path"]))
         return table.append_column(ROW, pa.array(db.rows))
@@ -184,7 +189,7 @@ def _run(plan: Plan, progress, actors, gpus_per_actor) -> RunStats:
     # The encoder's input size, without loading the model here: read it from the index's encoder.
     image_size = _image_size(job.index_dir)
     spec = DecodeSpec(image_size, image_size if job.draft_size is None else job.draft_size, job.max_pixels,
-                      job.ten_crop, job.max_image_bytes)
+                      job.ten_crop, job.max_image_bytes, skip_tagged=job.skip_tagged)
 
     cs, n = plan.config.chunk_size, plan.config.n_inputs
     blocks = []

@@ -73,7 +73,7 @@ def _run_local(plan: Plan, predictor: Predictor, progress, cuda: bool, loader_pl
         raise ValueError("the predictor's ten_crop setting differs from the job's")
     size = predictor.image_size
     spec = DecodeSpec(size, size if job.draft_size is None else job.draft_size, job.max_pixels, job.ten_crop,
-                      job.max_image_bytes)
+                      job.max_image_bytes, skip_tagged=job.skip_tagged)
     batches = batches_of(plan.pending_rows(), batch_size, plan.config.chunk_size)
     id_col, path_col = plan.table.column("id"), plan.table.column("path")
     assembler = ChunkAssembler(plan.store, plan.config)

@@ -39,6 +39,16 @@ class AlternativeAnswer(BaseModel):
     probability: float | None
     lat: float | None
     lon: float | None
+    level: int | None = Field(None, description="under a precision cap: the level of this capped cell "
+                              "(0: an S2 cell coarser than level 1), its probability summed over the top-k inside it")
+
+
+class CapAnswer(BaseModel):
+    km: float | None = Field(None, description="the cap in force, in km (None: none by distance)")
+    level: int | None = Field(None, description="the cap in force, as a level (None: none by level)")
+    answered_level: int = Field(description="the level of the cell answered (0: an S2 cell coarser than level 1)")
+    s2_token: str = Field(description="the S2 token of the cell answered")
+    extent_km: float | None = Field(None, description="its extent: sqrt of its area")
 
 
 class LocateResult(BaseModel):
@@ -58,6 +68,8 @@ class LocateResult(BaseModel):
     error_kind: str | None = Field(None, description="e.g. zero_bytes, not_an_image, truncated, too_many_pixels")
     cells: list[CellAnswer] | None = Field(None, description="the best cell at every level (include_cells)")
     alternatives: list[AlternativeAnswer] = Field(default_factory=list)
+    cap: CapAnswer | None = Field(None, description="set when a precision cap cut this answer: lat/lon are the "
+                                  "mean point of the cell answered, nothing finer is given")
 
 
 class LocateResponse(BaseModel):
@@ -77,6 +89,7 @@ class IndexAnswer(BaseModel):
     manifest: dict[str, Any] | None
     segmenter: dict[str, Any] | None = Field(
         None, description="`trained` false and a `warning` when the index's segmenter was never trained")
+    cap: dict[str, Any] | None = Field(None, description="the service-wide precision cap (km, level)")
 
 
 # -- request bodies -------------------------------------------------------------------------------
