@@ -29,7 +29,7 @@ NEW_COLUMNS = ("topk_tokens", "geometry")
 
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory):
-    from geosurge_index.cli.locate import random_index
+    from geosurge_index.synthetic import random_index
 
     return random_index(tmp_path_factory.mktemp("idx") / "index", n_points=1500, place_names=True)
 

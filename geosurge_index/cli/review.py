@@ -40,7 +40,8 @@ def register_bench(bench_subparsers) -> None:
     from geosurge_index.bench.review import __doc__ as doc
 
     p = bench_subparsers.add_parser("review", help="size and browser load time of the review page at N photos",
-                                    description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                    description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                    epilog="example:\n  geosurge bench review --photos 10000 --json review.json")
     p.add_argument("--photos", type=int, default=10_000, help="photos on the page (default: %(default)s)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON here")
     p.set_defaults(func=run_bench)
