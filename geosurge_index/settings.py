@@ -99,6 +99,12 @@ class InferenceSettings(BaseSettings):
         False, "test-time ten-crop averaging (the paper's evaluation setting): embed the 4 corner crops and "
         "the centre crop of a 1.143x resize and their mirror images, and search with the L2-normalised "
         "mean; 10x the encoder work", metavar="BOOL", default_help="off: one centre crop")
+    galleries: str | None = setting(
+        None, "the index's galleries (`geosurge gallery`) whose geotagged references refine the point: "
+        "names, comma-separated, or all, or none", metavar="NAMES", default_help="all of the index's")
+    refine_cells: int = setting(
+        3, "with galleries: the best finest cells whose references are searched for the nearest one "
+        "(0: no refinement, the cell's mean point)", ge=0)
 
     # -- construction --------------------------------------------------------------------------
 

@@ -53,6 +53,8 @@ class LocateJob:
     draft_size: int | None = _DEFAULTS.draft_size  # None: the encoder's input size; 0: off
     max_pixels: int = _DEFAULTS.max_pixels
     ten_crop: bool = _DEFAULTS.ten_crop  # test-time ten-crop averaging (10x the encoder work)
+    galleries: str | None = _DEFAULTS.galleries  # None: every gallery of the index; "none": no refinement
+    refine_cells: int = _DEFAULTS.refine_cells  # best cells whose gallery references are searched
 
     def __post_init__(self) -> None:
         for name, value in self.inference_settings().values().items():  # checked and normalised
@@ -71,7 +73,8 @@ class LocateJob:
         return BulkSettings(**{name: getattr(self, name) for name in BulkSettings.model_fields})
 
     def settings(self) -> SearchSettings:
-        return SearchSettings(self.top_k, self.beam, self.save_embeddings, self.ten_crop)
+        return SearchSettings(self.top_k, self.beam, self.save_embeddings, self.ten_crop, self.galleries,
+                              self.refine_cells)
 
     def output_settings(self) -> dict:
         """The settings that change the rows: a resume must keep them."""
@@ -80,6 +83,10 @@ class LocateJob:
                "path_column": self.columns.path, "id_column": self.columns.id}
         if self.ten_crop:  # recorded only when on, so that runs from before the setting still resume
             out["ten_crop"] = True
+        if self.galleries is not None:  # likewise: recorded only when not the default
+            out["galleries"] = self.galleries
+        if self.refine_cells != _DEFAULTS.refine_cells:
+            out["refine_cells"] = self.refine_cells
         return out
 
 

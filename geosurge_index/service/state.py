@@ -147,6 +147,11 @@ def prediction_json(pred: Any, image: DecodedImage, *, top_k: int, include_cells
         "place": {k: getattr(pred, k) for k in PLACE_FIELDS},
         "error": pred.error,
     }
+    if getattr(pred, "point_source", None) is not None:  # how lat/lon were made (galleries: gallery.refine)
+        out["point_source"] = pred.point_source
+        out["cell_point"] = {"lat": _num(pred.cell_lat), "lon": _num(pred.cell_lon)}
+        out["neighbour"] = None if pred.neighbour_id is None else {
+            "gallery": pred.neighbour_gallery, "id": pred.neighbour_id, "similarity": _num(pred.neighbour_similarity)}
     if include_cells:
         out["cells"] = [
             {"level": int(c.level), "cell_index": int(c.cell_index), "s2_token": c.s2_token,
