@@ -62,6 +62,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-embeddings", action="store_true",
                    help="also store each image's visual embedding (768 floats) in an `embedding` column")
     BulkSettings.add_arguments(g, ["ten_crop"], switches=True)
+    BulkSettings.add_arguments(g, ["galleries", "refine_cells"], switches=True)  # `geosurge gallery`
     g = p.add_argument_group("execution")
     g.add_argument("--chunk-size", type=int, default=1024,
                    help="inputs per output shard, the unit of resume (default: %(default)s)")

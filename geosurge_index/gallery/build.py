@@ -51,6 +51,7 @@ from geosurge_index.gallery.store import (
 )
 
 EXAMPLES = 5  # rejected rows shown per kind
+STAGING_CHUNK = 256  # images per staged shard: the unit of resume of an interrupted add
 
 
 @dataclass
@@ -129,6 +130,11 @@ class Rows:
     errors: list[str | None]
     emb: np.ndarray
     not_geotagged: int = 0
+    has_emb: np.ndarray | None = None  # rows `emb` holds (errors may be added to them later)
+
+    def __post_init__(self):
+        if self.has_emb is None:
+            self.has_emb = np.array([e is None for e in self.errors], dtype=bool)
 
 
 def is_pred_dir(path: str | os.PathLike) -> bool:
@@ -259,10 +265,11 @@ def collect_rows(index_dir: Path, sources: list[str], staging: Path, dim: int, *
     pos = {i: j for j, i in enumerate(order)}
     take = np.array([pos[i] for i in ids], dtype=np.int64)
     lat, lon, bad = (np.concatenate(a)[take] for a in (lats, lons, bads))
+    rows = Rows(ids, lat, lon, errors, emb, untagged)
     for r in np.flatnonzero(bad):
         if errors[r] is None:
             errors[r] = "bad_coordinates: missing, non-numeric or out of range in the manifest"
-    return Rows(ids, lat, lon, errors, emb, untagged)
+    return rows
 
 
 def _encode(index_dir: Path, inputs: list[str], out: Path, settings, progress: bool) -> None:
@@ -272,7 +279,7 @@ def _encode(index_dir: Path, inputs: list[str], out: Path, settings, progress: b
 
     s = settings or BulkSettings()
     job = LocateJob.from_settings(str(index_dir), inputs, str(out), s.with_(galleries="none", top_k=1),
-                                  save_embeddings=True)
+                                  save_embeddings=True, chunk_size=STAGING_CHUNK)
     try:
         summary = run_job(job)
     except UserError as err:
@@ -333,9 +340,8 @@ def add_gallery(index_dir: str | os.PathLike, sources: list[str], name: str, *, 
         report.n_inputs = n + rows.not_geotagged
         report.not_geotagged = rows.not_geotagged
         errors = list(rows.errors)
-        ok_emb = np.array([e is None for e in errors], dtype=bool)  # rows that have an embedding
         emb = np.zeros((n, dim), np.float32)
-        emb[ok_emb] = rows.emb
+        emb[rows.has_emb] = rows.emb
         no_coords = np.isnan(rows.lat) & np.isnan(rows.lon)
         _reject(report, errors, rows.ids, no_coords, "no_coordinates: the source gives none for this row")
         why = invalid_reasons(rows.lat, rows.lon)
