@@ -343,3 +343,51 @@ def test_a_crash_during_add_leaves_the_index_usable_and_a_rerun_completes(world,
     names = sorted(p.name for p in index_copy.iterdir() if p.name.startswith(("gallery-", ".gallery-")))
     entry = list_galleries(index_copy)[0]
     assert names == sorted(entry.files)
+
+
+def test_eval_sql_recipe_and_map_read_the_refined_point(world, index_copy, tmp_path):  # noqa: F811
+    """A gallery holding the truth points themselves: refined answers are exact wherever the search
+    picked the true cell; eval, the SQL recipe and the map's points read lat/lon (the refined
+    point), and `--point cell` / cell_lat the cell means."""
+    from geosurge_index.cells import assign_points
+    from geosurge_index.evaluation import evaluate_predictions, point_sources
+    from geosurge_index.index import IndexCells
+    from geosurge_index.maps import read_prediction_points
+    from geosurge_index.pred_store import PredStore
+    from geosurge_index.sql import connect
+
+    base = GeoIndex.open(world.index_dir, device="cpu")
+    with IndexCells.open(world.index_dir) as ic:
+        cells = assign_points(ic.partition(), world.lat, world.lon)[:, -1]
+    rng = np.random.default_rng(9)
+    finest = base.engine.vectors[-1].numpy()
+    inside = cells >= 0
+    emb = finest[np.where(inside, cells, 0)] + 0.2 * rng.normal(size=(len(cells), finest.shape[1])).astype(
+        np.float32) / 4
+    index = GeoIndex.open(world.index_dir, device="cpu")
+    index.add_gallery(memory_gallery("truth", emb[inside], world.lat[inside], world.lon[inside],
+                                     cells[inside].astype(np.int64), index.tree.sizes[-1]))
+    res = index.search(emb.astype(np.float32), top_k=5)
+    store = PredStore(tmp_path / "pred")
+    store.dir.mkdir(parents=True)
+    store.write_chunk(0, index.to_arrow(res, list(world.ids)))
+    from geosurge_index.benchmarks import read_truth
+
+    truth = read_truth(world.truth_csv)
+    refined = evaluate_predictions(store.dir, truth)
+    cell = evaluate_predictions(store.dir, truth, point="cell")
+    assert refined.accuracy_pct[1.0] > cell.accuracy_pct[1.0]
+    sources = point_sources(store.dir)
+    assert sources.get("neighbour", 0) > 0
+    con = connect(world.index_dir, predictions=store.dir, truth=truth)
+    try:
+        rows = con.sql(Path(__file__).resolve().parents[1].joinpath("queries/refinement.sql").read_text()).fetchall()
+    finally:
+        con.close()
+    by = {r[0]: r for r in rows}
+    assert by["all"][1] == len(world.ids)
+    assert by["all"][3] == pytest.approx(refined.accuracy_pct[1.0], abs=0.01)
+    assert by["all"][4] == pytest.approx(cell.accuracy_pct[1.0], abs=0.01)
+    pts = read_prediction_points(store.dir)
+    assert pts["lat"].to_pylist() == pytest.approx(list(res.lat))
+    assert "point_source" in pts.column_names

@@ -26,6 +26,15 @@ def register(subparsers) -> None:
     p.add_argument("--no-place-names", dest="place_names", action="store_false",
                    help="skip reverse geocoding; the place-name columns are then absent "
                         "(default: fill them)")
+    g = p.add_argument_group("a gallery of the training set (`geosurge gallery add`)")
+    g.add_argument("--gallery", nargs="+", default=None, metavar="SOURCE",
+                   help="also store these geotagged images as a gallery, e.g. the training manifest (or a "
+                        "PRED_DIR of their embeddings with --gallery-truth): answers then come from the nearest "
+                        "training photo inside the best cells")
+    g.add_argument("--gallery-name", default="train", help="its name (default: %(default)s)")
+    g.add_argument("--gallery-storage", default=None, choices=["flat", "fp16", "pq"],
+                   help="flat, fp16 or pq (default: flat)")
+    g.add_argument("--gallery-truth", default=None, metavar="FILE", help="coordinates for the gallery's ids")
     p.set_defaults(func=run)
 
 
@@ -38,4 +47,12 @@ def run(args) -> int:
     sizes = ", ".join(str(e["n_cells"]) for e in m["levels"])
     print(f"wrote {out}: {len(m['levels'])} levels ({sizes} cells), dim {m['dim']}, "
           f"encoder {'included' if m['encoder'] else 'absent'}")
+    if getattr(args, "gallery", None):
+        import sys
+
+        from geosurge_index.gallery.build import add_gallery
+
+        report = add_gallery(out, list(args.gallery), args.gallery_name, truth=args.gallery_truth,
+                             storage=args.gallery_storage)
+        print("\n".join(report.lines()), file=sys.stderr)
     return 0
