@@ -107,3 +107,42 @@ def run_remove(args) -> int:
     e = remove_gallery(args.index_dir, args.name)
     print(f"removed gallery {e.name!r} ({e.n_refs} references) from {args.index_dir}", file=sys.stderr)
     return 0
+
+
+# --- bench (geosurge_index.bench.gallery) --------------------------------------------------------
+
+
+def register_bench(bench_subparsers) -> None:
+    from geosurge_index.bench.gallery import DESCRIPTION as BENCH
+
+    p = bench_subparsers.add_parser(
+        "gallery", help="galleries at MP-16 scale (4.72 M references) and 20 M: build, bytes/ref, recall, queries/s",
+        description=BENCH + "\nExample:\n  geosurge bench gallery --scale mp16 --storages fp16,pq --json gallery.json\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", default="mp16", choices=["mp16", "20m", "both"],
+                   help="mp16: 4.72 M references; 20m: 20 M (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 1/20 of the references, 256 queries")
+    p.add_argument("--storages", default="flat,fp16,pq", help="storages to measure (default: %(default)s)")
+    p.add_argument("--queries", type=int, default=1024, help="queries in the batch (default: %(default)s)")
+    p.add_argument("--refine-cells", type=int, default=3, help="best cells searched (default: %(default)s)")
+    p.add_argument("--n-finest", type=int, default=25_000, help="finest cells (default: %(default)s)")
+    p.add_argument("--dim", type=int, default=768, help="embedding width (default: %(default)s)")
+    p.add_argument("--ref-noise", type=float, default=1.0, help="reference noise, relative norm (default: %(default)s)")
+    p.add_argument("--query-noise", type=float, default=1.0, help="query noise, relative norm (default: %(default)s)")
+    p.add_argument("--max-gib", type=float, default=None,
+                   help="skip a storage whose lists would exceed this (default: half the memory available now)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs, best kept (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON here")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args) -> int:
+    from geosurge_index.bench.gallery import GalleryBench, run_gallery_bench
+    from geosurge_index.cli import settings_from_args
+
+    figures = run_gallery_bench(settings_from_args(GalleryBench, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1, default=str)
+    return 0

@@ -152,7 +152,7 @@ def default_pq_m(dim: int) -> int:
     return dim
 
 
-PQ_TRAIN_ROWS = 65536  # references the PQ codebooks are trained on (the first ones added)
+PQ_TRAIN_ROWS = 32768  # references the PQ codebooks are trained on (128 per centroid; the first ones added)
 
 
 def add_to_ivf(index, emb: np.ndarray, cells: np.ndarray, first_id: int, progress: bool = False) -> None:
