@@ -135,6 +135,25 @@ def register_bench(bench_subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON here")
     p.set_defaults(func=run_bench)
+    from geosurge_index.bench.gallery_choices import DESCRIPTION as CHOICES
+
+    c = bench_subparsers.add_parser(
+        "gallery-choices", help="on a finished demo: which embedding, rule and number of cells refine best",
+        description=CHOICES + "\nExample:\n  geosurge demo && geosurge bench gallery-choices demo-out\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("demo_out", metavar="DEMO_OUT", help="a folder written by `geosurge demo`")
+    c.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON here")
+    c.set_defaults(func=run_choices)
+
+
+def run_choices(args) -> int:
+    from geosurge_index.bench.gallery_choices import run_choices as run
+
+    figures = run(args.demo_out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
+    return 0
 
 
 def run_bench(args) -> int:
