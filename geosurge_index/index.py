@@ -743,6 +743,8 @@ class GeoIndex:
         self.selected_galleries = tuple(dict.fromkeys(names))
         if settings is not None:
             self.refine_settings = settings
+        if self.refine_settings.cells > 0:
+            self.galleries()  # read now, not in the first query's time
 
     def add_gallery(self, gallery) -> None:
         """An in-memory gallery (tests, benchmarks): a `gallery.store.Gallery`, selected."""

@@ -244,6 +244,10 @@ def test_append_list_remove_and_rerun(world, index_copy, tmp_path):  # noqa: F81
     assert entry.generation == 2 and len(entry.additions) == 2
     add_gallery(index_copy, [pred], "b", truth=truth, storage="fp16", progress=False)
     assert [g.name for g in list_galleries(index_copy)] == ["a", "b"]
+    from geosurge_index.index_check import check_index
+
+    checks = check_index(index_copy)
+    assert all(c.ok for c in checks) and sum(c.what.startswith("gallery ") for c in checks) == 2
     with pytest.raises(UserError, match="stores flat"):
         add_gallery(index_copy, [pred], "a", truth=truth, storage="pq", progress=False)
     index = GeoIndex.open(index_copy, device="cpu")
@@ -391,3 +395,25 @@ def test_eval_sql_recipe_and_map_read_the_refined_point(world, index_copy, tmp_p
     pts = read_prediction_points(store.dir)
     assert pts["lat"].to_pylist() == pytest.approx(list(res.lat))
     assert "point_source" in pts.column_names
+
+
+def test_cli_search_list_remove(world, index_copy, tmp_path, capsys):  # noqa: F811
+    from geosurge_index.cli import main
+
+    pred, truth, *_ = pred_dir_with_embeddings(world, tmp_path, n=100)
+    assert main(["gallery", "add", str(index_copy), str(pred), "--truth", str(truth), "--name", "refs",
+                 "--storage", "fp16", "--rejected", str(tmp_path / "rej.parquet")]) == 0
+    assert "references added" in capsys.readouterr().err
+    assert main(["gallery", "list", str(index_copy)]) == 0
+    assert "refs" in capsys.readouterr().out
+    out, none = tmp_path / "s.parquet", tmp_path / "none.parquet"
+    assert main(["search", str(index_copy), "--embeddings", str(pred), "--out", str(out)]) == 0
+    assert main(["search", str(index_copy), "--embeddings", str(pred), "--out", str(none), "--galleries", "none"]) == 0
+    a, b = pq.read_table(out), pq.read_table(none)
+    assert "neighbour" in set(a["point_source"].to_pylist()) and set(b["point_source"].to_pylist()) == {"cell_mean"}
+    assert a["cell_lat"].to_pylist() == b["lat"].to_pylist()
+    assert main(["search", str(index_copy), "--embeddings", str(pred), "--out", str(none), "--overwrite",
+                 "--galleries", "nope"]) == 2
+    assert "gallery nope is not in" in capsys.readouterr().err
+    assert main(["gallery", "remove", str(index_copy), "refs"]) == 0
+    assert main(["gallery", "remove", str(index_copy), "refs"]) == 2

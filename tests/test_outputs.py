@@ -95,7 +95,9 @@ def test_prediction_shards_are_geoparquet(run_dir):
 def test_every_column_kept_and_topk_tokens_added(run_dir):
     t = pq.read_table(sorted(run_dir.glob("part-*.parquet")))
     assert t.schema.names == pred_store.pred_schema().names  # the old columns first, in their order
-    assert t.schema.names[-2:] == list(NEW_COLUMNS)
+    gallery = [name for name, _ in pred_store.REFINEMENT_FIELDS]  # added after these, by galleries
+    assert t.schema.names[-2 - len(gallery):-len(gallery)] == list(NEW_COLUMNS)
+    assert t.schema.names[-len(gallery):] == gallery
     for r in t.to_pylist():
         if r["error"] is not None:
             assert r["topk_tokens"] is None and r["geometry"] is None
