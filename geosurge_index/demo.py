@@ -338,10 +338,11 @@ def finest_only_points(index_dir: Path, cells_dir: Path, embeddings: np.ndarray)
 def format_table(table: dict[str, dict[float, float]], n: int) -> str:
     from geosurge_index.metrics import THRESHOLDS_KM
 
-    head = f"{'method':<28}" + "".join(f"{int(t):>9} km" for t in THRESHOLDS_KM)
+    w = max([28, *(len(name) + 2 for name in table)])
+    head = f"{'method':<{w}}" + "".join(f"{int(t):>9} km" for t in THRESHOLDS_KM)
     lines = [f"% of {n} test photos within", head, "-" * len(head)]
     for name, acc in table.items():
-        lines.append(f"{name:<28}" + "".join(f"{acc[float(t)]:>11.1f}" for t in THRESHOLDS_KM))
+        lines.append(f"{name:<{w}}" + "".join(f"{acc[float(t)]:>12.1f}" for t in THRESHOLDS_KM))
     return "\n".join(lines)
 
 
