@@ -9,8 +9,11 @@ OUT/.demo/); `fresh=True` redoes everything. A stage that is not available in th
 fails, is reported plainly and the stages that do not depend on it still run.
 
 The result is one table: % of test photos within 1 / 25 / 200 / 750 / 2500 km for the trained
-model, random-cell guessing, always predicting the densest cell, and the same model using the
-finest level alone (the paper's depth ablation, on the same embeddings).
+model (its best cell's mean point), the same model with the training photos as a gallery (the
+nearest training photo inside the best cells, `geosurge gallery`), random-cell guessing, always
+predicting the densest cell, and the same model using the finest level alone (the paper's depth
+ablation, on the same embeddings). Then a personal-archive scenario: trips of photos within a few
+km, half of each trip geotagged and added as a gallery, the other half located with and without it.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class DemoSettings:
     image_size: int | None = None  # None: the recipe model's input size
     fresh: bool = False
     progress: bool = True
+    archive_trips: int = 30  # the personal-archive scenario's trips (10 photos each, 5 geotagged); 0: none
 
     def __post_init__(self):
         if self.n_train < 50 or self.n_test < 1:
@@ -84,6 +88,7 @@ class DemoResult:
     out_dir: Path
     stages: list[StageReport] = field(default_factory=list)
     table: dict[str, dict[float, float]] = field(default_factory=dict)  # method -> threshold -> %
+    archive_table: dict[str, dict[float, float]] = field(default_factory=dict)  # the archive scenario
     artefacts: dict[str, Path] = field(default_factory=dict)
 
     def ok(self) -> bool:
@@ -283,13 +288,20 @@ def read_predictions(pred_dir: Path, ids: list[str], columns=("id", "lat", "lon"
         if c == "id":
             continue
         col = table.column(c)
-        if c in ("lat", "lon"):
+        if c in ("lat", "lon", "cell_lat", "cell_lon"):
             vals = col.to_numpy(zero_copy_only=False).astype(np.float64)
             out[c] = np.where(take >= 0, vals[np.maximum(take, 0)], np.nan)
         else:
             vals = col.to_pylist()
             out[c] = np.array([vals[t] if t >= 0 else None for t in take], dtype=object)
     return out
+
+
+def _has_columns(pred_dir: Path, names) -> bool:
+    import pyarrow.parquet as pq
+
+    shards = sorted(pred_dir.glob("part-*.parquet"))
+    return bool(shards) and set(names) <= set(pq.read_schema(shards[0]).names)
 
 
 def baseline_points(cells_dir: Path, n: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -326,10 +338,11 @@ def finest_only_points(index_dir: Path, cells_dir: Path, embeddings: np.ndarray)
 def format_table(table: dict[str, dict[float, float]], n: int) -> str:
     from geosurge_index.metrics import THRESHOLDS_KM
 
-    head = f"{'method':<28}" + "".join(f"{int(t):>9} km" for t in THRESHOLDS_KM)
+    w = max([28, *(len(name) + 2 for name in table)])
+    head = f"{'method':<{w}}" + "".join(f"{int(t):>9} km" for t in THRESHOLDS_KM)
     lines = [f"% of {n} test photos within", head, "-" * len(head)]
     for name, acc in table.items():
-        lines.append(f"{name:<28}" + "".join(f"{acc[float(t)]:>11.1f}" for t in THRESHOLDS_KM))
+        lines.append(f"{name:<{w}}" + "".join(f"{acc[float(t)]:>12.1f}" for t in THRESHOLDS_KM))
     return "\n".join(lines)
 
 
@@ -354,6 +367,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         "train": out / "world" / "train", "test": out / "world" / "test", "cells": out / "cells",
         "recipe": out / "recipe.toml", "run": out / "run", "index": out / "index",
         "predictions": out / "predictions", "eval": out / "eval", "sql": out / "sql", "map": out / "map",
+        "archive": out / "world" / "archive", "archive_preds": out / "archive-predictions",
     }
     result.artefacts = dict(paths)
     _say(f"geosurge demo: {s.n_train} training and {s.n_test} test photos of the demo world "
@@ -419,14 +433,23 @@ def run_demo(settings: DemoSettings) -> DemoResult:
 
     runner.run("export", {}, ("train",), lambda: (paths["index"] / "manifest.json").is_file(), export)
 
-    # 5. Geolocate the test photos with the bulk pipeline (embeddings kept for the ablation).
+    # 4b. The training photos as a gallery inside the index: answers then come from the nearest
+    # training photo inside the best cells (`geosurge gallery`).
+    def gallery():
+        geosurge(["gallery", "add", paths["index"], paths["train"] / "manifest.csv", "--name", "train"])
+
+    runner.run("gallery", {}, ("export", "world-train"), lambda: _has_gallery(paths["index"], "train"), gallery)
+    with_gallery = "gallery" in runner.prints
+
+    # 5. Geolocate the test photos with the bulk pipeline (embeddings kept for the ablation); with
+    # the gallery, each row holds both answers: lat/lon (refined) and cell_lat/cell_lon.
     def locate():
         if paths["predictions"].exists():
             shutil.rmtree(paths["predictions"])
         geosurge(["locate", paths["index"], paths["test"] / "manifest.csv", "--out", paths["predictions"],
-                  "--save-embeddings"])
+                  "--save-embeddings", *(["--galleries", "train"] if with_gallery else ["--galleries", "none"])])
 
-    runner.run("locate", {}, ("export", "world-test"),
+    runner.run("locate", {"gallery": with_gallery}, ("export", "world-test", *(("gallery",) if with_gallery else ())),
                lambda: any(paths["predictions"].glob("part-*.parquet")), locate)
 
     # 6. Evaluate: the model, its finest level alone, and two baselines.
@@ -475,8 +498,89 @@ def run_demo(settings: DemoSettings) -> DemoResult:
 
     runner.run("map", {}, ("locate",), lambda: any(paths["map"].glob("*.png")), draw)
 
+    # 9. A personal archive: trips, part of each geotagged; the tagged photos become a gallery and
+    # the others are located with and without it.
+    _archive_scenario(runner, result, paths, world_cfg, s)
+
     _finish(result, s)
     return result
+
+
+def _has_gallery(index_dir: Path, name: str) -> bool:
+    try:
+        manifest = json.loads((index_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(g.get("name") == name for g in manifest.get("galleries", []))
+
+
+def _archive_scenario(runner: _Runner, result: DemoResult, paths: dict, world_cfg, s: DemoSettings) -> None:
+    from geosurge_index import demo_world as dw
+
+    if s.archive_trips < 1:
+        return
+    arch = dw.ArchiveConfig(n_trips=s.archive_trips)
+    runner.run("world-archive", {"world": asdict(world_cfg), "archive": asdict(arch)}, (),
+               lambda: dw.existing_archive(paths["archive"], world_cfg, arch) is not None,
+               lambda: dw.generate_archive(paths["archive"], world_cfg, arch, progress=s.progress))
+    out_json = paths["eval"] / "archive.json"
+
+    def archive():
+        from geosurge_index.gallery.build import remove_gallery
+
+        index, preds = paths["index"], paths["archive_preds"]
+        if _has_gallery(index, "archive"):  # an earlier archive's photos
+            remove_gallery(index, "archive")
+        geosurge(["gallery", "add", index, paths["archive"] / "tagged", "--name", "archive"])
+        if preds.exists():
+            shutil.rmtree(preds)
+        geosurge(["locate", index, paths["archive"] / "untagged", "--out", preds, "--galleries", "archive",
+                  "--save-embeddings"])
+        table = {"cell mean (no gallery)": _archive_accuracy(paths, preds, ("cell_lat", "cell_lon")),
+                 "its tagged photos as gallery": _archive_accuracy(paths, preds, ("lat", "lon"))}
+        if _has_gallery(index, "train"):  # the same embeddings against the training gallery: no re-encoding
+            other = paths["eval"] / "archive-train-gallery.parquet"
+            geosurge(["search", index, "--embeddings", preds, "--out", other, "--galleries", "train", "--overwrite"])
+            table["training set as gallery"] = _archive_accuracy(paths, other, ("lat", "lon"))
+        result.archive_table = table
+        paths["eval"].mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps({m: {str(int(t)): v for t, v in acc.items()} for m, acc in table.items()},
+                                       indent=2) + "\n")
+        (paths["eval"] / "archive.txt").write_text(format_table(table, _archive_n(paths)) + "\n")
+
+    runner.run("archive", {"archive": asdict(arch)}, ("export", "world-archive",
+                                                      *(("gallery",) if "gallery" in runner.prints else ())),
+               out_json.is_file, archive)
+    if not result.archive_table and out_json.is_file():
+        saved = json.loads(out_json.read_text())
+        result.archive_table = {m: {float(t): v for t, v in acc.items()} for m, acc in saved.items()}
+
+
+def _archive_truth(paths: dict):
+    with open(paths["archive"] / "truth.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["tagged"] == "0"]
+    return [r["id"] for r in rows], np.array([float(r["lat"]) for r in rows]), np.array([float(r["lon"]) for r in rows])
+
+
+def _archive_n(paths: dict) -> int:
+    return len(_archive_truth(paths)[0])
+
+
+def _archive_accuracy(paths: dict, preds: Path, columns: tuple[str, str]) -> dict[float, float]:
+    """% of the archive's untagged photos within each threshold, by the point in `columns`."""
+    import pyarrow.dataset as pads
+
+    from geosurge_index.benchmarks import match_ids
+    from geosurge_index.metrics import accuracy_at, haversine_km
+
+    ids, lat, lon = _archive_truth(paths)
+    t = pads.dataset(str(preds), format="parquet").to_table(columns=["id", "path", *columns])
+    rows = match_ids(ids, t["id"].to_pylist(), t["path"].to_pylist())
+    plat = t[columns[0]].to_numpy(zero_copy_only=False).astype(np.float64)
+    plon = t[columns[1]].to_numpy(zero_copy_only=False).astype(np.float64)
+    take = np.maximum(rows, 0)
+    d = np.where(rows >= 0, haversine_km(plat[take], plon[take], lat, lon), np.nan)
+    return accuracy_at(d)
 
 
 def _concrete_recipe(raw: dict, paths: dict, s: DemoSettings) -> dict:
@@ -509,8 +613,13 @@ def _evaluate(paths: dict, s: DemoSettings, runner: _Runner) -> dict[str, dict[f
     ids, lat, lon = read_manifest_truth(paths["test"] / "manifest.csv")
     table: dict[str, dict[float, float]] = {}
     if "locate" in runner.prints:
-        pred = read_predictions(paths["predictions"], ids, ("id", "lat", "lon", "embedding"))
-        table["GeoSURGE (7-level product)"] = accuracy_at(haversine_km(pred["lat"], pred["lon"], lat, lon))
+        refined = _has_columns(paths["predictions"], ("cell_lat", "cell_lon", "point_source"))
+        cols = ("id", "lat", "lon", "embedding", *(("cell_lat", "cell_lon", "point_source") if refined else ()))
+        pred = read_predictions(paths["predictions"], ids, cols)
+        cell_lat, cell_lon = (pred["cell_lat"], pred["cell_lon"]) if refined else (pred["lat"], pred["lon"])
+        table["GeoSURGE (7-level product)"] = accuracy_at(haversine_km(cell_lat, cell_lon, lat, lon))
+        if refined and any(v not in (None, "cell_mean") for v in pred["point_source"]):
+            table["with the training set as gallery"] = accuracy_at(haversine_km(pred["lat"], pred["lon"], lat, lon))
         emb_rows = [e for e in pred["embedding"] if e is not None]
         if len(emb_rows) == len(ids):
             flat_lat, flat_lon = finest_only_points(paths["index"], paths["cells"], np.array(emb_rows))
@@ -534,7 +643,7 @@ def _preview_csv(path: Path, rows: int = 8) -> str:
 def _clean(out: Path) -> None:
     """--fresh: remove what the demo writes (and only that) under OUT."""
     for name in ("world", "cells", "run", "index", "predictions", "eval", "sql", "map", DEMO_STATE,
-                 "recipe.toml"):
+                 "recipe.toml", "archive-predictions"):
         p = out / name
         if p.is_dir():
             shutil.rmtree(p)
@@ -549,6 +658,10 @@ def _finish(result: DemoResult, s: DemoSettings) -> None:
         _say(format_table(result.table, s.n_test))
     else:
         _say("no accuracy table: the evaluation did not run (see the stages below)")
+    if result.archive_table:
+        _say("\npersonal archive: trips of photos within a few km, half of each trip geotagged (EXIF GPS) and "
+             "added as a gallery;\nthe other half located with and without it")
+        _say(format_table(result.archive_table, _archive_n(result.artefacts)))
     _say("\nstages:")
     for st in result.stages:
         note = f"  ({st.note})" if st.note and st.status != "reused" else ""
@@ -561,7 +674,10 @@ def _finish(result: DemoResult, s: DemoSettings) -> None:
         ("cells/", "the 7-level partition (cells.parquet, assignments.parquet, partition.json)"),
         ("recipe.toml, run/", "the training recipe and the run (epoch checkpoints, metrics.jsonl)"),
         ("index/", "the exported index (FAISS levels, cells.duckdb, encoder)"),
-        ("predictions/", "bulk-locate shards of the test photos (Parquet)"),
+        ("predictions/", "bulk-locate shards of the test photos (Parquet; lat/lon refined by the training "
+                         "gallery, cell_lat/cell_lon the cell means)"),
+        ("world/archive", "a personal archive: tagged/ (EXIF GPS), untagged/, truth.csv"),
+        ("archive-predictions/", "its untagged photos located with its tagged ones as a gallery"),
         ("eval/", "accuracy.txt and accuracy.json (the table above)"),
         ("sql/", "the SQL recipes' results (CSV)"),
         ("map/", "predictions.png: predicted vs true points"),

@@ -16,25 +16,33 @@ from geosurge_index.cells import assign_points
 from geosurge_index.coords import Coordinates
 from geosurge_index.metrics import EvalReport, evaluate_points
 
+POINTS = ("refined", "cell")
 
-def evaluate_predictions(pred_dir, truth, index_dir=None, *, skip_missing: bool = False) -> EvalReport:
+
+def evaluate_predictions(pred_dir, truth, index_dir=None, *, skip_missing: bool = False,
+                         point: str = "refined") -> EvalReport:
     """Score a PRED_DIR against a ground truth (`benchmarks.read_truth`).
 
     Predictions join the truth on id (`benchmarks.match_ids`); with `index_dir` the true points
     are placed in the index's cells and compared with the predicted cell at every level.
     `skip_missing` leaves truth images without a prediction row out of the denominator (error
-    rows still count as wrong).
+    rows still count as wrong). `point`: "refined" scores `lat`/`lon`, the answer (refined by
+    the index's galleries when it has any); "cell" scores the best cell's mean point
+    (`cell_lat`/`cell_lon`; PRED_DIRs from before galleries have only `lat`/`lon`, which are that).
     """
+    if point not in POINTS:
+        raise ValueError(f"point {point!r}: expected one of {POINTS}")
     con = sql.connect(index_dir, predictions=pred_dir, truth=truth)
     try:
         truth_cols = con.sql("SELECT * FROM truth LIMIT 0").columns
         pred_cols = set(con.sql("SELECT * FROM predictions LIMIT 0").columns)
+        lat_col, lon_col = ("cell_lat", "cell_lon") if point == "cell" and "cell_lat" in pred_cols else ("lat", "lon")
         levels = [int(c.rsplit("_l", 1)[1]) for c in truth_cols if c.startswith("true_cell_l")]
         levels = [lv for lv in levels if f"cell_l{lv}" in pred_cols]
         cell_sel = "".join(f", p.cell_l{lv} AS p{lv}, t.true_cell_l{lv} AS t{lv}" for lv in levels)
         # one row per truth image; a prediction id seen twice counts once
         rows = con.sql(f"""
-            SELECT t.lat AS true_lat, t.lon AS true_lon, p.lat AS pred_lat, p.lon AS pred_lon,
+            SELECT t.lat AS true_lat, t.lon AS true_lon, p.{lat_col} AS pred_lat, p.{lon_col} AS pred_lon,
                    p.id IS NULL AS missing {cell_sel}
             FROM truth t
             LEFT JOIN (SELECT * FROM predictions QUALIFY row_number() OVER (PARTITION BY id) = 1) p
@@ -144,3 +152,16 @@ def partition_coverage(cells, lat, lon, *, truth: str = "") -> CoverageReport:
         oracle=evaluate_points(finest.mean_lat[oracle], finest.mean_lon[oracle], lat, lon),
         nearest=evaluate_points(finest.mean_lat[nearest], finest.mean_lon[nearest], lat, lon),
     )
+
+
+def point_sources(pred_dir) -> dict[str, int]:
+    """Rows per `point_source` (how the points were made: cell_mean, neighbour, neighbours); {}
+    for a PRED_DIR from before galleries."""
+    con = sql.connect(predictions=pred_dir)
+    try:
+        if "point_source" not in con.sql("SELECT * FROM predictions LIMIT 0").columns:
+            return {}
+        rows = con.sql("SELECT point_source, count(*) FROM predictions WHERE error IS NULL GROUP BY 1 ORDER BY 1")
+        return {str(k): int(v) for k, v in rows.fetchall()}
+    finally:
+        con.close()

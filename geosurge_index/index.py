@@ -212,7 +212,7 @@ def export_index(
         if not overwrite:
             raise UserError(f"{out} exists and is not empty (use --overwrite to replace its index)")
         for name in [MANIFEST, CELLS_DB, CELLS_DB + ".wal", *ENCODER_FILES,
-                     *(p.name for p in out.glob("level_*.faiss"))]:
+                     *(p.name for p in out.glob("level_*.faiss")), *(p.name for p in out.glob("gallery-*"))]:
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -323,14 +323,47 @@ def read_manifest(index_dir: str | os.PathLike) -> dict:
         raise FormatError(f"{path}: file names must be plain names inside the index folder")
     if sorted(e["level"] for e in levels) != list(range(1, len(levels) + 1)):
         raise FormatError(f"{path}: levels {[e['level'] for e in levels]} are not 1..{len(levels)}")
+    from geosurge_index.gallery.store import manifest_galleries
+
+    manifest_galleries(manifest, str(path))  # FormatError when an entry is malformed or newer
     return manifest
 
 
-def reader_files(manifest: dict, *, encoder: bool = True) -> list[str]:
-    """The files a reader of the index opens: every level file and cells.duckdb, and the
-    encoder's when the manifest lists an encoder and `encoder` (a command that encodes images)."""
+def reader_files(manifest: dict, *, encoder: bool = True, galleries: Sequence[str] | None = None) -> list[str]:
+    """The files a reader of the index opens: every level file and cells.duckdb, the encoder's
+    when the manifest lists an encoder and `encoder` (a command that encodes images), and the
+    files of the galleries named (None: every gallery of the manifest)."""
+    from geosurge_index.gallery.store import manifest_galleries
+
     names = [e["file"] for e in sorted(manifest["levels"], key=lambda e: e["level"])] + [CELLS_DB]
-    return names + (list(ENCODER_FILES) if encoder and manifest.get("encoder") else [])
+    names += list(ENCODER_FILES) if encoder and manifest.get("encoder") else []
+    for g in manifest_galleries(manifest):
+        if galleries is None or g.name in galleries:
+            names += list(g.files)
+    return names
+
+
+def update_manifest(index_dir: str | os.PathLike, change: Callable[[dict], dict]) -> dict:
+    """Rewrite manifest.json as change(manifest) in one atomic replace (fsynced): readers see the
+    old manifest or the new one, never a mix. Used by `geosurge gallery` (galleries are added to
+    and removed from an exported index); the caller holds the gallery lock."""
+    d = Path(index_dir)
+    manifest = change(read_manifest(d))
+    manifest["modified_utc"] = datetime.now(UTC).isoformat(timespec="seconds")
+    tmp = d / f".{MANIFEST}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(manifest, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, d / MANIFEST)
+    read_manifest(d)  # the new manifest reads back
+    return manifest
+
+
+def file_entry(index_dir: Path, name: str) -> dict:
+    """{sha256, bytes} of INDEX_DIR/name, as manifest.json lists files."""
+    path = Path(index_dir) / name
+    return {"sha256": _sha256(path), "bytes": path.stat().st_size}
 
 
 def verify_index(index_dir: str | os.PathLike, *, checksums: bool = True,
@@ -666,6 +699,7 @@ class GeoIndex:
         self.dir = directory
         self.backend = backend
         self._keep_alive = list(keep_alive)  # FAISS indexes whose storage the tensors view
+        self._init_galleries()
 
     @property
     def levels(self) -> int:
@@ -686,6 +720,56 @@ class GeoIndex:
     @property
     def has_encoder(self) -> bool:
         return bool(self.manifest.get("encoder"))
+
+    # -- galleries (geosurge_index.gallery) -------------------------------------------------------
+
+    def _init_galleries(self) -> None:
+        from geosurge_index.gallery.refine import RefineSettings
+        from geosurge_index.gallery.store import manifest_galleries
+
+        self.gallery_entries = {g.name: g for g in manifest_galleries(self.manifest)} if self.manifest else {}
+        self._galleries: dict[str, object] = {}  # name -> gallery.store.Gallery, read on first use
+        self._gallery_lock = threading.Lock()
+        self.selected_galleries: tuple[str, ...] = tuple(self.gallery_entries)
+        self.refine_settings = RefineSettings()
+
+    def use_galleries(self, names: Sequence[str] | str | None = None, settings=None) -> None:
+        """Which galleries refine the answers (None or "all": every gallery of the index; "none"
+        or []: none; else names, comma-separated or a list; an unknown name is a UserError) and
+        how (`gallery.RefineSettings`; None keeps the current)."""
+        if isinstance(names, str):
+            names = None if names.strip().lower() == "all" else \
+                [] if names.strip().lower() == "none" else [n for n in names.replace(" ", "").split(",") if n]
+        if names is None:
+            names = list(self.gallery_entries)
+        unknown = [n for n in names if n not in self.gallery_entries]
+        if unknown:
+            have = ", ".join(self.gallery_entries) or "none"
+            raise UserError(f"gallery {', '.join(unknown)} is not in {self.dir or 'the index'} (galleries: {have})")
+        self.selected_galleries = tuple(dict.fromkeys(names))
+        if settings is not None:
+            self.refine_settings = settings
+        if self.refine_settings.cells > 0:
+            self.galleries()  # read now, not in the first query's time
+
+    def add_gallery(self, gallery) -> None:
+        """An in-memory gallery (tests, benchmarks): a `gallery.store.Gallery`, selected."""
+        self.gallery_entries[gallery.name] = gallery.entry
+        self._galleries[gallery.name] = gallery
+        self.selected_galleries = (*self.selected_galleries, gallery.name)
+
+    def galleries(self, names: Sequence[str] | None = None) -> list:
+        """The opened galleries (default: the selected ones), read from INDEX_DIR on first use."""
+        from geosurge_index.gallery.store import Gallery
+
+        out = []
+        with self._gallery_lock:
+            for name in (self.selected_galleries if names is None else names):
+                if name not in self._galleries:
+                    self._galleries[name] = Gallery.read(self.dir, self.gallery_entries[name],
+                                                         self.tree.sizes[-1], self.dim)
+                out.append(self._galleries[name])
+        return out
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike, device: str = "auto", *, backend: str = "auto",
@@ -753,9 +837,20 @@ class GeoIndex:
         """Search visual embeddings (n, d). beam: cells kept per level 1..L-1 (one value or one
         per level; default None: DEFAULT_BEAM = 512,256,128,64,32,16 cut to the tree's depth). exhaustive=True scores every cell
         of every level: exact probabilities; beam probabilities are normalised over the explored
-        finest candidates. See geosurge_index.search."""
-        return self.engine.search(emb, top_k=top_k, beam=beam, exhaustive=exhaustive,
-                                  batch_size=batch_size)
+        finest candidates. See geosurge_index.search. When galleries are selected (every gallery
+        of the index by default; `use_galleries`), the point is refined by the references inside
+        the best cells (`gallery.refine`) and `result.refinement` says how."""
+        settings = self.refine_settings
+        if not self.selected_galleries or settings.cells == 0:
+            return self.engine.search(emb, top_k=top_k, beam=beam, exhaustive=exhaustive,
+                                      batch_size=batch_size)
+        from geosurge_index.gallery.refine import refine
+
+        # the references of the best `settings.cells` cells are searched: the engine returns at
+        # least that many (probabilities do not depend on k)
+        result = self.engine.search(emb, top_k=max(top_k, settings.cells), beam=beam,
+                                    exhaustive=exhaustive, batch_size=batch_size)
+        return refine(result, emb, self.galleries(), settings).head(top_k)
 
     def to_arrow(self, result: SearchResult | None, ids, paths=None, errors=None,
                  embeddings=None) -> pa.Table:

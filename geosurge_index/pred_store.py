@@ -74,7 +74,7 @@ def pred_schema(save_embeddings: bool = False) -> pa.Schema:
     """The PRED_DIR schema (ARCHITECTURE.md), plus the image's width and height; then the columns
     added later, at the end so that readers by position keep working: `topk_tokens` (the S2
     tokens of `topk_cells`, finest level) and `geometry` (the predicted point as WKB, GeoParquet
-    1.1: the schema carries the `geo` metadata)."""
+    1.1: the schema carries the `geo` metadata), then the gallery columns (`REFINEMENT_FIELDS`)."""
     fields = [
         ("id", pa.string()),
         ("path", pa.string()),
@@ -91,6 +91,7 @@ def pred_schema(save_embeddings: bool = False) -> pa.Schema:
     fields += [("width", pa.int32()), ("height", pa.int32()), ("error", pa.string()),
                ("topk_tokens", pa.list_(pa.string())), (GEOMETRY_COLUMN, pa.binary())]
     fields += ARCHIVE_FIELDS
+    fields += REFINEMENT_FIELDS
     return with_geo_metadata(pa.schema(fields))
 
 
@@ -100,6 +101,16 @@ def pred_schema(save_embeddings: bool = False) -> pa.Schema:
 ARCHIVE_FIELDS = [("exif_lat", pa.float64()), ("exif_lon", pa.float64()), ("exif_gps_present", pa.bool_()),
                   ("exif_gps_valid", pa.bool_()), ("exif_gps_note", pa.string()),
                   ("cap_km", pa.float64()), ("cap_level", pa.int8()), ("cap_token", pa.string())]
+
+
+# Added with galleries (ARCHITECTURE.md, PRED_DIR): how `lat`/`lon` were made. `point_source`:
+# "cell_mean" (the best finest cell's mean point, as before galleries), "neighbour" (the nearest
+# gallery reference inside the best cells), "neighbours" (the weighted mean of several that agree);
+# the nearest reference's gallery, id and cosine similarity (null when none); `cell_lat`/`cell_lon`:
+# the best cell's mean point, whatever the rule (equal to lat/lon when point_source = cell_mean).
+REFINEMENT_FIELDS = [("point_source", pa.string()), ("neighbour_gallery", pa.string()),
+                     ("neighbour_id", pa.string()), ("neighbour_similarity", pa.float32()),
+                     ("cell_lat", pa.float64()), ("cell_lon", pa.float64())]
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,12 @@ class InferenceSettings(BaseSettings):
     cap_level: int | None = setting(
         None, "precision cap by hierarchy level: answer at this level (1 = coarsest) or coarser; with "
         "--cap-km the coarser of the two applies", metavar="LEVEL", ge=1, default_help="no cap")
+    galleries: str | None = setting(
+        None, "the index's galleries (`geosurge gallery`) whose geotagged references refine the point: "
+        "names, comma-separated, or all, or none", metavar="NAMES", default_help="all of the index's")
+    refine_cells: int = setting(
+        3, "with galleries: the best finest cells whose references are searched for the nearest one "
+        "(0: no refinement, the cell's mean point)", ge=0)
 
     # -- construction --------------------------------------------------------------------------
 

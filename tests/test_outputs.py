@@ -97,8 +97,10 @@ def test_every_column_kept_and_topk_tokens_added(run_dir):
     assert t.schema.names == pred_store.pred_schema().names  # the old columns first, in their order
     after = t.schema.names.index("error") + 1  # added later, after the old columns, in this order
     assert t.schema.names[after:after + 2] == list(NEW_COLUMNS)
-    assert t.schema.names[after + 2:after + 2 + len(pred_store.ARCHIVE_FIELDS)] == [
-        n for n, _ in pred_store.ARCHIVE_FIELDS]
+    archive = [n for n, _ in pred_store.ARCHIVE_FIELDS]
+    assert t.schema.names[after + 2:after + 2 + len(archive)] == archive
+    gallery = [name for name, _ in pred_store.REFINEMENT_FIELDS]  # added after these, by galleries
+    assert t.schema.names[-len(gallery):] == gallery
     for r in t.to_pylist():
         if r["error"] is not None:
             assert r["topk_tokens"] is None and r["geometry"] is None

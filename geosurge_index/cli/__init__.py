@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "train",
     "export",
     "import_",
+    "gallery",
     "verify",
     "search",
     "locate",

@@ -72,6 +72,10 @@ def register(subparsers) -> None:
     p.add_argument("--skip-missing", action="store_true",
                    help="leave truth images without a prediction row out of the denominator "
                         "(default: they count as wrong)")
+    p.add_argument("--point", default="refined", choices=["refined", "cell"],
+                   help="which point to score: refined = lat/lon, the answer (refined by the index's galleries "
+                        "when it has any); cell = the best cell's mean point (cell_lat/cell_lon). With "
+                        "galleries both are printed; this one goes to --json (default: %(default)s)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the figures as JSON to FILE")
     p.set_defaults(func=run_eval)
 
@@ -97,13 +101,27 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         truth = read_truth(args.truth, id_column=args.id_column, lat_column=args.lat_column,
                            lon_column=args.lon_column, skip_invalid=args.skip_invalid)
-    report = evaluate_predictions(args.pred_dir, truth, args.index, skip_missing=args.skip_missing)
+    from geosurge_index.evaluation import point_sources
+
+    point = getattr(args, "point", "refined")
+    report = evaluate_predictions(args.pred_dir, truth, args.index, skip_missing=args.skip_missing, point=point)
     print(f"predictions {args.pred_dir} against {args.truth}"
           + (f" ({truth.n_skipped_invalid} invalid truth rows skipped)" if truth.n_skipped_invalid else ""))
     print(format_rows(report.rows()))
+    sources = point_sources(args.pred_dir)
+    other = None
+    if set(sources) - {"cell_mean"}:  # galleries refined some points: the other answer, for comparison
+        other = evaluate_predictions(args.pred_dir, truth, None, skip_missing=args.skip_missing,
+                                     point="cell" if point == "refined" else "refined")
+        print(f"\npoints made by: {', '.join(f'{k} {v}' for k, v in sources.items())}")
+        print(f"the {'cell mean' if point == 'refined' else 'refined'} points instead:")
+        print(format_rows([r for r in other.rows() if "km" in r[0] or "median" in r[0] or "score" in r[0]]))
     if args.json:
         out = {"predictions": str(args.pred_dir), "truth": str(args.truth),
-               "index": str(args.index) if args.index else None, **report.to_dict()}
+               "index": str(args.index) if args.index else None, "point": point, **report.to_dict()}
+        if other is not None:
+            out["point_sources"] = sources
+            out["cell" if point == "refined" else "refined"] = other.to_dict()
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         print(f"geosurge eval: wrote {args.json}", file=sys.stderr)
     return 0

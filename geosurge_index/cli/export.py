@@ -39,6 +39,15 @@ def register(subparsers) -> None:
                    help="also write the ONNX Runtime encoders for fast CPU inference, as "
                         "`geosurge export-onnx INDEX_DIR` does (needs geosurge-index[onnx])")
     add_export_arguments(p, prefix="onnx-")
+    g = p.add_argument_group("a gallery of the training set (`geosurge gallery add`)")
+    g.add_argument("--gallery", nargs="+", default=None, metavar="SOURCE",
+                   help="also store these geotagged images as a gallery, e.g. the training manifest (or a "
+                        "PRED_DIR of their embeddings with --gallery-truth): answers then come from the nearest "
+                        "training photo inside the best cells")
+    g.add_argument("--gallery-name", default="train", help="its name (default: %(default)s)")
+    g.add_argument("--gallery-storage", default=None, choices=["flat", "fp16", "pq"],
+                   help="flat, fp16 or pq (default: flat)")
+    g.add_argument("--gallery-truth", default=None, metavar="FILE", help="coordinates for the gallery's ids")
     p.set_defaults(func=run)
     export_onnx.register(subparsers)
 
@@ -63,4 +72,12 @@ def run(args) -> int:
           f"encoder {'included' if m['encoder'] else 'absent'}")
     if args.onnx:
         export_onnx.export(out, args)
+    if getattr(args, "gallery", None):
+        import sys
+
+        from geosurge_index.gallery.build import add_gallery
+
+        report = add_gallery(out, list(args.gallery), args.gallery_name, truth=args.gallery_truth,
+                             storage=args.gallery_storage)
+        print("\n".join(report.lines()), file=sys.stderr)
     return 0

@@ -69,6 +69,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     BulkSettings.add_arguments(g, ["ten_crop", "protocol"], switches=True)
     g = p.add_argument_group("photo archives (README: For photo archives)")
     BulkSettings.add_arguments(g, ["cap_km", "cap_level", "skip_tagged"], switches=True)
+    BulkSettings.add_arguments(g, ["galleries", "refine_cells"], switches=True)  # `geosurge gallery`
     g = p.add_argument_group("execution")
     g.add_argument("--chunk-size", type=int, default=1024,
                    help="inputs per output shard, the unit of resume (default: %(default)s)")

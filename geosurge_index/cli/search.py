@@ -22,10 +22,13 @@ SEARCH_DESCRIPTION = (
     "Parquet files with an `embedding` list<float> column and optional `id`, `path` and `error` "
     "columns (e.g. a PRED_DIR from `geosurge locate --save-embeddings`). Output: one Parquet "
     "file in the PRED_DIR schema (id, path, lat, lon, probability, cell_l1..7, token_l1..7, "
-    "topk_cells, topk_probs, width, height, error), one row per input row, in input order; a row "
+    "topk_cells, topk_probs, width, height, error, and how the point was made: point_source, "
+    "neighbour_*, cell_lat/cell_lon), one row per input row, in input order; a row "
     "with a missing, wrong-length, non-finite or all-zero embedding becomes an error row.\n\n"
     "Search: level 1 is scored in full; at each finer level only the children of the best B "
     "paths kept at the level above (--beam); --exhaustive scores every cell of every level. "
+    "When the index has galleries, the point is the nearest reference inside the best --refine-cells "
+    "cells (else the best cell's mean point). "
     + PROBABILITIES
 )
 
@@ -74,6 +77,12 @@ def register(subparsers) -> None:
     from geosurge_index.settings import InferenceSettings
 
     InferenceSettings.add_arguments(p, ["cap_km", "cap_level"])
+    p.add_argument("--galleries", default=None, metavar="NAMES",
+                   help="the index's galleries whose references refine the point (`geosurge gallery`): names, "
+                        "comma-separated, or all, or none (default: all of the index's)")
+    p.add_argument("--refine-cells", type=int, default=3, metavar="N",
+                   help="with galleries: the best finest cells whose references are searched; 0 answers with "
+                        "the cell's mean point (default: %(default)s)")
     _add_engine_flags(p)
     p.set_defaults(func=run)
 
@@ -99,6 +108,9 @@ def run(args) -> int:
                           encoder=False)
     beam = parse_beam(args.beam, index.levels)
     cap = Cap.from_settings(InferenceSettings.from_env(cap_km=args.cap_km, cap_level=args.cap_level))
+    from geosurge_index.gallery.refine import RefineSettings
+
+    index.use_galleries(args.galleries, RefineSettings(cells=args.refine_cells))
     batches, total = read_embedding_batches(args.embeddings, index.dim, args.batch_size,
                                             id_column=args.id_column,
                                             embedding_column=args.embedding_column)

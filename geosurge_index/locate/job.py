@@ -61,6 +61,8 @@ class LocateJob:
     cap_km: float | None = _DEFAULTS.cap_km  # precision cap (`privacy`): None = none
     cap_level: int | None = _DEFAULTS.cap_level
     skip_tagged: bool = _DEFAULTS.skip_tagged  # photos with valid EXIF GPS are not located
+    galleries: str | None = _DEFAULTS.galleries  # None: every gallery of the index; "none": no refinement
+    refine_cells: int = _DEFAULTS.refine_cells  # best cells whose gallery references are searched
 
     def __post_init__(self) -> None:
         for name, value in self.inference_settings().values().items():  # checked and normalised
@@ -88,7 +90,8 @@ class LocateJob:
         return BulkSettings(**{name: getattr(self, name) for name in BulkSettings.model_fields})
 
     def settings(self) -> SearchSettings:
-        return SearchSettings(self.top_k, self.beam, self.save_embeddings, self.ten_crop, self.cap)
+        return SearchSettings(self.top_k, self.beam, self.save_embeddings, self.ten_crop, self.cap,
+                              galleries=self.galleries, refine_cells=self.refine_cells)
 
     def output_settings(self) -> dict:
         """The settings that change the rows: a resume must keep them."""
@@ -102,6 +105,10 @@ class LocateJob:
         for name in ("cap_km", "cap_level", "skip_tagged"):  # likewise
             if getattr(self, name):
                 out[name] = getattr(self, name)
+        if self.galleries is not None:  # likewise: recorded only when not the default
+            out["galleries"] = self.galleries
+        if self.refine_cells != _DEFAULTS.refine_cells:
+            out["refine_cells"] = self.refine_cells
         return out
 
 

@@ -72,6 +72,14 @@ class Prediction:
     id: str | None = None
     embedding: list[float] | None = None
     cap: CapInfo | None = None  # the precision cap this answer was cut to (`privacy.apply_cap`)
+    # how lat/lon were made (PRED_DIR's columns of the same names): "cell_mean", or with galleries
+    # "neighbour" / "neighbours"; the nearest reference's gallery, id and cosine; the cell's mean point
+    point_source: str | None = None
+    neighbour_gallery: str | None = None
+    neighbour_id: str | None = None
+    neighbour_similarity: float | None = None
+    cell_lat: float | None = None
+    cell_lon: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -180,8 +188,9 @@ class Locator:
         s = (settings or InferenceSettings()).inference()
         if given:
             s = s.with_(**given)
-        predictor = Predictor.open(index_dir, s.device, SearchSettings(s.top_k, s.beam, False, s.ten_crop),
-                                   s.runtime)
+        predictor = Predictor.open(index_dir, s.device, SearchSettings(
+            s.top_k, s.beam, False, s.ten_crop, galleries=s.galleries, refine_cells=s.refine_cells),
+            s.runtime)
         size = predictor.image_size
         places = _read_places(Path(index_dir), predictor.index.levels)
         spec = DecodeSpec(size, size if s.draft_size is None else s.draft_size, s.max_pixels, s.ten_crop)
@@ -297,7 +306,20 @@ class Locator:
             out.append(Prediction(
                 float(result.lat[r]), float(result.lon[r]), float(result.probability[r]), cells, alts,
                 *place, int(batch.width[i]), int(batch.height[i]), None, ids[i],
-                emb[r].tolist() if emb is not None else None,
+                emb[r].tolist() if emb is not None else None, **_point_fields(result, r),
             ))
             r += 1
         return out
+
+
+def _point_fields(result, r: int) -> dict:
+    """Prediction's point_source .. cell_lon of result row r (see `search.Refinement`)."""
+    from geosurge_index.search import POINT_SOURCES
+
+    ref = result.refinement
+    if ref is None:
+        return {"point_source": POINT_SOURCES[0], "cell_lat": float(result.lat[r]), "cell_lon": float(result.lon[r])}
+    sim = float(ref.similarity[r])
+    return {"point_source": POINT_SOURCES[int(ref.point_source[r])], "neighbour_gallery": ref.gallery[r],
+            "neighbour_id": ref.neighbour_id[r], "neighbour_similarity": None if sim != sim else sim,
+            "cell_lat": float(ref.cell_lat[r]), "cell_lon": float(ref.cell_lon[r])}

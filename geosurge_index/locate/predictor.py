@@ -26,6 +26,8 @@ class SearchSettings:
     save_embeddings: bool = False
     ten_crop: bool = False  # pixels come as 10 crops per image; the embedding is their normalised mean
     cap: Cap | None = None  # precision cap applied to the rows (`privacy.apply_cap`)
+    galleries: str | None = None  # the index's galleries that refine the point: None all, "none", "a,b"
+    refine_cells: int = 3  # best finest cells whose gallery references are searched (0: none)
 
 
 def embedding_dim(encoder, index) -> int | None:
@@ -56,6 +58,10 @@ class Predictor:
         self.settings = settings
         self._embed_dim = embedding_dim(encoder, index)  # checked here: before any image is decoded
         self.image_size = int(encoder.image_size)
+        if hasattr(index, "use_galleries"):  # galleries: which refine the point, and how (gallery.refine)
+            from geosurge_index.gallery.refine import RefineSettings
+
+            index.use_galleries(settings.galleries, RefineSettings(cells=settings.refine_cells))
 
     @classmethod
     def open(cls, index_dir, device="auto", settings: SearchSettings = SearchSettings(),

@@ -237,6 +237,11 @@ def prediction_json(pred: Any, image: DecodedImage | ApiError, *, top_k: int, in
     if info is not None:
         out["cap"] = {"km": info.km, "level": info.level, "answered_level": info.answered_level,
                       "s2_token": info.s2_token, "extent_km": _num(info.extent_km)}
+    if getattr(pred, "point_source", None) is not None:  # how lat/lon were made (galleries: gallery.refine)
+        out["point_source"] = pred.point_source
+        out["cell_point"] = {"lat": _num(pred.cell_lat), "lon": _num(pred.cell_lon)}
+        out["neighbour"] = None if pred.neighbour_id is None else {
+            "gallery": pred.neighbour_gallery, "id": pred.neighbour_id, "similarity": _num(pred.neighbour_similarity)}
     if include_cells:
         out["cells"] = [
             {"level": int(c.level), "cell_index": int(c.cell_index), "s2_token": c.s2_token,
