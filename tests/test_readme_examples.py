@@ -103,10 +103,15 @@ def world(tmp_path_factory):
     photos = root / "photos"
     photos.mkdir()
     rows = list(csv.DictReader((split / "manifest.csv").open()))
+    from geosurge_index.index import IndexCells
+
+    with IndexCells.open(index) as cells:  # gallery references must lie inside the index's cells
+        tree = cells.tree()
+    inside = [(float(tree.mean_lat[-1][i]), float(tree.mean_lon[-1][i])) for i in range(len(rows))]
     for i, row in enumerate(rows):
         src = split / row["path"]
         if i < 4:  # a few photos carry the archive's own GPS
-            _exif_gps_jpeg(src, photos / src.name, float(row["lat"]), float(row["lon"]))
+            _exif_gps_jpeg(src, photos / src.name, *inside[i])
         else:
             shutil.copy(src, photos / src.name)
         shutil.copy(src.with_name(src.stem + ".classmap.png"), photos / (src.stem + ".classmap.png"))
@@ -116,6 +121,15 @@ def world(tmp_path_factory):
             w = csv.DictWriter(f, fieldnames=["id", "lat", "lon"])
             w.writeheader()
             w.writerows(truth)
+    with (root / "train.csv").open("w", newline="") as f:  # a manifest with path, lat, lon (galleries)
+        w = csv.DictWriter(f, fieldnames=["path", "lat", "lon", "id"])
+        w.writeheader()
+        w.writerows({"path": str(photos / Path(r["path"]).name), "lat": la, "lon": lo,
+                     "id": Path(r["path"]).stem} for r, (la, lo) in zip(rows, inside, strict=True))
+    untagged = root / "untagged"
+    untagged.mkdir()
+    for src in sorted(photos.glob("*.jpg"))[4:]:
+        shutil.copy(src, untagged / src.name)
     (root / "queries").symlink_to(REPO / "queries")
     (root / "build").symlink_to(REPO / "build")
     return root
@@ -151,6 +165,12 @@ def test_every_readme_example_runs_or_says_why_not(world, monkeypatch, capsys):
                 shutil.rmtree("preds")
             locate_runs += 1
             argv = [*argv, "--device", "cpu", "--workers", "0"]
+        if argv[:2] == ["gallery", "add"] and "preds/" in argv:
+            # the example's PRED_DIR was written with --save-embeddings (as its comment says)
+            if not Path("preds-emb").exists():
+                assert main(["locate", "index/", "photos/", "--out", "preds-emb/", "--save-embeddings",
+                             "--device", "cpu", "--workers", "0"]) == 0
+            argv = ["preds-emb/" if a == "preds/" else a for a in argv]
         if argv[0] == "sidecars" and not Path("selection.txt").exists():
             # the list `geosurge review` exports: ids, one per line
             import pyarrow.dataset as ds

@@ -82,40 +82,6 @@ class AddReport:
         return out
 
 
-# --- EXIF GPS ------------------------------------------------------------------------------------
-
-
-def _rational(v) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError, ZeroDivisionError):
-        num, den = v
-        return float(num) / float(den)
-
-
-def exif_gps(path: str | os.PathLike) -> tuple[float, float] | None:
-    """(lat, lon) in degrees from a photo's EXIF GPS IFD, None when it has none (or it is unreadable)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            gps = im.getexif().get_ifd(0x8825)
-    except (OSError, ValueError, SyntaxError):
-        return None
-    try:
-        if 2 not in gps or 4 not in gps:
-            return None
-        lat = sum(_rational(x) / 60 ** i for i, x in enumerate(gps[2]))
-        lon = sum(_rational(x) / 60 ** i for i, x in enumerate(gps[4]))
-    except (TypeError, ValueError, ZeroDivisionError):
-        return None
-    if str(gps.get(1, "N")).upper().startswith("S"):
-        lat = -lat
-    if str(gps.get(3, "E")).upper().startswith("W"):
-        lon = -lon
-    return lat, lon
-
-
 # --- collecting rows -----------------------------------------------------------------------------
 
 
@@ -204,12 +170,16 @@ def _source_coordinates(source: str, table: pa.Table, staging: Path, k: int):
         return source, lat, lon, np.zeros(n, bool), 0
     # a folder or an image: EXIF GPS; only the tagged photos are encoded
     files = table["file"].to_pylist()
-    gps = [exif_gps(f) for f in files]
+    from geosurge_index.exif_gps import read_gps  # the one EXIF GPS reader (malformed GPS = untagged)
+
+    tags = [read_gps(f) for f in files]
+    gps = [(g.lat, g.lon) if g.valid else None for g in tags]
     tagged = [i for i, g in enumerate(gps) if g is not None]
     if not tagged:
         return None, np.zeros(0), np.zeros(0), np.zeros(0, bool), n
     manifest = staging / f"exif-{k}.csv"
-    tmp = pa.table({"path": pa.array([files[i] for i in tagged]),
+    # absolute: a manifest's relative paths are read from the manifest's own folder (staging)
+    tmp = pa.table({"path": pa.array([os.path.abspath(files[i]) for i in tagged]),
                     "id": pa.array([table["id"][i].as_py() for i in tagged]),
                     "lat": pa.array([gps[i][0] for i in tagged], pa.float64()),
                     "lon": pa.array([gps[i][1] for i in tagged], pa.float64())})
