@@ -51,6 +51,19 @@ class CapAnswer(BaseModel):
     extent_km: float | None = Field(None, description="its extent: sqrt of its area")
 
 
+class Point(BaseModel):
+    lat: float | None = None
+    lon: float | None = None
+
+
+class Neighbour(BaseModel):
+    """A gallery reference (`geosurge gallery`): its gallery, id and cosine with the image."""
+
+    gallery: str | None = None
+    id: str
+    similarity: float | None = None
+
+
 class LocateResult(BaseModel):
     """One image's answer. An image that could not be used has `error` and `error_kind` set and
     no location; the other images of the request are answered as usual."""
@@ -70,6 +83,10 @@ class LocateResult(BaseModel):
     alternatives: list[AlternativeAnswer] = Field(default_factory=list)
     cap: CapAnswer | None = Field(None, description="set when a precision cap cut this answer: lat/lon are the "
                                   "mean point of the cell answered, nothing finer is given")
+    point_source: str | None = Field(None, description="how lat/lon were made: cell_mean, or with the index's "
+                                     "galleries neighbour / neighbours (absent under a cap)")
+    cell_point: Point | None = Field(None, description="the best finest cell's mean point")
+    neighbour: Neighbour | None = Field(None, description="the nearest gallery reference inside the best cells")
 
 
 class LocateResponse(BaseModel):
