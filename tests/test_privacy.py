@@ -113,8 +113,11 @@ def test_rows_withhold_every_finer_column(locator):
     table, _, emb = pred.predict_full(batch, [f"p{i}" for i in range(len(PHOTOS))], [None] * len(PHOTOS))
     n = table.num_rows
     table = table.append_column("embedding_x", pa.array([[0.1, 0.2]] * n, pa.list_(pa.float32())))
-    table = table.append_column("neighbour_id", pa.array([f"gallery-{i}" for i in range(n)]))
-    table = table.append_column("neighbour_similarity", pa.array(np.full(n, 0.9)))
+    for name, values in (("neighbour_id", pa.array([f"gallery-{i}" for i in range(n)])),
+                         ("neighbour_similarity", pa.array(np.full(n, 0.9), pa.float32()))):
+        # the galleries' columns (pred_store.REFINEMENT_FIELDS), filled as a refined answer has them
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, name, values) if i >= 0 else table.append_column(name, values)
     table = table.append_column("refined_lat", pa.array(np.full(n, 48.1)))
     table = table.append_column("r50_km", pa.array(np.full(n, 3.0)))
     capped = apply_cap(table, locator.index.tree, Cap(200.0))

@@ -68,11 +68,14 @@ def register(subparsers) -> None:
 
     BulkSettings.add_arguments(a, ["device", "batch_size", "workers"], switches=True)
     a.set_defaults(func=run_add)
-    ls = sub.add_parser("list", help="the index's galleries")
+    ls = sub.add_parser("list", help="the index's galleries", epilog="example:\n  geosurge gallery list index/ --json",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ls.add_argument("index_dir", metavar="INDEX_DIR")
     ls.add_argument("--json", action="store_true", help="print the manifest entries as JSON")
     ls.set_defaults(func=run_list)
-    rm = sub.add_parser("remove", help="remove a gallery from the index")
+    rm = sub.add_parser("remove", help="remove a gallery from the index",
+                        epilog="example:\n  geosurge gallery remove index/ my-archive",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     rm.add_argument("index_dir", metavar="INDEX_DIR")
     rm.add_argument("name", metavar="NAME")
     rm.set_defaults(func=run_remove)
