@@ -26,6 +26,11 @@ def register(subparsers) -> None:
     p.add_argument("--no-place-names", dest="place_names", action="store_false",
                    help="skip reverse geocoding; the place-name columns are then absent "
                         "(default: fill them)")
+    p.add_argument("--segmenter", metavar="SEG_DIR", default=None,
+                   help="ship this segmenter in the index instead of the checkpoint's: a folder "
+                        "written by the segmenter training (segmenter.json + segmenter.safetensors; "
+                        "`geosurge demo` trains one on its world). It segments photos located without "
+                        "a class map (default: the checkpoint's segmenter)")
     p.set_defaults(func=run)
 
 
@@ -33,7 +38,7 @@ def run(args) -> int:
     from geosurge_index.index import export_checkpoint, read_manifest
 
     out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite,
-                            place_names=args.place_names)
+                            place_names=args.place_names, segmenter=args.segmenter)
     m = read_manifest(out)
     sizes = ", ".join(str(e["n_cells"]) for e in m["levels"])
     print(f"wrote {out}: {len(m['levels'])} levels ({sizes} cells), dim {m['dim']}, "

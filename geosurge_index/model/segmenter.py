@@ -3,7 +3,7 @@
 Segmentation is the costly part of the encoder (OneFormer Swin-L ~8 s/image on a CPU), so the
 usual path is to compute class maps once and store them beside the images
 (`images.class_map_path`); these modules run only when no map is given. The segmenter is never
-trained.
+trained with the model (the small one, `small_segmenter.py`, is trained alone on class maps).
 
 Memory. A batch is segmented in sub-batches sized by a memory budget (`Segmenter.sub_batch`): at
 512 px OneFormer Swin-L holds ~60 MB per image in each window-attention score tensor, so bulk
@@ -221,6 +221,10 @@ class SegFormerSegmenter(Segmenter):
 def build_segmenter(cfg: SegmenterConfig, arch: dict | None, *, weights: bool = True) -> Segmenter | None:
     if cfg.kind == "none":
         return None
+    if cfg.kind == "small":  # the project's own (model/small_segmenter.py), trained on class maps
+        from geosurge_index.model.small_segmenter import SmallSegmenter
+
+        return SmallSegmenter(cfg, arch or {}, weights=weights)
     cls = {"oneformer": OneFormerSegmenter, "segformer": SegFormerSegmenter}[cfg.kind]
     return cls(cfg, arch or {}, weights=weights)
 
