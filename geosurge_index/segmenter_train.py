@@ -37,6 +37,8 @@ class SegmenterTrainSettings:
     lr: float = 4e-3
     weight_decay: float = 1e-4
     widths: tuple[int, int, int] = (24, 48, 64)  # see model/small_segmenter.py
+    context: bool = True  # the global-context branch (model/small_segmenter.py)
+    class_balance: float = 0.5  # class c's loss weight is proportional to its pixel share ** -class_balance
     input_size: int | None = None  # the segmenter's input side; None: the encoder's image size
     max_images: int | None = None  # train on at most this many (a seeded draw); None: all
     val_fraction: float = 0.05  # held out for the accuracy reported (not trained on)
@@ -151,7 +153,7 @@ def train_segmenter(sources: list, out_dir: str | os.PathLike, *, image_size: in
     device = resolve_device(s.device)
     cfg = SegmenterConfig(kind="small", pretrained=None, input_size=int(s.input_size or image_size),
                           arch={"model_type": "small_conv", "widths": [int(w) for w in s.widths],
-                                "labels": labels})
+                                "context": bool(s.context), "labels": labels})
     segmenter = build_segmenter(cfg, cfg.arch).to(device)
     net = segmenter.model.to(memory_format=torch.channels_last)  # ~1.5x faster convolutions on CPUs
     net.train()
@@ -161,6 +163,7 @@ def train_segmenter(sources: list, out_dir: str | os.PathLike, *, image_size: in
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=s.epochs * steps_per_epoch,
                                                 pct_start=0.15)
     targets = torch.from_numpy(lut[maps])  # (n, S, S) uint8 label indices, 255 ignored
+    weights = class_weights(lut[maps[train_idx]], len(labels), s.class_balance).to(device)
     history: list[float] = []
     pbar = bar(total=s.epochs * steps_per_epoch, desc="train segmenter", unit="step") if s.progress else None
     try:
@@ -177,7 +180,7 @@ def train_segmenter(sources: list, out_dir: str | os.PathLike, *, image_size: in
                     y[flip.to(device)] = y[flip.to(device)].flip(2)
                 logits = segmenter.label_logits(segmenter_input(segmenter, px, device))
                 logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
-                loss = F.cross_entropy(logits, y, ignore_index=IGNORE)
+                loss = F.cross_entropy(logits, y, weight=weights, ignore_index=IGNORE)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -208,6 +211,19 @@ def train_segmenter(sources: list, out_dir: str | os.PathLike, *, image_size: in
         "pixel_accuracy": acc, "chance_accuracy": chance, "mean_iou": miou, "seconds": round(seconds, 1),
     })
     return result
+
+
+def class_weights(targets: np.ndarray, n_labels: int, balance: float):
+    """Loss weights per label: pixel share ** -balance (0: plain cross-entropy), scaled so that the
+    average pixel weighs 1; rare classes (cars, palms, houses: cues of a place) are not drowned by
+    sky and road. A label absent from `targets` gets the largest weight."""
+    import torch
+
+    counts = np.bincount(targets[targets != IGNORE].ravel(), minlength=n_labels)[:n_labels].astype(np.float64)
+    share = np.maximum(counts, 1) / max(1, counts.sum())
+    w = share ** -float(balance)
+    w /= max(1e-12, float((share * w).sum()))
+    return torch.tensor(w, dtype=torch.float32)
 
 
 def _held_out_scores(segmenter, pixels: np.ndarray, maps: np.ndarray, commonest: int, device,

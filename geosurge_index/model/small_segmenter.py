@@ -9,8 +9,9 @@ It predicts only the ADE20K ids in `arch["labels"]` (those its training maps hol
 class scores `ABSENT_SCORE`, so the arg-max never picks a class it never saw.
 
 Layout: stem conv /2 -> conv (skip A, /2) -> conv /4 -> conv (skip B, /4) -> conv /8 -> dilated
-conv (/8, wider context) -> up x2 + B -> conv -> up x2 + A -> conv -> 1x1 head: scores at 1/2 of
-the input, which `Segmenter._segment` upsamples to the encoder's size.
+conv (/8, wider context) [+ the global average's projection, `arch.context`] -> up x2 + B -> conv
+-> up x2 + A -> conv -> 1x1 head: scores at 1/2 of the input, which `Segmenter._segment`
+upsamples to the encoder's size.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _block(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequen
 class SmallConvNet(nn.Module):
     """(B, 3, s, s) -> (B, len(labels), s/2, s/2) logits over its own labels."""
 
-    def __init__(self, widths: list[int], n_labels: int):
+    def __init__(self, widths: list[int], n_labels: int, context: bool = True):
         super().__init__()
         if len(widths) != 3 or min(widths) < 1:
             raise UserError(f"small segmenter: widths must be 3 positive numbers, got {widths}")
@@ -45,6 +46,10 @@ class SmallConvNet(nn.Module):
         self.stem = nn.Sequential(_block(3, a, stride=2), _block(a, a))  # /2: skip A
         self.down1 = nn.Sequential(_block(a, b, stride=2), _block(b, b))  # /4: skip B
         self.down2 = nn.Sequential(_block(b, c, stride=2), _block(c, c, dilation=2))  # /8
+        # the whole picture's gist (biome, region), added everywhere: what a class is often depends
+        # on the scene (a beach's sand, a palm's crown, a skyscraper's full height)
+        self.context = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c, 1), nn.ReLU(inplace=True)) \
+            if context else None
         self.up1 = _block(c + b, b)
         self.up2 = _block(b + a, a)
         self.head = nn.Conv2d(a, n_labels, 1)
@@ -53,6 +58,8 @@ class SmallConvNet(nn.Module):
         skip_a = self.stem(x)
         skip_b = self.down1(skip_a)
         y = self.down2(skip_b)
+        if self.context is not None:
+            y = y + self.context(y)
         y = F.interpolate(y, size=skip_b.shape[-2:], mode="bilinear", align_corners=False)
         y = self.up1(torch.cat([y, skip_b], dim=1))
         y = F.interpolate(y, size=skip_a.shape[-2:], mode="bilinear", align_corners=False)
@@ -79,7 +86,8 @@ class SmallSegmenter(Segmenter):
         super().__init__(cfg)
         del weights  # config-built: its weights come with our safetensors, whatever the caller loads
         labels = arch_labels(arch)
-        self.model = SmallConvNet(list(arch.get("widths", [24, 48, 64])), len(labels))
+        self.model = SmallConvNet(list(arch.get("widths", [24, 48, 64])), len(labels),
+                                  context=bool(arch.get("context", False)))
         self.register_buffer("labels", torch.tensor(labels, dtype=torch.long), persistent=False)
         self.model.eval()
         self.model.requires_grad_(False)
