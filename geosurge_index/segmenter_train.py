@@ -32,11 +32,11 @@ IGNORE = 255  # unlabelled pixels in a class map (and the loss's ignore index)
 
 @dataclass(frozen=True)
 class SegmenterTrainSettings:
-    epochs: int = 4
-    batch_size: int = 32
+    epochs: int = 6
+    batch_size: int = 16
     lr: float = 4e-3
     weight_decay: float = 1e-4
-    widths: tuple[int, int, int] = (24, 48, 64)  # see model/small_segmenter.py
+    widths: tuple[int, int, int] = (32, 64, 96)  # see model/small_segmenter.py
     context: bool = True  # the global-context branch (model/small_segmenter.py)
     class_balance: float = 0.5  # class c's loss weight is proportional to its pixel share ** -class_balance
     input_size: int | None = None  # the segmenter's input side; None: the encoder's image size

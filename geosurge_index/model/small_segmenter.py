@@ -1,5 +1,5 @@
 """The small segmenter (`model.segmenter.kind = "small"`): a few strided conv blocks and a
-two-step upsampling decoder with skips (a miniature U-Net, ~0.1 M parameters at the default widths),
+two-step upsampling decoder with skips (a miniature U-Net, ~0.3 M parameters at the default widths),
 fast on a CPU at a few hundred pixels.
 
 It is config-built (`SegmenterConfig.arch`, see `config.SMALL_SEGMENTER_ARCH`) and trained on class
@@ -86,7 +86,7 @@ class SmallSegmenter(Segmenter):
         super().__init__(cfg)
         del weights  # config-built: its weights come with our safetensors, whatever the caller loads
         labels = arch_labels(arch)
-        self.model = SmallConvNet(list(arch.get("widths", [24, 48, 64])), len(labels),
+        self.model = SmallConvNet(list(arch.get("widths", [32, 64, 96])), len(labels),
                                   context=bool(arch.get("context", False)))
         self.register_buffer("labels", torch.tensor(labels, dtype=torch.long), persistent=False)
         self.model.eval()
