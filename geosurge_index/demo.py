@@ -44,8 +44,8 @@ DEMO_TAU_MIN = 4
 DEMO_TAU_MAX = (800, 400, 200, 100, 50, 25, 12)
 SQL_RECIPES = ("accuracy.sql", "level_agreement.sql")  # from queries/; others there if these are gone
 # The small segmenter the demo index ships (segmenter_train.py): every training photo, 6 epochs
-# (at 3,000 photos x 3 epochs it reached 93% of the pixels and only 76% of the with-maps
-# accuracy at 25 km; at 8,000 x 6, 97% and over 90%).
+# (at 3,000 photos x 3 epochs it got 93% of the pixels right and only 76% of the with-maps
+# accuracy at 25 km; at 8,000 x 6, 97% and 92%).
 DEMO_SEGMENTER_IMAGES: int | None = None
 DEMO_SEGMENTER_EPOCHS = 6
 MODEL_ROW = "GeoSURGE, with class maps"

@@ -33,11 +33,12 @@ IGNORE = 255  # unlabelled pixels in a class map (and the loss's ignore index)
 @dataclass(frozen=True)
 class SegmenterTrainSettings:
     epochs: int = 6
-    batch_size: int = 16
+    batch_size: int = 32
     lr: float = 4e-3
     weight_decay: float = 1e-4
     widths: tuple[int, int, int] = (32, 64, 96)  # see model/small_segmenter.py
     context: bool = True  # the global-context branch (model/small_segmenter.py)
+    dilations: tuple[int, ...] = (1, 2, 4)  # the dilated blocks at 1/8 of the input
     class_balance: float = 0.5  # class c's loss weight is proportional to its pixel share ** -class_balance
     input_size: int | None = None  # the segmenter's input side; None: the encoder's image size
     max_images: int | None = None  # train on at most this many (a seeded draw); None: all
@@ -153,7 +154,8 @@ def train_segmenter(sources: list, out_dir: str | os.PathLike, *, image_size: in
     device = resolve_device(s.device)
     cfg = SegmenterConfig(kind="small", pretrained=None, input_size=int(s.input_size or image_size),
                           arch={"model_type": "small_conv", "widths": [int(w) for w in s.widths],
-                                "context": bool(s.context), "labels": labels})
+                                "context": bool(s.context), "dilations": [int(d) for d in s.dilations],
+                                "labels": labels})
     segmenter = build_segmenter(cfg, cfg.arch).to(device)
     net = segmenter.model.to(memory_format=torch.channels_last)  # ~1.5x faster convolutions on CPUs
     net.train()

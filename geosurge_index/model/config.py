@@ -25,7 +25,7 @@ NUM_LEVELS = 7
 SEGMENTER_KINDS = ("oneformer", "segformer", "small", "none")
 # The small convolutional segmenter (`model/small_segmenter.py`): encoder widths at 1/2, 1/4, 1/8 of
 # the input; `labels` (the ADE20K ids it predicts) is filled in by its training from the class maps.
-SMALL_SEGMENTER_ARCH: dict[str, Any] = {"model_type": "small_conv", "widths": [32, 64, 96], "context": True,
+SMALL_SEGMENTER_ARCH: dict[str, Any] = {"model_type": "small_conv", "widths": [32, 64, 96], "context": True, "dilations": [1, 2, 4],
                                         "labels": list(range(NUM_ADE20K_CLASSES))}
 
 # Architecture configs of the default checkpoints (copied from their hub config.json), so that the

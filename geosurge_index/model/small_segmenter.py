@@ -9,7 +9,7 @@ It predicts only the ADE20K ids in `arch["labels"]` (those its training maps hol
 class scores `ABSENT_SCORE`, so the arg-max never picks a class it never saw.
 
 Layout: stem conv /2 -> conv (skip A, /2) -> conv /4 -> conv (skip B, /4) -> conv /8 -> dilated
-conv (/8, wider context) [+ the global average's projection, `arch.context`] -> up x2 + B -> conv
+convs (/8, `arch.dilations`: wider context) [+ the global average's projection, `arch.context`] -> up x2 + B -> conv
 -> up x2 + A -> conv -> 1x1 head: scores at 1/2 of the input, which `Segmenter._segment`
 upsamples to the encoder's size.
 """
@@ -38,14 +38,15 @@ def _block(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequen
 class SmallConvNet(nn.Module):
     """(B, 3, s, s) -> (B, len(labels), s/2, s/2) logits over its own labels."""
 
-    def __init__(self, widths: list[int], n_labels: int, context: bool = True):
+    def __init__(self, widths: list[int], n_labels: int, context: bool = True, dilations: tuple = (2,)):
         super().__init__()
         if len(widths) != 3 or min(widths) < 1:
             raise UserError(f"small segmenter: widths must be 3 positive numbers, got {widths}")
         a, b, c = (int(w) for w in widths)
         self.stem = nn.Sequential(_block(3, a, stride=2), _block(a, a))  # /2: skip A
         self.down1 = nn.Sequential(_block(a, b, stride=2), _block(b, b))  # /4: skip B
-        self.down2 = nn.Sequential(_block(b, c, stride=2), _block(c, c, dilation=2))  # /8
+        # /8: dilated blocks see most of the picture (a building's full height, a roof's shape)
+        self.down2 = nn.Sequential(_block(b, c, stride=2), *(_block(c, c, dilation=int(d)) for d in dilations))
         # the whole picture's gist (biome, region), added everywhere: what a class is often depends
         # on the scene (a beach's sand, a palm's crown, a skyscraper's full height)
         self.context = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c, 1), nn.ReLU(inplace=True)) \
@@ -87,7 +88,8 @@ class SmallSegmenter(Segmenter):
         del weights  # config-built: its weights come with our safetensors, whatever the caller loads
         labels = arch_labels(arch)
         self.model = SmallConvNet(list(arch.get("widths", [32, 64, 96])), len(labels),
-                                  context=bool(arch.get("context", False)))
+                                  context=bool(arch.get("context", False)),
+                                  dilations=tuple(arch.get("dilations", (2,))))
         self.register_buffer("labels", torch.tensor(labels, dtype=torch.long), persistent=False)
         self.model.eval()
         self.model.requires_grad_(False)
