@@ -218,14 +218,14 @@ class SegFormerSegmenter(Segmenter):
         return self.model(pixel_values=x).logits
 
 
+# More kinds register here: "small" (model/small_segmenter.py, imported by the model package).
+SEGMENTER_KINDS: dict[str, type[Segmenter]] = {}
+
+
 def build_segmenter(cfg: SegmenterConfig, arch: dict | None, *, weights: bool = True) -> Segmenter | None:
     if cfg.kind == "none":
         return None
-    if cfg.kind == "small":  # the project's own (model/small_segmenter.py), trained on class maps
-        from geosurge_index.model.small_segmenter import SmallSegmenter
-
-        return SmallSegmenter(cfg, arch or {}, weights=weights)
-    cls = {"oneformer": OneFormerSegmenter, "segformer": SegFormerSegmenter}[cfg.kind]
+    cls = {"oneformer": OneFormerSegmenter, "segformer": SegFormerSegmenter, **SEGMENTER_KINDS}[cfg.kind]
     return cls(cfg, arch or {}, weights=weights)
 
 

@@ -1,5 +1,5 @@
 """The small segmenter (`model.segmenter.kind = "small"`): a few strided conv blocks and a
-two-step upsampling decoder with skips (a miniature U-Net, ~0.3 M parameters at the default widths),
+two-step upsampling decoder with skips (a miniature U-Net, ~0.5 M parameters at the default widths),
 fast on a CPU at a few hundred pixels.
 
 It is config-built (`SegmenterConfig.arch`, see `config.SMALL_SEGMENTER_ARCH`) and trained on class
@@ -22,7 +22,7 @@ from torch import nn
 
 from geosurge_index.errors import UserError
 from geosurge_index.model.config import NUM_ADE20K_CLASSES, SegmenterConfig
-from geosurge_index.model.segmenter import Segmenter
+from geosurge_index.model.segmenter import SEGMENTER_KINDS, Segmenter
 
 ABSENT_SCORE = -1e4  # the score of classes the segmenter does not predict (finite: bilinear-safe, bf16-safe)
 
@@ -104,3 +104,6 @@ class SmallSegmenter(Segmenter):
         out = torch.full((b, NUM_ADE20K_CLASSES, h, w), ABSENT_SCORE, dtype=logits.dtype, device=logits.device)
         out[:, self.labels] = logits
         return out
+
+
+SEGMENTER_KINDS["small"] = SmallSegmenter
