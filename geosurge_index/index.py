@@ -265,8 +265,11 @@ def export_index(
 
 
 def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                      overwrite: bool = False, place_names: bool = True) -> Path:
-    """Export a training checkpoint directory (ARCHITECTURE.md, Checkpoints) to INDEX_DIR."""
+                      overwrite: bool = False, place_names: bool = True,
+                      segmenter: str | os.PathLike | None = None) -> Path:
+    """Export a training checkpoint directory (ARCHITECTURE.md, Checkpoints) to INDEX_DIR.
+    `segmenter`: a folder written by the segmenter training (`segmenter_train`) whose segmenter
+    replaces the checkpoint's in the index's encoder files."""
     ckpt = Path(ckpt_dir)
     if not ckpt.is_dir():
         raise UserError(f"CHECKPOINT {ckpt} is not a folder")
@@ -284,6 +287,10 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     # weights=False: frozen pretrained parts are named in encoder.json, not stored, so there is
     # no need to load them (or to have them on the exporting host)
     encoder = load_checkpoint(ckpt, weights=False).model.encoder
+    if segmenter is not None:
+        from geosurge_index.model.encoder_io import with_segmenter
+
+        encoder = with_segmenter(encoder, segmenter)
     return export_index(
         tables, temps, ckpt / "cells.parquet", out_dir,
         encoder_writer=lambda d: save_encoder(encoder, d),

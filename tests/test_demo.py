@@ -34,23 +34,29 @@ def mini_demo(tmp_path_factory):
 def test_every_stage_runs_and_writes_its_artefacts(mini_demo, capsys):
     settings, result = mini_demo
     assert [(s.name, s.status) for s in result.stages] == [
-        (name, "ran") for name in ("world-train", "world-test", "partition", "train", "export", "gallery",
-                                   "locate", "evaluate", "sql", "map", "world-archive", "archive")], result.stages
+        (name, "ran") for name in ("world-train", "world-test", "partition", "train", "segmenter", "export",
+                                   "gallery", "locate", "locate-no-maps", "evaluate", "sql", "map",
+                                   "world-archive", "archive")], result.stages
     out = settings.out_dir
     for rel in ("world/train/manifest.csv", "world/test/manifest.csv", "cells/partition.json",
                 "recipe.toml", "run/run.json", "index/manifest.json", "eval/accuracy.txt",
+                "segmenter/segmenter.json", "segmenter/segmenter.safetensors",
                 "eval/accuracy.json", "eval/model.json", "map/predictions.png", "eval/archive.json",
                 "world/archive/truth.csv"):
         assert (out / rel).is_file(), rel
     assert list((out / "predictions").glob("part-*.parquet"))
+    assert list((out / "predictions-no-maps").glob("part-*.parquet"))
+    assert list((out / "world/test-no-maps/images").glob("*.jpg")) and not list(
+        (out / "world/test-no-maps/images").glob("*.classmap.png"))
     assert len(list((out / "sql").glob("*.csv"))) == 2
     assert len(list((out / "world/train/images").glob("*.classmap.png"))) == 150
 
 
-def test_the_accuracy_table_has_the_four_methods(mini_demo):
+def test_the_accuracy_table_has_its_rows(mini_demo):
     settings, result = mini_demo
-    assert list(result.table) == ["GeoSURGE (7-level product)", "with the training set as gallery",
-                                  "same model, finest level", "random cell", "densest cell"]
+    assert list(result.table) == ["GeoSURGE, with class maps", "GeoSURGE, without class maps (the index's segmenter)",
+                                  "with the training set as gallery", "same model, finest level", "random cell",
+                                  "densest cell"]
     assert list(result.archive_table) == ["cell mean (no gallery)", "its tagged photos as gallery",
                                           "training set as gallery"]
     for acc in result.archive_table.values():
@@ -63,6 +69,18 @@ def test_the_accuracy_table_has_the_four_methods(mini_demo):
     assert saved["densest cell"]["2500"] == pytest.approx(result.table["densest cell"][2500.0])
     text = (settings.out_dir / "eval/accuracy.txt").read_text()
     assert "2500 km" in text and "random cell" in text
+    assert "with class maps" in text and "without class maps (the index's segmenter)" in text
+
+
+def test_the_index_ships_the_trained_segmenter(mini_demo):
+    from geosurge_index.model import load_encoder
+    from geosurge_index.model.small_segmenter import SmallSegmenter
+
+    settings, _ = mini_demo
+    encoder = load_encoder(settings.out_dir / "index")
+    assert isinstance(encoder.segmenter, SmallSegmenter) and encoder.config.segmenter.is_trained
+    training = json.loads((settings.out_dir / "segmenter/segmenter.json").read_text())["training"]
+    assert training["n_train"] + training["n_val"] == 150  # every training photo (fewer than the draw)
 
 
 def test_a_second_run_reuses_everything(mini_demo, capsys):
@@ -79,7 +97,8 @@ def test_a_redone_stage_redoes_the_stages_after_it(mini_demo):
     (settings.out_dir / ".demo" / "locate.json").unlink()  # as if locate had been interrupted
     again = run_demo(settings)
     status = {s.name: s.status for s in again.stages}
-    assert {status[n] for n in ("world-train", "world-test", "partition", "train", "export", "gallery")} == {"reused"}
+    assert {status[n] for n in ("world-train", "world-test", "partition", "train", "segmenter", "export",
+                                "gallery", "locate-no-maps")} == {"reused"}
     assert {status[n] for n in ("locate", "evaluate", "sql", "map")} == {"ran"}
 
 

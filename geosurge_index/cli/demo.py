@@ -13,12 +13,16 @@ Run every stage on the built-in demo world, on this machine's CPU:
                 real photo density
   2. partition  the 7-level adaptive S2 hierarchy of the training locations (tau scaled down)
   3. train      a tiny model from the recipe (default build/demo.toml)
-  4. export     the index (FAISS levels, cells.duckdb, encoder)
-  5. locate     the test photos, with the bulk pipeline
-  6. evaluate   accuracy at 1/25/200/750/2500 km: the model, random-cell guessing, the densest
-                cell, and the same model using its finest level alone
-  7. sql        two SQL recipes from queries/
-  8. map        predicted vs true points
+  4. segmenter  a small segmenter trained on the training photos' class maps, for photos
+                located without one (bytes, uploads, new photos)
+  5. export     the index (FAISS levels, cells.duckdb, encoder with that segmenter)
+  6. locate     the test photos, with the bulk pipeline: with their class maps, and again
+                without them (the index's segmenter makes the maps)
+  7. evaluate   accuracy at 1/25/200/750/2500 km: the model with and without class maps,
+                random-cell guessing, the densest cell, and the same model using its finest
+                level alone
+  8. sql        two SQL recipes from queries/
+  9. map        predicted vs true points
 
 Everything is written under OUT (default ./demo-out). Running it again reuses every stage whose
 outputs exist and were made with the same settings; --fresh redoes everything. The demo world is

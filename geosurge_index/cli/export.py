@@ -48,6 +48,11 @@ def register(subparsers) -> None:
     g.add_argument("--gallery-storage", default=None, choices=["flat", "fp16", "pq"],
                    help="flat, fp16 or pq (default: flat)")
     g.add_argument("--gallery-truth", default=None, metavar="FILE", help="coordinates for the gallery's ids")
+    p.add_argument("--segmenter", metavar="SEG_DIR", default=None,
+                   help="ship this segmenter in the index instead of the checkpoint's: a folder "
+                        "written by the segmenter training (segmenter.json + segmenter.safetensors; "
+                        "`geosurge demo` trains one on its world). It segments photos located without "
+                        "a class map (default: the checkpoint's segmenter)")
     p.set_defaults(func=run)
     export_onnx.register(subparsers)
 
@@ -65,7 +70,7 @@ def run(args) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a file; give a folder to write the index into")
     out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite,
-                            place_names=args.place_names)
+                            place_names=args.place_names, segmenter=args.segmenter)
     m = read_manifest(out)
     sizes = ", ".join(str(e["n_cells"]) for e in m["levels"])
     print(f"wrote {out}: {len(m['levels'])} levels ({sizes} cells), dim {m['dim']}, "

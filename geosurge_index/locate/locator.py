@@ -108,7 +108,7 @@ def segmenter_warning(index_dir: str | os.PathLike) -> str | None:
     seg = (meta.get("model") or {}).get("segmenter") or {}
     if seg.get("kind", "none") == "none" or seg.get("pretrained") is not None:
         return None
-    if meta.get("segmenter_trained") or seg.get("trained"):
+    if meta.get("segmenter_trained") or seg.get("trained") or seg.get("trained_on"):
         return None
     return (f"the index {os.fspath(index_dir)} has an untrained segmenter (random weights, "
             "`pretrained: null`): photos located without a class map get much less accurate answers. "

@@ -32,6 +32,11 @@ HEADS = ("geo", "classifier")
 DEFAULT_READOUT = "cls+clip"
 EMBED_DIM = 768
 NUM_LEVELS = 7
+SEGMENTER_KINDS = ("oneformer", "segformer", "small", "none")
+# The small convolutional segmenter (`model/small_segmenter.py`): encoder widths at 1/2, 1/4, 1/8 of
+# the input; `labels` (the ADE20K ids it predicts) is filled in by its training from the class maps.
+SMALL_SEGMENTER_ARCH: dict[str, Any] = {"model_type": "small_conv", "widths": [32, 64, 96], "context": True, "dilations": [1, 2, 4],
+                                        "labels": list(range(NUM_ADE20K_CLASSES))}
 
 # Architecture configs of the default checkpoints (copied from their hub config.json), so that the
 # full-size model can be built on the meta device (parameter counts, shapes) with nothing downloaded.
@@ -78,20 +83,32 @@ class BackboneConfig:
 
 @dataclass
 class SegmenterConfig:
-    """The semantic segmenter giving ADE20K class maps when none was precomputed."""
+    """The semantic segmenter giving ADE20K class maps when none was precomputed.
 
-    kind: str = "oneformer"  # oneformer | segformer | none (class maps must then be given)
+    `kind` small is the project's own small convolutional segmenter (`model/small_segmenter.py`):
+    always config-built from `arch` (SMALL_SEGMENTER_ARCH), trained on class maps by
+    `geosurge_index.segmenter_train`, its weights stored in our safetensors like any config-built
+    part. `trained_on` says in words what a config-built segmenter was trained on; a config-built
+    segmenter without it has random weights (`is_trained`)."""
+
+    kind: str = "oneformer"  # oneformer | segformer | small | none (class maps must then be given)
     pretrained: str | None = DEFAULT_ONEFORMER
-    arch: dict[str, Any] | None = None  # OneFormerConfig / SegformerConfig kwargs
+    arch: dict[str, Any] | None = None  # OneFormerConfig / SegformerConfig / small-segmenter kwargs
     # The segmenter runs on the region the backbone sees (the centre crop, or each ten-crop box)
     # resized to this square side. None: the checkpoint's own test size (SEGMENTER_INPUT_SIZE:
     # 640 for OneFormer Swin-L ADE20K, whose ADE20K test resolution is a 640 short side; 512 for
     # SegFormer ADE20K, trained on 512 crops). Configs written before this default keep their 512.
     input_size: int | None = None
+    trained_on: str | None = None  # config-built and trained: on what (None: random weights)
 
     def __post_init__(self):
         if self.input_size is None:
             self.input_size = SEGMENTER_INPUT_SIZE.get(self.kind, 512)
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether the segmenter's weights mean anything: pretrained, or config-built and trained."""
+        return self.kind == "none" or self.pretrained is not None or self.trained_on is not None
 
 
 @dataclass
@@ -146,7 +163,10 @@ class ModelConfig:
 
     # -- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["segmenter"]["trained_on"] is None:  # absent unless set: older readers keep reading our files
+            del d["segmenter"]["trained_on"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -166,10 +186,13 @@ class ModelConfig:
             raise UserError(f"bad model config: {err}") from err
 
     def validate(self) -> ModelConfig:
-        if self.segmenter.kind not in ("oneformer", "segformer", "none"):
+        if self.segmenter.kind not in SEGMENTER_KINDS:
             raise UserError(
-                f"model.segmenter.kind = {self.segmenter.kind!r}: choose oneformer, segformer or none"
+                f"model.segmenter.kind = {self.segmenter.kind!r}: choose oneformer, segformer, small or none"
             )
+        if self.segmenter.kind == "small" and (self.segmenter.pretrained is not None or self.segmenter.arch is None):
+            raise UserError("model.segmenter: kind small is config-built: set `arch` (e.g. SMALL_SEGMENTER_ARCH) "
+                            "and leave `pretrained` unset; its weights travel in the encoder files")
         if self.backbone.pretrained is None and self.backbone.arch is None:
             raise UserError("model.backbone: set `pretrained` (path or hub id) or `arch` (a config)")
         if self.segmenter.kind != "none" and self.segmenter.pretrained is None and self.segmenter.arch is None:
@@ -247,6 +270,8 @@ def tiny_config(segmenter: str = "segformer") -> ModelConfig:
         )
     elif segmenter == "oneformer":
         seg = SegmenterConfig(kind="oneformer", pretrained=None, arch=TINY_ONEFORMER_ARCH, input_size=64)
+    elif segmenter == "small":
+        seg = SegmenterConfig(kind="small", pretrained=None, arch=copy.deepcopy(SMALL_SEGMENTER_ARCH), input_size=64)
     else:
         seg = SegmenterConfig(kind="none", pretrained=None)
     return ModelConfig(

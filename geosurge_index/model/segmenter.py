@@ -3,7 +3,7 @@
 Segmentation is the costly part of the encoder (OneFormer Swin-L ~8 s/image on a CPU), so the
 usual path is to compute class maps once and store them beside the images
 (`images.class_map_path`); these modules run only when no map is given. The segmenter is never
-trained.
+trained with the model (the small one, `small_segmenter.py`, is trained alone on class maps).
 
 Memory. A batch is segmented in sub-batches sized by a memory budget (`Segmenter.sub_batch`): at
 512 px OneFormer Swin-L holds ~60 MB per image in each window-attention score tensor, so bulk
@@ -220,10 +220,14 @@ class SegFormerSegmenter(Segmenter):
         return self.model(pixel_values=x).logits
 
 
+# More kinds register here: "small" (model/small_segmenter.py, imported by the model package).
+SEGMENTER_KINDS: dict[str, type[Segmenter]] = {}
+
+
 def build_segmenter(cfg: SegmenterConfig, arch: dict | None, *, weights: bool = True) -> Segmenter | None:
     if cfg.kind == "none":
         return None
-    cls = {"oneformer": OneFormerSegmenter, "segformer": SegFormerSegmenter}[cfg.kind]
+    cls = {"oneformer": OneFormerSegmenter, "segformer": SegFormerSegmenter, **SEGMENTER_KINDS}[cfg.kind]
     return cls(cfg, arch or {}, weights=weights)
 
 
