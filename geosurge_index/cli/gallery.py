@@ -136,6 +136,9 @@ def register_bench(bench_subparsers) -> None:
                    help="skip a storage whose lists would exceed this (default: half the memory available now)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs, best kept (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--probed-lists", action="store_true",
+                   help="fill only the lists the queries probe, at their full-scale sizes: search, refinement and "
+                        "recall as at full scale, build time extrapolated (how the 20 M figures fit a session)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON here")
     p.set_defaults(func=run_bench)
     from geosurge_index.bench.gallery_choices import DESCRIPTION as CHOICES
