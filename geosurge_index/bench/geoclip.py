@@ -29,19 +29,20 @@ from pathlib import Path
 import numpy as np
 
 DESCRIPTION = __doc__.split("\n", 2)[2]
+LOCATE_BEAM = 4096  # `geosurge locate --beam 4096`: the widest setting a locate run can ask for
 SAME_POINT_KM = 0.01  # GeoCLIP's point: its gallery holds float32 degrees (about 1 m), ours float64
 
 
 @dataclass(frozen=True)
 class GeoClipBench:
-    queries: int = 2000  # proxy queries for the agreement study, 0 to skip it
-    cosines: tuple[float, ...] = (1.0, 0.7, 0.5)
+    queries: int = 1000  # proxy queries for the agreement study, 0 to skip it
+    cosines: tuple[float, ...] = (0.5, 0.3, 0.2)
     images: int = 2  # JPEGs through both pipelines (GeoCLIP: ~1 gallery encoding each), 0 to skip
     width: int = 640
     height: int = 480
     top_k: int = 10
     refine_cells: int = 3  # the default setting's refinement (InferenceSettings.refine_cells)
-    wide_cells: int = 50  # the widest setting: every cell scored, refinement inside this many
+    wide_cells: tuple[int, ...] = (50, 200)  # widest settings: every cell scored, refinement inside this many
     work: Path | None = None  # keeps the CLIP folder, gallery embeddings, index between runs
     gallery_limit: int | None = None  # None: the whole gallery (fewer: a quick trial)
     seed: int = 0
@@ -110,12 +111,18 @@ def _gallery(pkg, loc, work: Path | None, limit: int | None):
     return g
 
 
-def settings_for(settings: GeoClipBench, n_finest: int) -> list[tuple[str, dict, int]]:
+def settings_for(settings: GeoClipBench, n_finest: int, full: bool = True) -> list[tuple[str, dict, int]]:
     """(label, search kwargs, refine cells) of the settings compared: the cell's mean point, the
-    default, the widest, every finest cell."""
-    return [("cell mean point", {}, 0), (f"default (beam, refine {settings.refine_cells})", {}, settings.refine_cells),
-            (f"widest (exhaustive, refine {settings.wide_cells})", {"exhaustive": True}, settings.wide_cells),
-            ("every cell (GeoCLIP's rule)", {"exhaustive": True}, n_finest)]
+    default, then (`full`) `geosurge locate`'s widest (--beam LOCATE_BEAM: every cell at this
+    gallery's size), the widest (every cell scored, exactly) and every finest cell refined."""
+    rows = [("cell mean point", {}, 0), (f"default (beam, refine {settings.refine_cells})", {}, settings.refine_cells)]
+    if full:
+        rows.append((f"beam {LOCATE_BEAM}, refine {settings.wide_cells[-1]}", {"beam": LOCATE_BEAM},
+                     settings.wide_cells[-1]))
+    rows += [(f"widest (exhaustive, refine {w})", {"exhaustive": True}, w) for w in settings.wide_cells]
+    if full:
+        rows.append(("every cell (GeoCLIP's rule)", {"exhaustive": True}, n_finest))
+    return rows
 
 
 def run_agreement(settings: GeoClipBench, pkg, loc, gallery, say) -> dict:
@@ -142,7 +149,7 @@ def run_agreement(settings: GeoClipBench, pkg, loc, gallery, say) -> dict:
     out: dict = {"cells_per_level": [len(lv.s2_id) for lv in cells.levels]}
     gps = Gallery.from_arrays(GALLERY_NAME, gallery_ids(len(gallery.lat)), gallery.lat, gallery.lon,
                               gallery.embeddings, finest, n_finest, references="locations")
-    say(f"  {'cosine':<7}{'cells by':<11}{'setting':<36}{'point':>7}{'cell':>7}{'top-' + str(settings.top_k):>8}"
+    say(f"  {'cosine':<7}{'cells by':<11}{'setting':<38}{'point':>7}{'cell':>7}{'top-' + str(settings.top_k):>8}"
         f"{'median km':>11}{'queries/s':>11}")
     with torch.inference_mode():
         indexes = {m: _index_for(cells, cell_tables(cells, gallery, loc, m), 1 / scale) for m in settings.modes}
@@ -152,7 +159,7 @@ def run_agreement(settings: GeoClipBench, pkg, loc, gallery, say) -> dict:
             _, _, q = proxy_queries(loc, settings.queries, cos, settings.seed)
             top1 = geoclip_top1(q, gallery.embeddings)
             for mode, index in indexes.items():
-                for label, kwargs, refine_cells in settings_for(settings, n_finest):
+                for label, kwargs, refine_cells in settings_for(settings, n_finest, mode == settings.modes[0]):
                     index.use_galleries(None, RefineSettings(cells=refine_cells))
                     t = time.perf_counter()
                     res = index.search(q, top_k=settings.top_k, **kwargs)
@@ -160,7 +167,7 @@ def run_agreement(settings: GeoClipBench, pkg, loc, gallery, say) -> dict:
                     a = agreement(res, finest, gallery, top1)
                     a["queries_per_s"] = qps
                     out[f"cos={cos} {mode} {label}"] = a
-                    say(f"  {cos:<7.1f}{mode:<11}{label:<36}{a['same_point']:>7.1%}{a['same_cell']:>7.1%}"
+                    say(f"  {cos:<7.1f}{mode:<11}{label:<38}{a['same_point']:>7.1%}{a['same_cell']:>7.1%}"
                         f"{a['in_topk_cells']:>8.1%}{a['distance_km']['median']:>11.1f}{qps:>11,.0f}")
     return out
 
@@ -218,7 +225,7 @@ def run_speed(settings: GeoClipBench, pkg, gallery, work: Path, say) -> dict:
     t = time.perf_counter()
     index.search(emb, top_k=5)
     search_refine_s = time.perf_counter() - t
-    index.use_galleries(None, RefineSettings(cells=settings.wide_cells))
+    index.use_galleries(None, RefineSettings(cells=settings.wide_cells[-1]))
     wide = index.search(emb, top_k=5, exhaustive=True)
 
     say(f"GeoCLIP predict() on the same {settings.images} images ...")

@@ -99,9 +99,9 @@ def register_bench(bench_subparsers) -> None:
                    "images/s",
         description=DESCRIPTION + "\nexample:\n  geosurge bench geoclip --images 2 --work /tmp/geoclip-bench\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--queries", type=int, default=2000,
+    p.add_argument("--queries", type=int, default=1000,
                    help="proxy queries for the agreement study, 0 to skip (default: %(default)s)")
-    p.add_argument("--cosines", default="1.0,0.7,0.5",
+    p.add_argument("--cosines", default="0.5,0.3,0.2",
                    help="cosines of the proxy queries to their location embeddings (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=10,
                    help="finest cells per answer: is GeoCLIP's point among them? (refinement's ceiling; "
@@ -109,9 +109,9 @@ def register_bench(bench_subparsers) -> None:
     p.add_argument("--refine-cells", type=int, default=3,
                    help="the default setting: the GPS gallery refines inside this many best cells (default: "
                         "%(default)s, as `geosurge locate`)")
-    p.add_argument("--wide-cells", type=int, default=50,
-                   help="the widest setting: every cell scored, refinement inside this many best cells "
-                        "(default: %(default)s)")
+    p.add_argument("--wide-cells", default="50,200",
+                   help="the widest settings: every cell scored, refinement inside this many best cells, "
+                        "comma-separated (default: %(default)s)")
     p.add_argument("--images", type=int, default=2,
                    help="JPEGs through both pipelines, 0 to skip (GeoCLIP re-encodes its gallery per image: "
                         "slow on CPU; default: %(default)s)")
@@ -134,12 +134,13 @@ def run_bench(args) -> int:
     try:
         w, h = (int(v) for v in args.size.lower().split("x"))
         cosines = tuple(float(c) for c in args.cosines.split(","))
+        wide = tuple(int(c) for c in args.wide_cells.split(","))
     except ValueError:
-        raise UserError(f"--size {args.size!r} / --cosines {args.cosines!r}: expected WxH and "
-                        "comma-separated numbers") from None
+        raise UserError(f"--size {args.size!r} / --cosines {args.cosines!r} / --wide-cells {args.wide_cells!r}: "
+                        "expected WxH and comma-separated numbers") from None
     run_geoclip_bench(GeoClipBench(
         queries=args.queries, cosines=cosines, top_k=args.top_k, images=args.images, width=w, height=h,
-        refine_cells=args.refine_cells, wide_cells=args.wide_cells,
+        refine_cells=args.refine_cells, wide_cells=wide,
         work=Path(args.work) if args.work else None, gallery_limit=args.gallery_limit,
         json_out=Path(args.json) if args.json else None))
     return 0
