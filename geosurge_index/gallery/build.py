@@ -283,8 +283,9 @@ def _reject(report: AddReport, errors: list[str | None], ids: list[str], mask: n
             errors[r] = message
 
 
-def _open_for_add(d: Path, name: str, storage: str | None):
-    """(manifest, the existing entry or None, the storage to use): called under `gallery_lock`."""
+def _open_for_add(d: Path, name: str, storage: str | None, references: str):
+    """(manifest, the existing entry or None, the storage to use): called under `gallery_lock`,
+    before any row is read or encoded."""
     from geosurge_index.index import verify_index
 
     check_name(name)
@@ -293,6 +294,9 @@ def _open_for_add(d: Path, name: str, storage: str | None):
     if existing is not None and storage is not None and storage != existing.storage:
         raise UserError(f"gallery {name!r} stores {existing.storage}; it cannot take {storage} references "
                         "(remove it first, or add to a new gallery)")
+    if existing is not None and existing.references != references:
+        raise UserError(f"gallery {name!r} holds {existing.references}; it cannot take {references} "
+                        "(add them to another gallery)")
     return manifest, existing, existing.storage if existing is not None else (storage or "flat")
 
 
@@ -307,7 +311,7 @@ def add_gallery(index_dir: str | os.PathLike, sources: list[str], name: str, *, 
     if not sources:
         raise UserError("no gallery sources given")
     with gallery_lock(d):
-        manifest, existing, storage = _open_for_add(d, name, storage)
+        manifest, existing, storage = _open_for_add(d, name, storage, "images")
         dim = int(manifest["dim"])
         staging = d / STAGING_DIR / f"gallery-{name}"
         if restart and staging.exists():
@@ -345,7 +349,7 @@ def add_references(index_dir: str | os.PathLike, name: str, ids, lat, lon, embed
     if references not in REFERENCES:
         raise UserError(f"references {references!r}: expected one of {', '.join(REFERENCES)}")
     with gallery_lock(d):
-        manifest, existing, storage = _open_for_add(d, name, storage)
+        manifest, existing, storage = _open_for_add(d, name, storage, references)
         dim = int(manifest["dim"])
         if emb.shape[1] != dim:
             raise UserError(f"gallery {name!r} from {source}: {emb.shape[1]}-d embeddings, the index {d} "
@@ -373,9 +377,6 @@ def _add_rows(d: Path, manifest: dict, existing: GalleryEntry | None, rows: Rows
 
     name, storage = report.name, report.storage
     dim = int(manifest["dim"])
-    if existing is not None and existing.references != references:
-        raise UserError(f"gallery {name!r} holds {existing.references}; it cannot take {references} "
-                        "(add them to another gallery)")
     n = len(rows.ids)
     report.n_inputs = n + rows.not_geotagged
     report.not_geotagged = rows.not_geotagged
