@@ -242,3 +242,151 @@ def test_encoder_kinds_in_encoder_json(tmp_path):
         load_encoder(tmp_path)
     with pytest.raises(FormatError, match="'other' encoder"):
         read_encoder_config(tmp_path)
+
+
+# --- the GPS gallery inside the index (references of locations) -----------------------------------
+
+
+def _their_rule(their_geoclip, queries: np.ndarray) -> np.ndarray:
+    """GeoCLIP's own answer, computed by the package: the row of its GPS gallery (the first
+    GALLERY_LIMIT points, as the index) whose location features are most similar (its forward's
+    logits = logit scale x cosine, whose argmax is predict's top-1)."""
+    with torch.no_grad():
+        loc = torch.nn.functional.normalize(their_geoclip.location_encoder(
+            their_geoclip.gps_gallery[:GALLERY_LIMIT]), dim=1)
+        logits = their_geoclip.logit_scale.exp() * (torch.from_numpy(queries) @ loc.T)
+    return logits.argmax(dim=1).numpy()
+
+
+def _rows(result) -> np.ndarray:
+    ids = result.refinement.neighbour_id
+    return np.array([int(i.removeprefix("gps-")) if i is not None else -1 for i in ids])
+
+
+def test_gps_gallery_is_a_gallery_of_the_index(index_dir, capsys):
+    from geosurge_index.cli import main
+    from geosurge_index.gallery.build import list_galleries
+    from geosurge_index.index import read_manifest, verify_index
+
+    (entry,) = list_galleries(index_dir)
+    assert entry.name == imp.GALLERY_NAME and entry.references == "locations" and entry.n_refs == GALLERY_LIMIT
+    assert entry.dim == 512 and entry.storage == "flat" and entry.additions[0]["sources"][0].startswith("geoclip 1.3.0")
+    m = read_manifest(index_dir)
+    assert all(len(m["files"][f]["sha256"]) == 64 for f in entry.files)  # checksummed like every file
+    verify_index(index_dir, checksums=True)
+    assert main(["gallery", "list", str(index_dir)]) == 0
+    out = capsys.readouterr().out
+    assert imp.GALLERY_NAME in out and "locations" in out and str(GALLERY_LIMIT) in out
+
+
+def test_widest_setting_answers_geoclips_point(index_dir, their_geoclip, pkg):
+    """Every cell scored and refinement inside the best 50 finest cells: the point is GeoCLIP's
+    own top-1 gallery point for >= 95% of queries (all finest cells: GeoCLIP's rule over the whole
+    gallery, so every query). Queries: location embeddings of points off the gallery, computed by
+    the package, mixed with noise to cosines 0.5 / 0.3 (real image embeddings need the real CLIP)."""
+    from geosurge_index.gallery.refine import RefineSettings
+    from geosurge_index.index import GeoIndex
+
+    rng = np.random.default_rng(3)
+    lat, lon = rng.uniform(-60, 70, 300), rng.uniform(-180, 180, 300)
+    with torch.no_grad():
+        u = torch.nn.functional.normalize(their_geoclip.location_encoder(
+            torch.tensor(np.stack([lat, lon], 1), dtype=torch.float32)), dim=1).numpy()
+    r = rng.standard_normal(u.shape).astype(np.float32)
+    r -= np.sum(r * u, axis=1, keepdims=True) * u
+    r /= np.linalg.norm(r, axis=1, keepdims=True)
+    cos = np.repeat([0.5, 0.3], 150)[:, None].astype(np.float32)
+    q = cos * u + np.sqrt(1 - cos**2) * r
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    theirs = _their_rule(their_geoclip, q)
+
+    index = GeoIndex.open(index_dir, device="cpu", encoder=False)
+    assert index.selected_galleries == (imp.GALLERY_NAME,)  # used by default
+    index.use_galleries(None, RefineSettings(cells=50))
+    wide = index.search(q, top_k=1, exhaustive=True)
+    assert np.mean(_rows(wide) == theirs) >= 0.95
+    lat_t, lon_t = their_geoclip.gps_gallery[theirs].double().numpy().T
+    same = (np.abs(wide.lat - lat_t) < 1e-4) & (np.abs(wide.lon - lon_t) < 1e-4)
+    assert np.mean(same) >= 0.95
+    index.use_galleries(None, RefineSettings(cells=index.tree.sizes[-1]))
+    every = index.search(q, top_k=1, exhaustive=True)
+    assert np.mean(_rows(every) == theirs) >= 0.99
+    # the default setting: a point of the gallery (refined), GeoCLIP's for most queries
+    index.use_galleries(None, RefineSettings())
+    default = index.search(q, top_k=1)
+    assert set(default.refinement.point_source.tolist()) == {1}  # "neighbour"
+    assert np.mean(_rows(default) == theirs) >= 0.8
+
+
+def test_images_answer_geoclips_predict(index_dir, their_geoclip, tmp_path):
+    """End to end on JPEGs: `geosurge locate` (decode, crop, encoder, search, the GPS gallery)
+    against the package's own predict on the same files, at the widest setting."""
+    from geosurge_index.gallery.refine import RefineSettings
+    from geosurge_index.index import GeoIndex
+    from geosurge_index.locate import Locator
+    from geosurge_index.metrics import haversine_km
+    from geosurge_index.synthetic import write_synthetic_jpegs
+
+    paths = sorted(write_synthetic_jpegs(tmp_path / "imgs", 8, 400, 300, seed=5))
+    preds = Locator.open(index_dir, device="cpu", draft_size=0).locate([str(p) for p in paths],
+                                                                       return_embeddings=True)
+    emb = np.asarray([p.embedding for p in preds], np.float32)
+    index = GeoIndex.open(index_dir, device="cpu", encoder=False)
+    index.use_galleries(None, RefineSettings(cells=50))
+    wide = index.search(emb, top_k=1, exhaustive=True)
+    full = their_geoclip.gps_gallery
+    their_geoclip.gps_gallery = full[:GALLERY_LIMIT]
+    try:
+        theirs = np.array([their_geoclip.predict(str(p), top_k=1)[0][0].double().numpy() for p in paths])
+    finally:
+        their_geoclip.gps_gallery = full
+    d = haversine_km(wide.lat, wide.lon, theirs[:, 0], theirs[:, 1])
+    assert np.mean(d < 0.01) >= 0.95, d
+    assert np.array_equal(_rows(wide), _their_rule(their_geoclip, emb))
+    assert all(p.error is None and p.point_source == "neighbour" for p in preds)
+
+
+def test_add_references_checks_rows_and_reruns_are_noops(index_dir, tmp_path):
+    """The array entry point shares the checks and the atomic write of `gallery add`."""
+    import shutil
+
+    from geosurge_index.gallery.build import add_gallery, add_references, list_galleries
+    from geosurge_index.index import verify_index
+
+    idx = tmp_path / "idx"
+    shutil.copytree(index_dir, idx)
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((6, 512)).astype(np.float32)
+    emb[1] = np.nan
+    emb[2] = 0
+    gallery = list_galleries(idx)[0]
+    import pyarrow.parquet as pq
+
+    meta = pq.read_table(idx / gallery.meta_file)
+    lat = np.r_[meta["lat"].to_numpy()[:3], 95.0, meta["lat"].to_numpy()[4:6]]
+    lon = meta["lon"].to_numpy()[:6]
+    ids = ["a", "b", "c", "d", "e", "a"]
+    rep = add_references(idx, "extra", ids, lat, lon, emb, source="test arrays", progress=False)
+    assert rep.n_added == 2 and rep.rejected == {"bad_embedding": 2, "bad_coordinates": 1, "duplicate_id": 1}
+    again = add_references(idx, "extra", ids, lat, lon, emb, source="test arrays", progress=False)
+    assert again.already_added and again.n_refs == 2
+    verify_index(idx, checksums=True)
+    assert [g.name for g in list_galleries(idx)] == [imp.GALLERY_NAME, "extra"]
+    with pytest.raises(UserError, match="256-d embeddings.*takes 512-d"):
+        add_references(idx, "x", ["z"], [0.0], [0.0], np.ones((1, 256), np.float32), source="s", progress=False)
+    with pytest.raises(UserError, match="2 ids, 1 latitudes"):
+        add_references(idx, "x", ["y", "z"], [0.0], [0.0, 1.0], np.ones((2, 512)), source="s", progress=False)
+    with pytest.raises(UserError, match="holds locations; it cannot take images"):
+        add_gallery(idx, [str(tmp_path)], imp.GALLERY_NAME, progress=False)
+
+
+def test_import_without_gps_gallery(tmp_path, clip_dir):
+    out = tmp_path / "idx"
+    imp.import_geoclip(imp.ImportSettings(out=out, clip=str(clip_dir), gallery_limit=300, place_names=False,
+                                          progress=False, gps_gallery=False))
+    from geosurge_index.gallery.build import list_galleries
+
+    assert list_galleries(out) == []
+    with pytest.raises(UserError, match="--gallery-storage 'zip'"):
+        imp.import_geoclip(imp.ImportSettings(out=tmp_path / "other", clip=str(clip_dir), gallery_storage="zip"))
+    assert not (tmp_path / "other").exists()

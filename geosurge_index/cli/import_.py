@@ -22,9 +22,17 @@ cell's embedding is GeoCLIP's location embedding averaged over the cell's galler
 1 / GeoCLIP's logit scale. The encoder (512-d) is recorded in encoder.json with its provenance
 and licence (`geosurge model-info INDEX_DIR`). Encoding the gallery takes a few minutes on a CPU.
 
+GeoCLIP's 100 k GPS gallery also becomes a gallery of the index, `geoclip-gps` (references of
+locations: coordinates and location embeddings, no images; `geosurge gallery list INDEX_DIR`;
+--no-gps-gallery to skip it, 200 MB with --gallery-storage flat). With it an answer is the gallery
+point most similar to the image inside the best --refine-cells finest cells (default 3): GeoCLIP's
+own rule, and GeoCLIP's own answer whenever those cells hold it (`geosurge bench geoclip`
+measures how often, at the default and the widest settings).
+
 example:
   geosurge import geoclip --out geoclip-index/ --allow-download    # once: fetches CLIP ViT-L/14
   geosurge locate geoclip-index/ photos/ --out preds/
+  geosurge locate geoclip-index/ photos/ --out preds-wide/ --refine-cells 50   # closer to GeoCLIP
 """
 
 
@@ -53,6 +61,13 @@ def register(subparsers) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace the index files in a non-empty INDEX_DIR")
     g.add_argument("--no-place-names", dest="place_names", action="store_false",
                    help="skip reverse geocoding of the cells (default: fill the place-name columns)")
+    g.add_argument("--no-gps-gallery", dest="gps_gallery", action="store_false",
+                   help="do not write GeoCLIP's GPS gallery as the index's gallery geoclip-gps (then answers "
+                        "are cell mean points; default: write it)")
+    g.add_argument("--gallery-storage", choices=["flat", "fp16", "pq"], default="flat",
+                   help="how the GPS gallery's 512-d location embeddings are stored: flat float32 (200 MB, "
+                        "exact cosines, GeoCLIP's answers), fp16 (100 MB) or pq (6 MB, approximate; "
+                        "default: %(default)s)")
     g.set_defaults(func=run_geoclip)
 
 
@@ -65,11 +80,14 @@ def run_geoclip(args) -> int:
     out = import_geoclip(ImportSettings(
         out=Path(args.out), cells=Path(args.cells) if args.cells else None, clip=args.clip,
         allow_download=args.allow_download, cell_mode=args.cell_mode, overwrite=args.overwrite,
-        place_names=args.place_names))
+        place_names=args.place_names, gps_gallery=args.gps_gallery, gallery_storage=args.gallery_storage))
     m = read_manifest(out)
     sizes = ", ".join(str(e["n_cells"]) for e in m["levels"])
+    galleries = ", ".join(f"{g['name']} ({g['n_refs']} {g.get('references', 'images')})"
+                          for g in m.get("galleries", [])) or "none"
     print(f"wrote {out}: GeoCLIP, {len(m['levels'])} levels ({sizes} cells), dim {m['dim']}, "
-          f"temperature {m['levels'][0]['temperature']:.5f}; try: geosurge locate {out} PHOTOS --out PRED_DIR")
+          f"temperature {m['levels'][0]['temperature']:.5f}, galleries: {galleries}; "
+          f"try: geosurge locate {out} PHOTOS --out PRED_DIR")
     return 0
 
 
@@ -77,16 +95,23 @@ def register_bench(bench_subparsers) -> None:
     from geosurge_index.bench.geoclip import DESCRIPTION
 
     p = bench_subparsers.add_parser(
-        "geoclip", help="an index imported from GeoCLIP vs GeoCLIP's own predict(): agreement and images/s",
+        "geoclip", help="an index imported from GeoCLIP vs GeoCLIP's own predict(): agreement of the points and "
+                   "images/s",
         description=DESCRIPTION + "\nexample:\n  geosurge bench geoclip --images 2 --work /tmp/geoclip-bench\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--queries", type=int, default=2000,
+    p.add_argument("--queries", type=int, default=1000,
                    help="proxy queries for the agreement study, 0 to skip (default: %(default)s)")
-    p.add_argument("--cosines", default="1.0,0.7,0.5",
+    p.add_argument("--cosines", default="0.5,0.3,0.2",
                    help="cosines of the proxy queries to their location embeddings (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=10,
                    help="finest cells per answer: is GeoCLIP's point among them? (refinement's ceiling; "
                         "default: %(default)s)")
+    p.add_argument("--refine-cells", type=int, default=3,
+                   help="the default setting: the GPS gallery refines inside this many best cells (default: "
+                        "%(default)s, as `geosurge locate`)")
+    p.add_argument("--wide-cells", default="50,200",
+                   help="the widest settings: every cell scored, refinement inside this many best cells, "
+                        "comma-separated (default: %(default)s)")
     p.add_argument("--images", type=int, default=2,
                    help="JPEGs through both pipelines, 0 to skip (GeoCLIP re-encodes its gallery per image: "
                         "slow on CPU; default: %(default)s)")
@@ -109,11 +134,13 @@ def run_bench(args) -> int:
     try:
         w, h = (int(v) for v in args.size.lower().split("x"))
         cosines = tuple(float(c) for c in args.cosines.split(","))
+        wide = tuple(int(c) for c in args.wide_cells.split(","))
     except ValueError:
-        raise UserError(f"--size {args.size!r} / --cosines {args.cosines!r}: expected WxH and "
-                        "comma-separated numbers") from None
+        raise UserError(f"--size {args.size!r} / --cosines {args.cosines!r} / --wide-cells {args.wide_cells!r}: "
+                        "expected WxH and comma-separated numbers") from None
     run_geoclip_bench(GeoClipBench(
         queries=args.queries, cosines=cosines, top_k=args.top_k, images=args.images, width=w, height=h,
+        refine_cells=args.refine_cells, wide_cells=wide,
         work=Path(args.work) if args.work else None, gallery_limit=args.gallery_limit,
         json_out=Path(args.json) if args.json else None))
     return 0

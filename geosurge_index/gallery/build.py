@@ -16,6 +16,11 @@ duplicate_id). The references are added to the gallery's IVF index in a new gene
 files, and the manifest is switched to it atomically (`store`). An addition is fingerprinted
 (ids and coordinates of its references): running the same `gallery add` again after it
 completed adds nothing.
+
+`add_references` adds references given as arrays (ids, coordinates, embeddings; no images, no
+staging), e.g. GeoCLIP's GPS gallery of location embeddings (`geosurge import geoclip`); it and
+`add_gallery` share one implementation of the checks, the rejected-row counts, the fingerprint and
+the atomic write (`_add_rows`).
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from geosurge_index.embeddings import _check_rows
 from geosurge_index.errors import UserError
 from geosurge_index.gallery.store import (
     META_SCHEMA,
+    REFERENCES,
     STAGING_DIR,
     GalleryEntry,
     add_to_ivf,
@@ -276,29 +283,35 @@ def _reject(report: AddReport, errors: list[str | None], ids: list[str], mask: n
             errors[r] = message
 
 
+def _open_for_add(d: Path, name: str, storage: str | None, references: str):
+    """(manifest, the existing entry or None, the storage to use): called under `gallery_lock`,
+    before any row is read or encoded."""
+    from geosurge_index.index import verify_index
+
+    check_name(name)
+    manifest = verify_index(d, checksums=False)
+    existing = {e.name: e for e in manifest_galleries(manifest)}.get(name)
+    if existing is not None and storage is not None and storage != existing.storage:
+        raise UserError(f"gallery {name!r} stores {existing.storage}; it cannot take {storage} references "
+                        "(remove it first, or add to a new gallery)")
+    if existing is not None and existing.references != references:
+        raise UserError(f"gallery {name!r} holds {existing.references}; it cannot take {references} "
+                        "(add them to another gallery)")
+    return manifest, existing, existing.storage if existing is not None else (storage or "flat")
+
+
 def add_gallery(index_dir: str | os.PathLike, sources: list[str], name: str, *, truth: str | None = None,
                 storage: str | None = None, pq_m: int | None = None, settings=None, restart: bool = False,
                 progress: bool = True, rejected_out: str | os.PathLike | None = None) -> AddReport:
     """Add the geotagged rows of `sources` to gallery `name` of INDEX_DIR (created if absent). See
     the module doc. storage: flat | fp16 | pq for a new gallery (default flat; an existing gallery
     keeps its own); settings: `BulkSettings` for the encoding (device, batch size, workers)."""
-    import faiss
-
-    from geosurge_index.cells import assign_points
-    from geosurge_index.coords import invalid_reasons
-    from geosurge_index.index import IndexCells, file_entry, read_manifest, update_manifest, verify_index
-
     d = Path(index_dir)
     check_name(name)
     if not sources:
         raise UserError("no gallery sources given")
     with gallery_lock(d):
-        manifest = verify_index(d, checksums=False)
-        existing = {e.name: e for e in manifest_galleries(manifest)}.get(name)
-        if existing is not None and storage is not None and storage != existing.storage:
-            raise UserError(f"gallery {name!r} stores {existing.storage}; it cannot take {storage} references "
-                            "(remove it first, or add to a new gallery)")
-        storage = existing.storage if existing is not None else (storage or "flat")
+        manifest, existing, storage = _open_for_add(d, name, storage, "images")
         dim = int(manifest["dim"])
         staging = d / STAGING_DIR / f"gallery-{name}"
         if restart and staging.exists():
@@ -306,116 +319,173 @@ def add_gallery(index_dir: str | os.PathLike, sources: list[str], name: str, *, 
         report = AddReport(name, storage=storage)
         rows = collect_rows(d, [os.fspath(s) for s in sources], staging, dim, truth=truth, settings=settings,
                             progress=progress, rejected=report.rejected)
-        n = len(rows.ids)
-        report.n_inputs = n + rows.not_geotagged
-        report.not_geotagged = rows.not_geotagged
-        errors = list(rows.errors)
-        emb = np.zeros((n, dim), np.float32)
-        emb[rows.has_emb] = rows.emb
-        no_coords = np.isnan(rows.lat) & np.isnan(rows.lon)
-        _reject(report, errors, rows.ids, no_coords, "no_coordinates: the source gives none for this row")
-        why = invalid_reasons(rows.lat, rows.lon)
-        for r in np.flatnonzero((why != "") & ~no_coords):
-            if errors[r] is None:
-                errors[r] = f"bad_coordinates: {why[r]}"
-        fine = np.array([e is None for e in errors], dtype=bool)
-        cells = np.full(n, -1, np.int64)
-        with IndexCells.open(d) as ic:
-            part = ic.partition()
-        if fine.any():
-            cells[fine] = assign_points(part, rows.lat[fine], rows.lon[fine])[:, -1]
-        _reject(report, errors, rows.ids, fine & (cells < 0), "no_cell: the point lies in no finest cell of the index")
-        # the fingerprint of this addition: its rows with coordinates in a cell (before duplicates
-        # are checked, so that the same command run again after it completed is recognised)
-        fine = np.array([e is None for e in errors], dtype=bool)
-        fp = _fingerprint([rows.ids[r] for r in np.flatnonzero(fine)], rows.lat[fine], rows.lon[fine])
-        if existing is not None and fp in {a.get("fingerprint") for a in existing.additions}:
-            report.already_added = True
-            report.n_refs = existing.n_refs
-            _cleanup(d, staging, manifest)
-            return report
-        old_meta = None
-        if existing is not None:
-            old_meta = pq.read_table(d / existing.meta_file, schema=META_SCHEMA)
-            dup = np.asarray(pc.is_in(pa.array(rows.ids, pa.string()), old_meta["id"]).to_numpy(
-                zero_copy_only=False), bool) if n else np.zeros(0, bool)
-            _reject(report, errors, rows.ids, dup, "duplicate_id: already in the gallery")
-        seen: set[str] = set()
-        for r in range(n):  # an id twice in the sources: the first is kept
-            if errors[r] is None:
-                if rows.ids[r] in seen:
-                    errors[r] = "duplicate_id: given twice in the sources"
-                seen.add(rows.ids[r])
-        keep = np.array([e is None for e in errors], dtype=bool)
-        for r in np.flatnonzero(~keep):
-            kind, _, msg = errors[r].partition(":")
-            report.rejected[kind] += 1
-            ex = report.examples.setdefault(kind, [])
-            if len(ex) < EXAMPLES:
-                ex.append(f"{rows.ids[r]}:{msg}")
-        if rejected_out is not None:
-            bad = np.flatnonzero(~keep)
-            pq.write_table(pa.table({"id": pa.array([rows.ids[r] for r in bad], pa.string()),
-                                     "error": pa.array([errors[r] for r in bad], pa.string())}), rejected_out)
-        ids = [rows.ids[r] for r in np.flatnonzero(keep)]
-        lat, lon = rows.lat[keep], rows.lon[keep]
-        if not ids:
-            kinds = ", ".join(f"{k} {v}" for k, v in sorted(report.rejected.items())) or "no input rows"
-            raise UserError(f"no references to add to gallery {name!r} from {', '.join(map(str, sources))} "
-                            f"({kinds}{f'; {rows.not_geotagged} photos not geotagged' if rows.not_geotagged else ''})")
+        return _add_rows(d, manifest, existing, rows, report, pq_m=pq_m, staging=staging, references="images",
+                         recorded_sources=[os.path.abspath(s) for s in sources],
+                         source_column=",".join(map(str, sources))[:1000],
+                         truth=os.path.abspath(truth) if truth else None, progress=progress,
+                         rejected_out=rejected_out)
 
-        # the new generation of the gallery's files
-        n_finest = int(sorted(manifest["levels"], key=lambda e: e["level"])[-1]["n_cells"])
-        gen = existing.generation + 1 if existing is not None else 1
-        if existing is not None:
-            index = faiss.read_index(str(d / existing.index_file))
-            first = existing.n_refs
-        else:
-            index = new_ivf(n_finest, dim, storage, pq_m)
-            first = 0
-        add_to_ivf(index, normalise_rows(emb[keep]), cells[keep], first, progress=progress)
-        meta = pa.table({"id": pa.array(ids, pa.string()), "lat": pa.array(lat, pa.float64()),
-                         "lon": pa.array(lon, pa.float64()), "cell": pa.array(cells[keep], pa.int32()),
-                         "source": pa.array([",".join(map(str, sources))[:1000]] * len(ids), pa.string())},
-                        schema=META_SCHEMA)
-        if old_meta is not None:
-            meta = pa.concat_tables([old_meta, meta])
-        index_file, meta_file = file_names(name, gen)
-        write_atomic(d / index_file, lambda p: faiss.write_index(index, str(p)))
-        write_atomic(d / meta_file, lambda p: pq.write_table(meta, p))
-        n_cells = int(np.unique(meta["cell"].to_numpy()).size)
-        rejected = Counter(existing.rejected if existing is not None else {})
-        rejected.update(report.rejected)
-        entry = GalleryEntry(
-            name=name, index_file=index_file, meta_file=meta_file, generation=gen, n_refs=int(index.ntotal),
-            storage=storage, dim=dim, pq_m=int(index.pq.M) if storage == "pq" else None, n_cells=n_cells,
-            rejected=dict(rejected),
-            additions=[*(existing.additions if existing is not None else []),
-                       {"fingerprint": fp, "sources": [os.path.abspath(s) for s in sources],
-                        "truth": os.path.abspath(truth) if truth else None, "n_added": len(ids),
-                        "rejected": dict(report.rejected), "created_utc": now_utc()}],
-        )
-        new_files = {index_file: file_entry(d, index_file), meta_file: file_entry(d, meta_file)}
 
-        def change(m: dict) -> dict:
-            files = {k: v for k, v in m["files"].items()
-                     if existing is None or k not in existing.files}
-            files.update(new_files)
-            m["files"] = files
-            m["galleries"] = [g for g in m.get("galleries", []) if g.get("name") != name] + [entry.to_json()]
-            return m
+def add_references(index_dir: str | os.PathLike, name: str, ids, lat, lon, embeddings, *, source: str,
+                   references: str = "locations", storage: str | None = None, pq_m: int | None = None,
+                   progress: bool = True, rejected_out: str | os.PathLike | None = None) -> AddReport:
+    """Add references given as arrays to gallery `name` of INDEX_DIR (created if absent): `ids`
+    (n strings), `lat`/`lon` (n degrees), `embeddings` (n, dim of the index; compared by cosine
+    with the query embeddings, normalised here), `source` (a label recorded with them).
+    `references`: what they are ("locations": coordinates embedded by a location encoder, no
+    images, as `geosurge import geoclip` adds; "images": embeddings of photos). Rows are checked,
+    rejected and counted, written and listed exactly as `add_gallery` does (one implementation):
+    bad_coordinates, bad_embedding, no_cell, duplicate_id; the same arrays added again are a
+    no-op."""
+    d = Path(index_dir)
+    ids = [str(i) for i in ids]
+    lat = np.asarray(lat, dtype=np.float64).reshape(-1)
+    lon = np.asarray(lon, dtype=np.float64).reshape(-1)
+    emb = np.asarray(embeddings, dtype=np.float32)
+    n = len(ids)
+    if lat.shape != (n,) or lon.shape != (n,) or emb.ndim != 2 or emb.shape[0] != n:
+        raise UserError(f"gallery {name!r} from {source}: {n} ids, {lat.size} latitudes, {lon.size} longitudes "
+                        f"and embeddings of shape {emb.shape}: expected n, n, n and (n, dim)")
+    if references not in REFERENCES:
+        raise UserError(f"references {references!r}: expected one of {', '.join(REFERENCES)}")
+    with gallery_lock(d):
+        manifest, existing, storage = _open_for_add(d, name, storage, references)
+        dim = int(manifest["dim"])
+        if emb.shape[1] != dim:
+            raise UserError(f"gallery {name!r} from {source}: {emb.shape[1]}-d embeddings, the index {d} "
+                            f"takes {dim}-d")
+        errors: list[str | None] = [None] * n
+        fine = _check_rows(emb, errors, np.arange(n))
+        rows = Rows(ids, lat, lon, errors, emb[fine], has_emb=fine)
+        report = AddReport(name, storage=storage)
+        return _add_rows(d, manifest, existing, rows, report, pq_m=pq_m, staging=None, references=references,
+                         recorded_sources=[source], source_column=source[:1000], truth=None,
+                         progress=progress, rejected_out=rejected_out)
 
-        manifest = update_manifest(d, change)
-        report.n_added = len(ids)
-        report.n_refs = entry.n_refs
+
+def _add_rows(d: Path, manifest: dict, existing: GalleryEntry | None, rows: Rows, report: AddReport, *,
+              pq_m: int | None, staging: Path | None, references: str, recorded_sources: list[str],
+              source_column: str, truth: str | None, progress: bool, rejected_out) -> AddReport:
+    """The one implementation of an addition (under `gallery_lock`): check and reject rows
+    (coordinates, cells, duplicates), fingerprint, write the gallery's next generation and switch
+    the manifest to it atomically."""
+    import faiss
+
+    from geosurge_index.cells import assign_points
+    from geosurge_index.coords import invalid_reasons
+    from geosurge_index.index import IndexCells, file_entry, read_manifest, update_manifest
+
+    name, storage = report.name, report.storage
+    dim = int(manifest["dim"])
+    n = len(rows.ids)
+    report.n_inputs = n + rows.not_geotagged
+    report.not_geotagged = rows.not_geotagged
+    errors = list(rows.errors)
+    emb = np.zeros((n, dim), np.float32)
+    emb[rows.has_emb] = rows.emb
+    no_coords = np.isnan(rows.lat) & np.isnan(rows.lon)
+    _reject(report, errors, rows.ids, no_coords, "no_coordinates: the source gives none for this row")
+    why = invalid_reasons(rows.lat, rows.lon)
+    for r in np.flatnonzero((why != "") & ~no_coords):
+        if errors[r] is None:
+            errors[r] = f"bad_coordinates: {why[r]}"
+    fine = np.array([e is None for e in errors], dtype=bool)
+    cells = np.full(n, -1, np.int64)
+    with IndexCells.open(d) as ic:
+        part = ic.partition()
+    if fine.any():
+        cells[fine] = assign_points(part, rows.lat[fine], rows.lon[fine])[:, -1]
+    _reject(report, errors, rows.ids, fine & (cells < 0), "no_cell: the point lies in no finest cell of the index")
+    # the fingerprint of this addition: its rows with coordinates in a cell (before duplicates
+    # are checked, so that the same command run again after it completed is recognised)
+    fine = np.array([e is None for e in errors], dtype=bool)
+    fp = _fingerprint([rows.ids[r] for r in np.flatnonzero(fine)], rows.lat[fine], rows.lon[fine])
+    if existing is not None and fp in {a.get("fingerprint") for a in existing.additions}:
+        report.already_added = True
+        report.n_refs = existing.n_refs
         _cleanup(d, staging, manifest)
-        read_manifest(d)
         return report
+    old_meta = None
+    if existing is not None:
+        old_meta = pq.read_table(d / existing.meta_file, schema=META_SCHEMA)
+        dup = np.asarray(pc.is_in(pa.array(rows.ids, pa.string()), old_meta["id"]).to_numpy(
+            zero_copy_only=False), bool) if n else np.zeros(0, bool)
+        _reject(report, errors, rows.ids, dup, "duplicate_id: already in the gallery")
+    seen: set[str] = set()
+    for r in range(n):  # an id twice in the sources: the first is kept
+        if errors[r] is None:
+            if rows.ids[r] in seen:
+                errors[r] = "duplicate_id: given twice in the sources"
+            seen.add(rows.ids[r])
+    keep = np.array([e is None for e in errors], dtype=bool)
+    for r in np.flatnonzero(~keep):
+        kind, _, msg = errors[r].partition(":")
+        report.rejected[kind] += 1
+        ex = report.examples.setdefault(kind, [])
+        if len(ex) < EXAMPLES:
+            ex.append(f"{rows.ids[r]}:{msg}")
+    if rejected_out is not None:
+        bad = np.flatnonzero(~keep)
+        pq.write_table(pa.table({"id": pa.array([rows.ids[r] for r in bad], pa.string()),
+                                 "error": pa.array([errors[r] for r in bad], pa.string())}), rejected_out)
+    ids = [rows.ids[r] for r in np.flatnonzero(keep)]
+    lat, lon = rows.lat[keep], rows.lon[keep]
+    if not ids:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(report.rejected.items())) or "no input rows"
+        raise UserError(f"no references to add to gallery {name!r} from {', '.join(recorded_sources)} "
+                        f"({kinds}{f'; {rows.not_geotagged} photos not geotagged' if rows.not_geotagged else ''})")
+
+    # the new generation of the gallery's files
+    n_finest = int(sorted(manifest["levels"], key=lambda e: e["level"])[-1]["n_cells"])
+    gen = existing.generation + 1 if existing is not None else 1
+    if existing is not None:
+        index = faiss.read_index(str(d / existing.index_file))
+        first = existing.n_refs
+    else:
+        index = new_ivf(n_finest, dim, storage, pq_m)
+        first = 0
+    add_to_ivf(index, normalise_rows(emb[keep]), cells[keep], first, progress=progress)
+    meta = pa.table({"id": pa.array(ids, pa.string()), "lat": pa.array(lat, pa.float64()),
+                     "lon": pa.array(lon, pa.float64()), "cell": pa.array(cells[keep], pa.int32()),
+                     "source": pa.array([source_column] * len(ids), pa.string())},
+                    schema=META_SCHEMA)
+    if old_meta is not None:
+        meta = pa.concat_tables([old_meta, meta])
+    index_file, meta_file = file_names(name, gen)
+    write_atomic(d / index_file, lambda p: faiss.write_index(index, str(p)))
+    write_atomic(d / meta_file, lambda p: pq.write_table(meta, p))
+    n_cells = int(np.unique(meta["cell"].to_numpy()).size)
+    rejected = Counter(existing.rejected if existing is not None else {})
+    rejected.update(report.rejected)
+    entry = GalleryEntry(
+        name=name, index_file=index_file, meta_file=meta_file, generation=gen, n_refs=int(index.ntotal),
+        storage=storage, dim=dim, pq_m=int(index.pq.M) if storage == "pq" else None, n_cells=n_cells,
+        rejected=dict(rejected), references=references,
+        additions=[*(existing.additions if existing is not None else []),
+                   {"fingerprint": fp, "sources": recorded_sources, "truth": truth, "n_added": len(ids),
+                    "rejected": dict(report.rejected), "created_utc": now_utc()}],
+    )
+    new_files = {index_file: file_entry(d, index_file), meta_file: file_entry(d, meta_file)}
+
+    def change(m: dict) -> dict:
+        files = {k: v for k, v in m["files"].items()
+                 if existing is None or k not in existing.files}
+        files.update(new_files)
+        m["files"] = files
+        m["galleries"] = [g for g in m.get("galleries", []) if g.get("name") != name] + [entry.to_json()]
+        return m
+
+    manifest = update_manifest(d, change)
+    report.n_added = len(ids)
+    report.n_refs = entry.n_refs
+    _cleanup(d, staging, manifest)
+    read_manifest(d)
+    return report
 
 
-def _cleanup(index_dir: Path, staging: Path, manifest: dict) -> None:
+def _cleanup(index_dir: Path, staging: Path | None, manifest: dict) -> None:
     remove_stray_files(index_dir, manifest)
-    if staging.exists():
+    if staging is not None and staging.exists():
         shutil.rmtree(staging)
     root = index_dir / STAGING_DIR
     if root.is_dir() and not any(root.iterdir()):
@@ -452,11 +522,12 @@ def list_galleries(index_dir: str | os.PathLike) -> list[GalleryEntry]:
 def describe(entries: list[GalleryEntry], index_dir) -> str:
     if not entries:
         return f"{index_dir}: no galleries (add one with `geosurge gallery add`)"
-    lines = [f"{'name':<20}{'references':>12}{'cells':>9}  {'storage':<8}{'MiB':>9}  rejected"]
+    lines = [f"{'name':<20}{'references':>12}{'of':>10}{'cells':>9}  {'storage':<8}{'MiB':>9}  rejected"]
     for e in entries:
         size = sum((Path(index_dir) / f).stat().st_size for f in e.files if (Path(index_dir) / f).exists())
         rej = ", ".join(f"{k} {v}" for k, v in sorted(e.rejected.items())) or "-"
-        lines.append(f"{e.name:<20}{e.n_refs:>12}{e.n_cells:>9}  {e.storage:<8}{size / 2**20:>9.1f}  {rej}")
+        lines.append(f"{e.name:<20}{e.n_refs:>12}{e.references:>10}{e.n_cells:>9}  {e.storage:<8}"
+                     f"{size / 2**20:>9.1f}  {rej}")
     return "\n".join(lines)
 
 

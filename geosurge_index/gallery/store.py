@@ -40,6 +40,10 @@ GALLERY_FORMAT = "geosurge-gallery"
 GALLERY_FORMAT_VERSION = 1
 STORAGES = ("flat", "fp16", "pq")
 EMBEDDINGS = ("geo",)  # what references and queries are compared with: the model's visual embedding
+# what the references are: "images" (photos encoded by the index's encoder; `gallery add`) or
+# "locations" (coordinates embedded by a location encoder in the space of the query embedding,
+# no images: GeoCLIP's GPS gallery, `geosurge import geoclip`)
+REFERENCES = ("images", "locations")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FILE_RE = re.compile(r"^gallery-(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})\.g(?P<gen>\d+)\.(faiss|parquet)$")
 LOCK_FILE = ".gallery.lock"
@@ -76,6 +80,7 @@ class GalleryEntry:
     n_cells: int = 0  # finest cells holding at least one reference
     rejected: dict[str, int] = field(default_factory=dict)  # error kind -> rows refused, over all additions
     additions: list[dict] = field(default_factory=list)  # {fingerprint, sources, n_added, created_utc}
+    references: str = "images"  # REFERENCES; absent in entries written before it (= images)
     format: str = GALLERY_FORMAT
     format_version: int = GALLERY_FORMAT_VERSION
 
@@ -92,9 +97,10 @@ class GalleryEntry:
         for f in (entry.index_file, entry.meta_file):
             if not (isinstance(f, str) and FILE_RE.match(f)):
                 raise FormatError(f"{where}: gallery {entry.name!r} names a file {f!r} that is not a gallery file")
-        if entry.storage not in STORAGES or entry.embedding not in EMBEDDINGS:
+        if entry.storage not in STORAGES or entry.embedding not in EMBEDDINGS or entry.references not in REFERENCES:
             raise FormatError(f"{where}: gallery {entry.name!r}: storage {entry.storage!r} / embedding "
-                              f"{entry.embedding!r} unknown to this geosurge-index")
+                              f"{entry.embedding!r} / references {entry.references!r} unknown to this "
+                              "geosurge-index")
         return entry
 
     def to_json(self) -> dict:
@@ -201,6 +207,24 @@ class Gallery:
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
+
+    @classmethod
+    def from_arrays(cls, name: str, ids, lat, lon, emb: np.ndarray, cells: np.ndarray, n_lists: int, *,
+                    storage: str = "flat", references: str = "images", source: str | None = None) -> Gallery:
+        """An in-memory gallery (tests, benchmarks; `GeoIndex.add_gallery` selects it): references
+        `emb` (n, d; normalised here) in finest cells `cells` (n,) of an index with `n_lists`."""
+        emb = normalise_rows(emb)
+        index = new_ivf(n_lists, emb.shape[1], storage)
+        add_to_ivf(index, emb, np.asarray(cells, np.int64), 0)
+        n = emb.shape[0]
+        meta = pa.table({"id": pa.array([str(i) for i in ids], pa.string()),
+                         "lat": pa.array(np.asarray(lat, np.float64)), "lon": pa.array(np.asarray(lon, np.float64)),
+                         "cell": pa.array(np.asarray(cells, np.int32)), "source": pa.array([source] * n, pa.string())},
+                        schema=META_SCHEMA)
+        index_file, meta_file = file_names(name, 1)
+        entry = GalleryEntry(check_name(name), index_file, meta_file, 1, n, storage, int(emb.shape[1]),
+                             n_cells=int(np.unique(cells).size), references=references)
+        return cls(entry, index, meta)
 
     @classmethod
     def read(cls, index_dir: Path, entry: GalleryEntry, n_lists: int, dim: int) -> Gallery:

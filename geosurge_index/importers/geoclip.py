@@ -15,7 +15,14 @@ better with GeoCLIP's own answers than the embedding of the cell's mean point, `
 so a level's softmax is GeoCLIP's own over those embeddings.
 
 `geoclip_gallery` is the one producer of the GPS gallery (coordinates + location embeddings):
-the index's cells use it, and so will a gallery of references inside the index.
+the index's cells use it, and so does the gallery of locations written into the index
+(`GALLERY_NAME`, references "locations": no images; `gallery.build.add_references`). With it,
+`GeoIndex.search` answers with the gallery point most similar to the image among the best
+`refine_cells` finest cells: GeoCLIP's own rule (its predict's top-1) restricted to those cells,
+and exactly GeoCLIP's answer when they hold that point (every cell scored and refinement over
+enough cells: `geosurge bench geoclip` measures the agreement at the default and the widest
+settings). The refinement rule is the default, "nearest" (the best neighbour), which is
+GeoCLIP's; nothing per gallery needs recording.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ WEIGHT_FILES = {
 }
 GALLERY_FILE = "model/gps_gallery/coordinates_100K.csv"
 CELL_MODES = ("points", "mean-point")
+GALLERY_NAME = "geoclip-gps"  # the gallery of GeoCLIP's GPS gallery inside the imported index
 PAPER = "Vivanco Cepeda, Nayak, Shah: GeoCLIP, NeurIPS 2023 (arXiv 2309.16020)"
 HOMEPAGE = "https://github.com/VicenteVivan/geo-clip"
 
@@ -210,6 +218,8 @@ class ImportSettings:
     place_names: bool = True
     gallery_limit: int | None = None  # None: the whole gallery (trials/tests: fewer points)
     progress: bool = True
+    gps_gallery: bool = True  # write GeoCLIP's GPS gallery as the index's gallery GALLERY_NAME
+    gallery_storage: str = "flat"  # flat (exact cosines: GeoCLIP's answers), fp16 or pq
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -227,6 +237,7 @@ def import_geoclip(settings: ImportSettings, *, gallery: GeoClipGallery | None =
     import torch
 
     from geosurge_index.cells import partition, read_cells
+    from geosurge_index.gallery.store import STORAGES
     from geosurge_index.index import export_index
     from geosurge_index.model.encoder_io import save_encoder
     from geosurge_index.model.geoclip_encoder import LICENCE, GeoClipImageEncoder, load_clip_vision
@@ -234,6 +245,8 @@ def import_geoclip(settings: ImportSettings, *, gallery: GeoClipGallery | None =
     out = Path(settings.out)
     if settings.cell_mode not in CELL_MODES:
         raise UserError(f"--cell-embedding {settings.cell_mode!r}: expected one of {', '.join(CELL_MODES)}")
+    if settings.gallery_storage not in STORAGES:
+        raise UserError(f"--gallery-storage {settings.gallery_storage!r}: expected one of {', '.join(STORAGES)}")
     pkg = find_geoclip_package()
     head = load_image_head(pkg)
     loc = load_location_encoder(pkg)
@@ -276,7 +289,7 @@ def import_geoclip(settings: ImportSettings, *, gallery: GeoClipGallery | None =
     }
     encoder = GeoClipImageEncoder(clip, head, clip_source=clip_source, clip_revision=revision,
                                   provenance={"licence": LICENCE, **provenance})
-    return export_index(
+    out = export_index(
         tables, [1.0 / scale] * n_levels, cells, out,
         encoder_writer=lambda d: save_encoder(encoder, d),
         tau_max=list(cells.tau_max) if len(cells.tau_max) == n_levels else None,
@@ -284,3 +297,24 @@ def import_geoclip(settings: ImportSettings, *, gallery: GeoClipGallery | None =
         overwrite=settings.overwrite,
         model={"kind": "geoclip", "licence": LICENCE, "provenance": provenance},
     )
+    if settings.gps_gallery:
+        report = add_gps_gallery(out, gallery, storage=settings.gallery_storage, progress=settings.progress)
+        for line in report.lines():
+            say(line)
+    return out
+
+
+def gallery_ids(n: int) -> list[str]:
+    """The references' ids: `gps-` and the row of the point in GeoCLIP's coordinates file."""
+    return [f"gps-{i:06d}" for i in range(n)]
+
+
+def add_gps_gallery(index_dir, gallery: GeoClipGallery, *, name: str = GALLERY_NAME, storage: str = "flat",
+                    progress: bool = False):
+    """GeoCLIP's GPS gallery as gallery `name` of INDEX_DIR: one reference per point (id
+    `gps-ROW`), its coordinates and its location embedding -> `gallery.build.AddReport`."""
+    from geosurge_index.gallery.build import add_references
+
+    return add_references(index_dir, name, gallery_ids(len(gallery.lat)), gallery.lat, gallery.lon,
+                          gallery.embeddings, source=gallery.source, references="locations", storage=storage,
+                          progress=progress)
