@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 
 from geosurge_index import machine
+from geosurge_index.calibration import CALIBRATION_FILE  # optional: `geosurge calibrate` writes it
 from geosurge_index.cells import CELL_COLUMN_TYPES, cells_to_arrow
 from geosurge_index.devices import resolve_device
 from geosurge_index.errors import FormatError, UserError
@@ -208,7 +209,7 @@ def export_index(
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out} exists and is not empty (use --overwrite to replace its index)")
-        for name in [MANIFEST, CELLS_DB, CELLS_DB + ".wal", *ENCODER_FILES,
+        for name in [MANIFEST, CELLS_DB, CELLS_DB + ".wal", *ENCODER_FILES, CALIBRATION_FILE,
                      *(p.name for p in out.glob("level_*.faiss"))]:
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -324,7 +325,24 @@ def reader_files(manifest: dict, *, encoder: bool = True) -> list[str]:
     """The files a reader of the index opens: every level file and cells.duckdb, and the
     encoder's when the manifest lists an encoder and `encoder` (a command that encodes images)."""
     names = [e["file"] for e in sorted(manifest["levels"], key=lambda e: e["level"])] + [CELLS_DB]
+    names += [CALIBRATION_FILE] if CALIBRATION_FILE in manifest["files"] else []  # read when listed
     return names + (list(ENCODER_FILES) if encoder and manifest.get("encoder") else [])
+
+
+def add_listed_file(index_dir: str | os.PathLike, name: str, entry: dict | None = None) -> dict:
+    """List INDEX_DIR/name (already written) in the manifest with its sha256 and size, and set the
+    manifest's `entry` keys (e.g. {"calibration": summary}); the manifest is rewritten atomically
+    (a temporary file, then os.replace). Returns the new manifest."""
+    d = Path(index_dir)
+    manifest = read_manifest(d)
+    if name != Path(name).name or not (d / name).is_file():
+        raise UserError(f"{d}: {name} is not a file inside the index folder")
+    manifest["files"][name] = {"sha256": _sha256(d / name), "bytes": (d / name).stat().st_size}
+    manifest.update(entry or {})
+    tmp = d / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, d / MANIFEST)
+    return manifest
 
 
 def verify_index(index_dir: str | os.PathLike, *, checksums: bool = True,
@@ -752,6 +770,6 @@ class GeoIndex:
                                   batch_size=batch_size)
 
     def to_arrow(self, result: SearchResult | None, ids, paths=None, errors=None,
-                 embeddings=None) -> pa.Table:
+                 embeddings=None, confidence=None) -> pa.Table:
         """Prediction rows in the PRED_DIR schema: see search.result_to_arrow."""
-        return result_to_arrow(result, self.tree, ids, paths, errors, embeddings)
+        return result_to_arrow(result, self.tree, ids, paths, errors, embeddings, confidence=confidence)

@@ -65,6 +65,11 @@ SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 NUM_LEVELS = 7
 
 
+# the confidence columns (`confidence.py`), after `geometry`
+CONFIDENCE_FIELDS = [("confidence", pa.float64()), ("level_confidence", pa.list_(pa.float32())),
+                     ("r50_km", pa.float64()), ("r90_km", pa.float64()), ("calibrated", pa.bool_())]
+
+
 def shard_name(chunk: int) -> str:
     return f"part-{chunk:05d}.parquet"
 
@@ -73,7 +78,10 @@ def pred_schema(save_embeddings: bool = False) -> pa.Schema:
     """The PRED_DIR schema (ARCHITECTURE.md), plus the image's width and height; then the columns
     added later, at the end so that readers by position keep working: `topk_tokens` (the S2
     tokens of `topk_cells`, finest level) and `geometry` (the predicted point as WKB, GeoParquet
-    1.1: the schema carries the `geo` metadata)."""
+    1.1: the schema carries the `geo` metadata); then the confidence (`confidence.py`): `confidence`
+    (P(true point in the reported finest cell)), `level_confidence` (the same per level, level 1
+    first), `r50_km` / `r90_km` (error radii) and `calibrated` (whether the index's calibration made
+    them; false: the model's own probabilities)."""
     fields = [
         ("id", pa.string()),
         ("path", pa.string()),
@@ -89,6 +97,7 @@ def pred_schema(save_embeddings: bool = False) -> pa.Schema:
         fields.append(("embedding", pa.list_(pa.float32())))
     fields += [("width", pa.int32()), ("height", pa.int32()), ("error", pa.string()),
                ("topk_tokens", pa.list_(pa.string())), (GEOMETRY_COLUMN, pa.binary())]
+    fields += CONFIDENCE_FIELDS
     return with_geo_metadata(pa.schema(fields))
 
 

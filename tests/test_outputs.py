@@ -24,7 +24,7 @@ from geosurge_index.index import CELLS_DB, OLDEST_DUCKDB
 
 # the Makefile installs the oldest DuckDB that opens an index here (make install)
 OLD_DUCKDB_DIR = Path(os.environ.get("GEOSURGE_OLD_DUCKDB", Path(sys.prefix) / "old-duckdb"))
-NEW_COLUMNS = ("topk_tokens", "geometry")
+NEW_COLUMNS = ("topk_tokens", "geometry", *(name for name, _ in pred_store.CONFIDENCE_FIELDS))
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_prediction_shards_are_geoparquet(run_dir):
 def test_every_column_kept_and_topk_tokens_added(run_dir):
     t = pq.read_table(sorted(run_dir.glob("part-*.parquet")))
     assert t.schema.names == pred_store.pred_schema().names  # the old columns first, in their order
-    assert t.schema.names[-2:] == list(NEW_COLUMNS)
+    assert t.schema.names[-len(NEW_COLUMNS):] == list(NEW_COLUMNS)
     for r in t.to_pylist():
         if r["error"] is not None:
             assert r["topk_tokens"] is None and r["geometry"] is None
