@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "segment",
     "train",
     "export",
+    "calibrate",
     "verify",
     "search",
     "locate",

@@ -21,6 +21,13 @@ truth id as whole path components (photos/123.jpg matches 123.jpg), with or with
 Truth images without a prediction row and error rows count as wrong (score 0), unless
 --skip-missing leaves the former out.
 
+Confidence (what to read to choose a threshold on `confidence`): the expected calibration error of
+the cell probability (10 equal-width bins; needs --index, for the true cells), the share of true
+points within r50 / r90 of the predicted point, and the selective-accuracy curve: % within 1 / 25 /
+200 / 750 / 2500 km among the 10%, 20%, .., 100% most confident photos (in the JSON; --plot draws
+it beside the reliability diagram). Predictions of an older run without the confidence columns
+are scored on `probability`.
+
 Truth files: any CSV/Parquet with an id column (id, IMG_ID, name, ...) and lat/lon columns
 (LAT/lat/latitude, LON/lon/lng/longitude), e.g. the benchmark files: Im2GPS3k and YFCC26k
 (IMG_ID, ..., LAT, LON), YFCC4k (name, ..., lon, lat). A WebDataset shard (.tar) works too:
@@ -30,6 +37,7 @@ locate SHARD.tar` names its predictions; a folder of shards is read as one truth
 Example:
   geosurge eval preds/ --truth im2gps3k_places365.csv --index index/ --json im2gps3k.json
   geosurge eval preds/ --truth shard-00000.tar
+  geosurge eval preds/ --truth test.csv --index index/ --plot confidence.png
   geosurge eval preds/ --truth shards/
 """
 
@@ -55,6 +63,8 @@ def register(subparsers) -> None:
                    help="leave truth images without a prediction row out of the denominator "
                         "(default: they count as wrong)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the figures as JSON to FILE")
+    p.add_argument("--plot", metavar="FILE", default=None,
+                   help="also draw the reliability diagram and the selective-accuracy curve to this PNG")
     p.set_defaults(func=run_eval)
 
 
@@ -74,12 +84,21 @@ def run_eval(args: argparse.Namespace) -> int:
     from geosurge_index.evaluation import evaluate_predictions
 
     check_output_folder(args.json, "--json")
+    check_output_folder(getattr(args, "plot", None), "--plot")
     truth = read_truth(args.truth, id_column=args.id_column, lat_column=args.lat_column,
                        lon_column=args.lon_column, skip_invalid=args.skip_invalid)
     report = evaluate_predictions(args.pred_dir, truth, args.index, skip_missing=args.skip_missing)
     print(f"predictions {args.pred_dir} against {args.truth}"
           + (f" ({truth.n_skipped_invalid} invalid truth rows skipped)" if truth.n_skipped_invalid else ""))
-    print(format_rows(report.rows()))
+    rows = report.rows()
+    if report.confidence is not None:
+        from geosurge_index.reliability import plot_confidence, summary_rows
+
+        rows += summary_rows(report.confidence)
+        if getattr(args, "plot", None):
+            plot_confidence(report.confidence, args.plot, title=f"{args.pred_dir} against {args.truth}")
+            print(f"geosurge eval: wrote {args.plot}", file=sys.stderr)
+    print(format_rows(rows))
     if args.json:
         out = {"predictions": str(args.pred_dir), "truth": str(args.truth),
                "index": str(args.index) if args.index else None, **report.to_dict()}

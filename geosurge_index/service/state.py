@@ -272,10 +272,9 @@ def results_json(uploads: Sequence[Upload], decoded: Sequence[DecodedImage | Api
 def manifest_summary(index_dir: Path) -> dict:
     """manifest.json without its per-file checksums (what a client wants to know about the index),
     and whether its segmenter was trained (`locate.locator.segmenter_warning`)."""
+    from geosurge_index.calibration import CALIBRATION_FILE
     from geosurge_index.index import read_manifest
     from geosurge_index.locate.locator import segmenter_warning
-
-    from geosurge_index.calibration import CALIBRATION_FILE
 
     manifest = read_manifest(index_dir)
     note = segmenter_warning(index_dir)
