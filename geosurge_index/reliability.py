@@ -58,8 +58,9 @@ def selective_accuracy(confidence, distance_km, keep_pct=KEEP_PCT, thresholds=TH
     confidence or distance = least confident and wrong. Ties keep input order."""
     c = np.asarray(confidence, dtype=np.float64)
     d = np.asarray(distance_km, dtype=np.float64)
-    d = np.where(np.isfinite(d), d, np.inf)
-    order = np.argsort(-np.where(np.isfinite(c) & np.isfinite(d), c, -np.inf), kind="stable")
+    usable = np.isfinite(c) & np.isfinite(d)
+    d = np.where(usable, d, np.inf)
+    order = np.argsort(-np.where(usable, c, -np.inf), kind="stable")
     n = len(c)
     out: dict[str, list[float | None]] = {}
     for t in thresholds:
