@@ -419,6 +419,15 @@ def run_demo(settings: DemoSettings) -> DemoResult:
 
     runner.run("export", {}, ("train",), lambda: (paths["index"] / "manifest.json").is_file(), export)
 
+    # 4b. Calibrate the index's confidence on the photos training held out (RUN_DIR/calibration.csv).
+    def calibrate():
+        held_out = paths["run"] / "calibration.csv"
+        if not held_out.is_file():
+            raise _Skip(f"{held_out} is missing (the recipe keeps no calibration split)")
+        geosurge(["calibrate", paths["index"], "--truth", held_out])
+
+    runner.run("calibrate", {}, ("export",), lambda: (paths["index"] / "calibration.json").is_file(), calibrate)
+
     # 5. Geolocate the test photos with the bulk pipeline (embeddings kept for the ablation).
     def locate():
         if paths["predictions"].exists():
@@ -426,7 +435,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         geosurge(["locate", paths["index"], paths["test"] / "manifest.csv", "--out", paths["predictions"],
                   "--save-embeddings"])
 
-    runner.run("locate", {}, ("export", "world-test"),
+    runner.run("locate", {}, ("export", "world-test", *(("calibrate",) if "calibrate" in runner.prints else ())),
                lambda: any(paths["predictions"].glob("part-*.parquet")), locate)
 
     # 6. Evaluate: the model, its finest level alone, and two baselines.
@@ -434,7 +443,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         paths["eval"].mkdir(parents=True, exist_ok=True)
         if "locate" in runner.prints:  # the full report of the model (cell accuracy per level too)
             geosurge(["eval", paths["predictions"], "--truth", paths["test"] / "manifest.csv",
-                      "--index", paths["index"], "--json", paths["eval"] / "model.json"])
+                      "--index", paths["index"], "--json", paths["eval"] / "model.json",
+                      "--plot", paths["eval"] / "confidence.png"])
         result.table = _evaluate(paths, s, runner)
         (paths["eval"] / "accuracy.json").write_text(json.dumps(
             {m: {str(int(t)): v for t, v in acc.items()} for m, acc in result.table.items()}, indent=2) + "\n")
@@ -542,6 +552,20 @@ def _clean(out: Path) -> None:
             p.unlink()
 
 
+def _say_confidence(model_json: Path) -> None:
+    """The confidence figures of `geosurge eval` (ECE, radius coverage, selective accuracy)."""
+    from geosurge_index.reliability import summary_rows
+
+    try:
+        conf = json.loads(model_json.read_text()).get("confidence")
+    except (OSError, ValueError):
+        return
+    if conf:
+        _say("\nconfidence of the model's answers (eval/confidence.png):")
+        for k, v in summary_rows(conf):
+            _say(f"  {k:<44} {v}")
+
+
 def _finish(result: DemoResult, s: DemoSettings) -> None:
     out = s.out_dir
     _say("\n" + "=" * 78)
@@ -549,6 +573,7 @@ def _finish(result: DemoResult, s: DemoSettings) -> None:
         _say(format_table(result.table, s.n_test))
     else:
         _say("no accuracy table: the evaluation did not run (see the stages below)")
+    _say_confidence(out / "eval" / "model.json")
     _say("\nstages:")
     for st in result.stages:
         note = f"  ({st.note})" if st.note and st.status != "reused" else ""
@@ -562,7 +587,7 @@ def _finish(result: DemoResult, s: DemoSettings) -> None:
         ("recipe.toml, run/", "the training recipe and the run (epoch checkpoints, metrics.jsonl)"),
         ("index/", "the exported index (FAISS levels, cells.duckdb, encoder)"),
         ("predictions/", "bulk-locate shards of the test photos (Parquet)"),
-        ("eval/", "accuracy.txt and accuracy.json (the table above)"),
+        ("eval/", "accuracy.txt and accuracy.json (the table above); confidence.png, model.json"),
         ("sql/", "the SQL recipes' results (CSV)"),
         ("map/", "predictions.png: predicted vs true points"),
     ]

@@ -55,7 +55,9 @@ def recipe(world, **train) -> Recipe:
     root, manifest = world
     settings = dict(epochs=2, batch_size=16, effective_batch=32, lr=3e-3, seed=5, workers=0, patience=100)
     settings.update(train)
-    return Recipe(tiny_config(), DataSettings(cells=str(root / "cells"), train=str(manifest), val=str(manifest)),
+    # validation = the training set; no calibration split (it would be validated on, unseen)
+    return Recipe(tiny_config(), DataSettings(cells=str(root / "cells"), train=str(manifest), val=str(manifest),
+                                              calibration_fraction=0.0),
                   TrainSettings(**settings), source="test")
 
 
