@@ -85,7 +85,8 @@ def confidence_of(rows: dict, keep: np.ndarray, levels: list[int]) -> dict | Non
 
     def num(name):
         a = rows[name]
-        a = a.filled(np.nan) if np.ma.isMaskedArray(a) else np.asarray(a)
+        if np.ma.isMaskedArray(a):
+            return np.ma.asarray(a).astype(np.float64).filled(np.nan)[keep]
         return np.asarray(a, dtype=np.float64)[keep]
 
     d = haversine_km(num("pred_lat"), num("pred_lon"), num("true_lat"), num("true_lon"))

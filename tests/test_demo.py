@@ -15,7 +15,7 @@ from geosurge_index.metrics import THRESHOLDS_KM
 RECIPE = {
     "out": "unused",  # the demo points it into OUT/run
     "model": {"preset": "tiny"},
-    "data": {"class_maps": "precomputed", "val_fraction": 0.1},
+    "data": {"class_maps": "precomputed", "val_fraction": 0.1, "calibration_fraction": 0.2},  # 27 to calibrate
     "train": {"epochs": 1, "batch_size": 16, "effective_batch": 16, "max_steps_per_epoch": 3,
               "workers": 0, "lr": 1e-3, "seed": 0},
 }
@@ -34,12 +34,13 @@ def mini_demo(tmp_path_factory):
 def test_every_stage_runs_and_writes_its_artefacts(mini_demo, capsys):
     settings, result = mini_demo
     assert [(s.name, s.status) for s in result.stages] == [
-        (name, "ran") for name in ("world-train", "world-test", "partition", "train", "export", "locate",
-                                   "evaluate", "sql", "map")], result.stages
+        (name, "ran") for name in ("world-train", "world-test", "partition", "train", "export", "calibrate",
+                                   "locate", "evaluate", "sql", "map")], result.stages
     out = settings.out_dir
     for rel in ("world/train/manifest.csv", "world/test/manifest.csv", "cells/partition.json",
                 "recipe.toml", "run/run.json", "index/manifest.json", "eval/accuracy.txt",
-                "eval/accuracy.json", "eval/model.json", "map/predictions.png"):
+                "eval/accuracy.json", "eval/model.json", "map/predictions.png", "index/calibration.json",
+                "eval/confidence.png"):
         assert (out / rel).is_file(), rel
     assert list((out / "predictions").glob("part-*.parquet"))
     assert len(list((out / "sql").glob("*.csv"))) == 2
