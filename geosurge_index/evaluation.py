@@ -97,10 +97,11 @@ def confidence_of(rows: dict, keep: np.ndarray, levels: list[int]) -> dict | Non
     cal_col = rows.get("calibrated")
     calibrated = False
     if cal_col is not None:
-        flags = {bool(v) for v in np.asarray(cal_col, dtype=object)[keep] if v is not None and v is not np.ma.masked}
+        flags = {bool(v) for v in np.ma.asarray(cal_col)[keep].compressed().tolist() if v is not None}
         calibrated = flags == {True} if flags else None
     if "level_conf" in rows and levels:
-        raw = np.asarray(rows["level_conf"], dtype=object)[keep]
+        raw = rows["level_conf"]
+        raw = np.asarray(raw.astype(object).filled(None) if np.ma.isMaskedArray(raw) else raw, dtype=object)[keep]
         width = max(levels)
         level_conf = np.array([list(v) if v is not None and len(v) == width else [np.nan] * width for v in raw],
                               dtype=np.float64).reshape(-1, width)
