@@ -9,7 +9,8 @@ not train on (`geosurge train` keeps a split aside; `geosurge calibrate` fits on
 The calibrated P_l are made non-increasing from level 1 to L (a finer cell lies inside its parent).
 
 The methods, each fitted per level and compared by 5-fold cross-validation on the calibration set
-(`choose`: the lowest out-of-fold Brier score wins; log loss and ECE are reported beside it):
+(`choose`: the simplest method within one standard error of the lowest out-of-fold Brier score;
+log loss and ECE are reported beside it):
 - `identity`: P = m (the uncalibrated model);
 - `temperature`: logit(P) = logit(m) / T, one parameter (temperature scaling of the binary
   "reported cell or elsewhere" distribution);
@@ -93,18 +94,30 @@ class LevelCalibrator:
 
 # -- fitting ---------------------------------------------------------------------------------------
 
-def _newton_logistic(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3, iters: int = 50) -> np.ndarray:
-    """Weights w of P = sigmoid(x @ w) minimising the log loss (+ ridge |w|^2 / 2), by Newton."""
-    w = np.zeros(x.shape[1])
-    w[0] = 1.0  # start at the identity map (the first feature is logit(m))
+def _log_loss(x: np.ndarray, y: np.ndarray, w: np.ndarray, ridge: float) -> float:
+    z = x @ w
+    return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * ridge * w @ w)
+
+
+def _newton_logistic(x: np.ndarray, y: np.ndarray, w0, ridge: float = 1e-3, iters: int = 100) -> np.ndarray:
+    """Weights w of P = sigmoid(x @ w) minimising the log loss (+ ridge |w|^2 / 2): Newton steps
+    halved until the loss decreases (a raw score that is ~constant, e.g. a coarse level's mass
+    near 1 for every photo, makes plain Newton overshoot)."""
+    w = np.asarray(w0, dtype=np.float64).copy()
+    loss = _log_loss(x, y, w, ridge)
     for _ in range(iters):
         p = _sigmoid(x @ w)
         g = x.T @ (p - y) + ridge * w
         h = (x * (p * (1 - p))[:, None]).T @ x + ridge * np.eye(len(w))
         step = np.linalg.solve(h, g)
-        w -= step
-        if np.abs(step).max() < 1e-9:
+        t = 1.0
+        while t > 1e-6 and _log_loss(x, y, w - t * step, ridge) > loss:
+            t *= 0.5
+        w = w - t * step
+        new = _log_loss(x, y, w, ridge)
+        if loss - new < 1e-10 * max(1.0, abs(loss)):
             break
+        loss = new
     return w
 
 
@@ -117,10 +130,11 @@ def fit_level(m, hit, method: str) -> LevelCalibrator:
     if method == "identity" or len(m) == 0:
         return LevelCalibrator("identity")
     if method == "temperature":
-        a = _newton_logistic(_logit(m)[:, None], y)[0]
+        a = _newton_logistic(_logit(m)[:, None], y, [1.0])[0]  # from the identity map
         return LevelCalibrator("temperature", {"t": float(1.0 / max(a, 1e-3))})
     if method == "platt":
-        a, b = _newton_logistic(np.stack([_logit(m), np.ones_like(m)], axis=1), y)
+        rate = float(np.clip(y.mean(), 1e-3, 1 - 1e-3))  # from the constant map (well conditioned)
+        a, b = _newton_logistic(np.stack([_logit(m), np.ones_like(m)], axis=1), y, [0.0, float(_logit(rate))])
         return LevelCalibrator("platt", {"a": float(a), "b": float(b)})
     if method == "isotonic":
         return _fit_isotonic(m, y)
@@ -154,9 +168,10 @@ def scores(p, hit) -> dict[str, float]:
     p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
     y = np.asarray(hit, dtype=np.float64)
     if len(p) == 0:
-        return {"brier": math.nan, "log_loss": math.nan, "ece": math.nan}
+        return {"brier": math.nan, "brier_se": math.nan, "log_loss": math.nan, "ece": math.nan}
     q = np.clip(p, 1e-4, 1 - 1e-4)
-    return {"brier": float(np.mean((p - y) ** 2)),
+    sq = (p - y) ** 2
+    return {"brier": float(sq.mean()), "brier_se": float(sq.std() / math.sqrt(len(sq))),
             "log_loss": float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q))),
             "ece": float(ece(p, y))}
 
@@ -177,10 +192,14 @@ def cross_validate(m, hit, method: str, folds: int = 5, seed: int = 0) -> dict[s
 
 
 def choose(m, hit, methods=FIT_METHODS) -> tuple[LevelCalibrator, dict[str, dict[str, float]]]:
-    """The method with the lowest out-of-fold Brier score (identity included), refitted on all of
-    (m, hit); and every method's out-of-fold scores."""
+    """The simplest method (in METHODS order: identity, temperature, platt, isotonic) whose
+    out-of-fold Brier score is within one standard error of the lowest (the one-standard-error
+    rule: a step function is kept only when it is clearly better than a smooth, order-keeping map),
+    refitted on all of (m, hit); and every method's out-of-fold scores."""
     table = {name: cross_validate(m, hit, name) for name in ("identity", *methods)}
-    best = min(table, key=lambda k: (table[k]["brier"], k != "identity"))
+    low = min(table, key=lambda k: table[k]["brier"])
+    bound = table[low]["brier"] + table[low]["brier_se"]
+    best = next(k for k in METHODS if k in table and table[k]["brier"] <= bound)
     return fit_level(m, hit, best), table
 
 

@@ -58,6 +58,19 @@ def test_choose_prefers_a_fitted_method_out_of_sample_and_identity_when_already_
     assert ece(cal2(m2), hit2) < 0.03
 
 
+def test_a_constant_raw_score_is_mapped_to_the_observed_rate():
+    """A coarse level's mass is ~1 for every photo while only 20% are right: Platt and isotonic
+    give ~0.2; temperature scaling (no intercept) can only go as low as 0.5 and is not chosen."""
+    rng = np.random.default_rng(7)
+    m = 1 - rng.uniform(0, 1e-5, 2000)
+    hit = rng.random(2000) < 0.2
+    assert fit_level(m, hit, "platt")(m).mean() == pytest.approx(0.2, abs=0.03)
+    assert fit_level(m, hit, "isotonic")(m).mean() == pytest.approx(0.2, abs=0.03)
+    assert 0.45 <= fit_level(m, hit, "temperature")(m).mean() <= 1.0
+    cal, table = choose(m, hit)
+    assert cal.method in ("platt", "isotonic") and table[cal.method]["brier"] < 0.17
+
+
 def test_isotonic_is_monotone_and_never_certain_on_a_small_block():
     rng = np.random.default_rng(3)
     m = rng.uniform(0, 1, 300)

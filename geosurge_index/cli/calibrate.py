@@ -17,8 +17,8 @@ point holding 50% / 90% of the true points). Fit it on geotagged photos the mode
 the split `geosurge train` keeps aside (RUN_DIR/calibration.csv), or your own tagged photos.
 
 Per level, temperature scaling, Platt scaling and isotonic regression of the model's raw probability
-are compared by 5-fold cross-validation (Brier score) against the uncalibrated model, and the best
-is kept; the radii get one factor each so that they cover 50% / 90% of these photos. The result is
+are compared by 5-fold cross-validation (Brier score) against the uncalibrated model, and the
+simplest within one standard error of the best is kept; the radii get one factor each so that they cover 50% / 90% of these photos. The result is
 INDEX_DIR/calibration.json, listed with its checksum in manifest.json; `geosurge locate`, the
 Python API and `geosurge serve` then report calibrated values (`calibrated: true`). Without one they
 report the model's own probabilities with `calibrated: false`. A few hundred photos are enough; more
