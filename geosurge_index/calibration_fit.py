@@ -8,7 +8,6 @@ INDEX_DIR/calibration.json and listed in the manifest with its checksum (`index.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -104,15 +103,17 @@ def fit_index_calibration(index, cal_set: CalibrationSet, *, methods=FIT_METHODS
 
 
 def write_calibration(index_dir, cal: Calibration) -> Path:
-    """INDEX_DIR/calibration.json (atomically), then listed in the manifest with its checksum."""
+    """INDEX_DIR/calibration.json (atomically), then listed in the manifest with its checksum;
+    under the index's manifest lock (`gallery.store.gallery_lock`), as `geosurge gallery` changes
+    the manifest too."""
+    from geosurge_index.gallery.store import gallery_lock, write_atomic
     from geosurge_index.index import add_listed_file
 
     d = Path(index_dir)
     path = d / CALIBRATION_FILE
-    tmp = d / f".{CALIBRATION_FILE}.tmp"
-    tmp.write_text(json.dumps(cal.to_json(), indent=1) + "\n")
-    os.replace(tmp, path)
-    add_listed_file(d, CALIBRATION_FILE, {"calibration": cal.summary()})
+    with gallery_lock(d):
+        write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(cal.to_json(), indent=1) + "\n"))
+        add_listed_file(d, CALIBRATION_FILE, {"calibration": cal.summary()})
     return path
 
 
@@ -124,6 +125,7 @@ def calibrate(index_dir, truth, *, predictions=None, inputs=None, beam=None, met
     from geosurge_index.index import GeoIndex
 
     index = GeoIndex.open(index_dir, device="cpu", encoder=False)
+    index.use_galleries("none")  # the cell probabilities and the cell-mean points (see `calibration_set`)
     with tempfile.TemporaryDirectory(prefix="geosurge-calibrate-") as tmp:
         if predictions is None:
             if not inputs:

@@ -160,11 +160,8 @@ class ConfidenceModel:
 
 
 def truncate(result: SearchResult, top_k: int) -> SearchResult:
-    """The result with only its first `top_k` finest cells."""
-    if result.topk_cells.shape[1] <= top_k:
-        return result
-    return SearchResult(result.topk_cells[:, :top_k], result.topk_probs[:, :top_k], result.best_cells,
-                        result.lat, result.lon, result.probability)
+    """The result with only its first `top_k` finest cells (its refinement kept)."""
+    return result if result.topk_cells.shape[1] <= top_k else result.head(top_k)
 
 
 def search(index, model: ConfidenceModel, emb, top_k: int, **kwargs) -> tuple[SearchResult, Confidence]:
@@ -172,3 +169,12 @@ def search(index, model: ConfidenceModel, emb, top_k: int, **kwargs) -> tuple[Se
     `top_k` (kwargs: beam, exhaustive, batch_size)."""
     result = index.search(emb, top_k=max(top_k, model.top_k), **kwargs)
     return truncate(result, top_k), model.apply(result)
+
+
+def row_probability(row: dict) -> float:
+    """The probability a user acts on: the calibrated `confidence`  when the row
+    has one, else the model's own `probability` (a PRED_DIR from before the confidence columns)."""
+    value = row.get("confidence")
+    if value is None:
+        value = row.get("probability")
+    return 0.0 if value is None else float(value)

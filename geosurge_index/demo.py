@@ -1,6 +1,7 @@
 """The end-to-end demo: every stage of the system on the procedural demo world, on a CPU.
 
-    world (train + test photos) -> partition -> train -> export -> locate -> evaluate -> sql -> map
+    world (train + test photos) -> partition -> train -> segmenter -> export -> locate (with and
+    without class maps) -> evaluate -> sql -> map
 
 Each stage runs the project's own code (the Python API or the `geosurge` subcommand a user would
 type, printed as it runs) and writes under OUT (default ./demo-out). A stage is skipped when its
@@ -9,8 +10,13 @@ OUT/.demo/); `fresh=True` redoes everything. A stage that is not available in th
 fails, is reported plainly and the stages that do not depend on it still run.
 
 The result is one table: % of test photos within 1 / 25 / 200 / 750 / 2500 km for the trained
-model, random-cell guessing, always predicting the densest cell, and the same model using the
-finest level alone (the paper's depth ablation, on the same embeddings).
+model (its best cell's mean point; located with the world's class maps, and without them:
+segmented by the small segmenter the index ships, trained on the training photos' maps), the same
+model with the training photos as a gallery (the nearest training photo inside the best cells,
+`geosurge gallery`), random-cell guessing, always predicting the densest cell, and the same model
+using the finest level alone (the paper's depth ablation, on the same embeddings). Then a
+personal-archive scenario: trips of photos within a few km, half of each trip geotagged and added
+as a gallery, the other half located with and without it.
 """
 
 from __future__ import annotations
@@ -40,6 +46,14 @@ DEMO_TAU_AT = 6000
 DEMO_TAU_MIN = 4
 DEMO_TAU_MAX = (800, 400, 200, 100, 50, 25, 12)
 SQL_RECIPES = ("accuracy.sql", "level_agreement.sql")  # from queries/; others there if these are gone
+# The small segmenter the demo index ships (segmenter_train.py): every training photo, 6 epochs
+# (at 3,000 photos x 3 epochs it got 93% of the pixels right and only 76% of the with-maps
+# accuracy at 25 km; at 8,000 x 6, 97% and 92%).
+DEMO_SEGMENTER_IMAGES: int | None = None
+DEMO_SEGMENTER_EPOCHS = 6
+MODEL_ROW = "GeoSURGE, with class maps"
+NO_MAPS_ROW = "GeoSURGE, without class maps (the index's segmenter)"
+GALLERY_ROW = "with the training set as gallery"
 
 
 @dataclass(frozen=True)
@@ -52,9 +66,12 @@ class DemoSettings:
     tau_min: int | None = None  # None: scaled to n_train (`scaled_taus`)
     tau_max: tuple[int, ...] | None = None
     epochs: int | None = None  # None: the recipe's
+    segmenter_images: int | None = DEMO_SEGMENTER_IMAGES  # None: every training photo
+    segmenter_epochs: int = DEMO_SEGMENTER_EPOCHS
     image_size: int | None = None  # None: the recipe model's input size
     fresh: bool = False
     progress: bool = True
+    archive_trips: int = 30  # the personal-archive scenario's trips (10 photos each, 5 geotagged); 0: none
 
     def __post_init__(self):
         if self.n_train < 50 or self.n_test < 1:
@@ -84,6 +101,7 @@ class DemoResult:
     out_dir: Path
     stages: list[StageReport] = field(default_factory=list)
     table: dict[str, dict[float, float]] = field(default_factory=dict)  # method -> threshold -> %
+    archive_table: dict[str, dict[float, float]] = field(default_factory=dict)  # the archive scenario
     artefacts: dict[str, Path] = field(default_factory=dict)
 
     def ok(self) -> bool:
@@ -283,13 +301,20 @@ def read_predictions(pred_dir: Path, ids: list[str], columns=("id", "lat", "lon"
         if c == "id":
             continue
         col = table.column(c)
-        if c in ("lat", "lon"):
+        if c in ("lat", "lon", "cell_lat", "cell_lon"):
             vals = col.to_numpy(zero_copy_only=False).astype(np.float64)
             out[c] = np.where(take >= 0, vals[np.maximum(take, 0)], np.nan)
         else:
             vals = col.to_pylist()
             out[c] = np.array([vals[t] if t >= 0 else None for t in take], dtype=object)
     return out
+
+
+def _has_columns(pred_dir: Path, names) -> bool:
+    import pyarrow.parquet as pq
+
+    shards = sorted(pred_dir.glob("part-*.parquet"))
+    return bool(shards) and set(names) <= set(pq.read_schema(shards[0]).names)
 
 
 def baseline_points(cells_dir: Path, n: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -326,10 +351,11 @@ def finest_only_points(index_dir: Path, cells_dir: Path, embeddings: np.ndarray)
 def format_table(table: dict[str, dict[float, float]], n: int) -> str:
     from geosurge_index.metrics import THRESHOLDS_KM
 
-    head = f"{'method':<28}" + "".join(f"{int(t):>9} km" for t in THRESHOLDS_KM)
+    w = max([28, *(len(name) + 2 for name in table)])
+    head = f"{'method':<{w}}" + "".join(f"{int(t):>9} km" for t in THRESHOLDS_KM)
     lines = [f"% of {n} test photos within", head, "-" * len(head)]
     for name, acc in table.items():
-        lines.append(f"{name:<28}" + "".join(f"{acc[float(t)]:>11.1f}" for t in THRESHOLDS_KM))
+        lines.append(f"{name:<{w}}" + "".join(f"{acc[float(t)]:>12.1f}" for t in THRESHOLDS_KM))
     return "\n".join(lines)
 
 
@@ -354,6 +380,9 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         "train": out / "world" / "train", "test": out / "world" / "test", "cells": out / "cells",
         "recipe": out / "recipe.toml", "run": out / "run", "index": out / "index",
         "predictions": out / "predictions", "eval": out / "eval", "sql": out / "sql", "map": out / "map",
+        "archive": out / "world" / "archive", "archive_preds": out / "archive-predictions",
+        "segmenter": out / "segmenter", "test-no-maps": out / "world" / "test-no-maps",
+        "predictions-no-maps": out / "predictions-no-maps",
     }
     result.artefacts = dict(paths)
     _say(f"geosurge demo: {s.n_train} training and {s.n_test} test photos of the demo world "
@@ -412,14 +441,34 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     runner.run("train", {"recipe": recipe}, ("world-train", "partition"),
                lambda: _best_checkpoint(paths["run"]) is not None, train)
 
-    # 4. Export the index.
+    # 4. The segmenter the index ships, for photos without class maps: trained on the training
+    # photos' class maps.
+    seg_settings = _segmenter_settings(s)
+
+    def segmenter():
+        from geosurge_index.segmenter_train import train_segmenter
+
+        _say(f"  training the small segmenter on the class maps of {paths['train'] / 'manifest.csv'}")
+        res = train_segmenter([paths["train"] / "manifest.csv"], paths["segmenter"], image_size=image_size,
+                              settings=seg_settings)
+        _say("  " + res.line())
+
+    runner.run("segmenter", {"settings": asdict(seg_settings), "image_size": image_size}, ("world-train",),
+               lambda: (paths["segmenter"] / "segmenter.json").is_file(), segmenter)
+
+    # 5. Export the index (with the trained segmenter when there is one).
+    with_seg = "segmenter" in runner.prints
+
     def export():
         ckpt = _best_checkpoint(paths["run"])
-        geosurge(["export", ckpt, "--out", paths["index"], "--overwrite"])
+        seg = ["--segmenter", paths["segmenter"]] if with_seg else []
+        geosurge(["export", ckpt, "--out", paths["index"], "--overwrite", *seg])
 
-    runner.run("export", {}, ("train",), lambda: (paths["index"] / "manifest.json").is_file(), export)
+    runner.run("export", {"segmenter": with_seg}, ("train", *(("segmenter",) if with_seg else ())),
+               lambda: (paths["index"] / "manifest.json").is_file(), export)
 
-    # 4b. Calibrate the index's confidence on the photos training held out (RUN_DIR/calibration.csv).
+    # 4b. Calibrate the index's confidence on the photos training held out (RUN_DIR/calibration.csv;
+    # searched without galleries: the gallery below holds them, being the training photos).
     def calibrate():
         held_out = paths["run"] / "calibration.csv"
         if not held_out.is_file():
@@ -427,16 +476,39 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         geosurge(["calibrate", paths["index"], "--truth", held_out])
 
     runner.run("calibrate", {}, ("export",), lambda: (paths["index"] / "calibration.json").is_file(), calibrate)
+    with_cal = "calibrate" in runner.prints
 
-    # 5. Geolocate the test photos with the bulk pipeline (embeddings kept for the ablation).
+    # 4c. The training photos as a gallery inside the index: answers then come from the nearest
+    # training photo inside the best cells (`geosurge gallery`).
+    def gallery():
+        geosurge(["gallery", "add", paths["index"], paths["train"] / "manifest.csv", "--name", "train"])
+
+    runner.run("gallery", {}, ("export", "world-train"), lambda: _has_gallery(paths["index"], "train"), gallery)
+    with_gallery = "gallery" in runner.prints
+
+    # 5. Geolocate the test photos with the bulk pipeline (embeddings kept for the ablation); with
+    # the gallery, each row holds both answers: lat/lon (refined) and cell_lat/cell_lon.
     def locate():
         if paths["predictions"].exists():
             shutil.rmtree(paths["predictions"])
         geosurge(["locate", paths["index"], paths["test"] / "manifest.csv", "--out", paths["predictions"],
-                  "--save-embeddings"])
+                  "--save-embeddings", *(["--galleries", "train"] if with_gallery else ["--galleries", "none"])])
 
-    runner.run("locate", {}, ("export", "world-test", *(("calibrate",) if "calibrate" in runner.prints else ())),
+    runner.run("locate", {"gallery": with_gallery},
+               ("export", "world-test", *(("gallery",) if with_gallery else ()), *(("calibrate",) if with_cal else ())),
                lambda: any(paths["predictions"].glob("part-*.parquet")), locate)
+
+    # The same test photos without their class-map files (what bytes, uploads and new photos are):
+    # the index's segmenter makes the maps.
+    def locate_no_maps():
+        _copy_without_maps(paths["test"], paths["test-no-maps"])
+        if paths["predictions-no-maps"].exists():
+            shutil.rmtree(paths["predictions-no-maps"])
+        geosurge(["locate", paths["index"], paths["test-no-maps"] / "manifest.csv",
+                  "--out", paths["predictions-no-maps"], "--galleries", "none"])
+
+    runner.run("locate-no-maps", {}, ("export", "world-test"),
+               lambda: any(paths["predictions-no-maps"].glob("part-*.parquet")), locate_no_maps)
 
     # 6. Evaluate: the model, its finest level alone, and two baselines.
     def evaluate():
@@ -452,8 +524,9 @@ def run_demo(settings: DemoSettings) -> DemoResult:
 
     # Baselines need only the partition and the test truth; the model rows need predictions.
     have_preds = "locate" in runner.prints
-    runner.run("evaluate", {"seed": s.seed, "with_model": have_preds},
-               ("partition", "world-test", *(("locate",) if have_preds else ())),
+    no_maps = ("locate-no-maps",) if "locate-no-maps" in runner.prints else ()
+    runner.run("evaluate", {"seed": s.seed, "with_model": have_preds, "no_maps": bool(no_maps)},
+               ("partition", "world-test", *(("locate",) if have_preds else ()), *no_maps),
                lambda: (paths["eval"] / "accuracy.json").is_file(), evaluate)
     if not result.table and (paths["eval"] / "accuracy.json").is_file():
         saved = json.loads((paths["eval"] / "accuracy.json").read_text())
@@ -485,8 +558,89 @@ def run_demo(settings: DemoSettings) -> DemoResult:
 
     runner.run("map", {}, ("locate",), lambda: any(paths["map"].glob("*.png")), draw)
 
+    # 9. A personal archive: trips, part of each geotagged; the tagged photos become a gallery and
+    # the others are located with and without it.
+    _archive_scenario(runner, result, paths, world_cfg, s)
+
     _finish(result, s)
     return result
+
+
+def _has_gallery(index_dir: Path, name: str) -> bool:
+    try:
+        manifest = json.loads((index_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(g.get("name") == name for g in manifest.get("galleries", []))
+
+
+def _archive_scenario(runner: _Runner, result: DemoResult, paths: dict, world_cfg, s: DemoSettings) -> None:
+    from geosurge_index import demo_world as dw
+
+    if s.archive_trips < 1:
+        return
+    arch = dw.ArchiveConfig(n_trips=s.archive_trips)
+    runner.run("world-archive", {"world": asdict(world_cfg), "archive": asdict(arch)}, (),
+               lambda: dw.existing_archive(paths["archive"], world_cfg, arch) is not None,
+               lambda: dw.generate_archive(paths["archive"], world_cfg, arch, progress=s.progress))
+    out_json = paths["eval"] / "archive.json"
+
+    def archive():
+        from geosurge_index.gallery.build import remove_gallery
+
+        index, preds = paths["index"], paths["archive_preds"]
+        if _has_gallery(index, "archive"):  # an earlier archive's photos
+            remove_gallery(index, "archive")
+        geosurge(["gallery", "add", index, paths["archive"] / "tagged", "--name", "archive"])
+        if preds.exists():
+            shutil.rmtree(preds)
+        geosurge(["locate", index, paths["archive"] / "untagged", "--out", preds, "--galleries", "archive",
+                  "--save-embeddings"])
+        table = {"cell mean (no gallery)": _archive_accuracy(paths, preds, ("cell_lat", "cell_lon")),
+                 "its tagged photos as gallery": _archive_accuracy(paths, preds, ("lat", "lon"))}
+        if _has_gallery(index, "train"):  # the same embeddings against the training gallery: no re-encoding
+            other = paths["eval"] / "archive-train-gallery.parquet"
+            geosurge(["search", index, "--embeddings", preds, "--out", other, "--galleries", "train", "--overwrite"])
+            table["training set as gallery"] = _archive_accuracy(paths, other, ("lat", "lon"))
+        result.archive_table = table
+        paths["eval"].mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps({m: {str(int(t)): v for t, v in acc.items()} for m, acc in table.items()},
+                                       indent=2) + "\n")
+        (paths["eval"] / "archive.txt").write_text(format_table(table, _archive_n(paths)) + "\n")
+
+    runner.run("archive", {"archive": asdict(arch)}, ("export", "world-archive",
+                                                      *(("gallery",) if "gallery" in runner.prints else ())),
+               out_json.is_file, archive)
+    if not result.archive_table and out_json.is_file():
+        saved = json.loads(out_json.read_text())
+        result.archive_table = {m: {float(t): v for t, v in acc.items()} for m, acc in saved.items()}
+
+
+def _archive_truth(paths: dict):
+    with open(paths["archive"] / "truth.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["tagged"] == "0"]
+    return [r["id"] for r in rows], np.array([float(r["lat"]) for r in rows]), np.array([float(r["lon"]) for r in rows])
+
+
+def _archive_n(paths: dict) -> int:
+    return len(_archive_truth(paths)[0])
+
+
+def _archive_accuracy(paths: dict, preds: Path, columns: tuple[str, str]) -> dict[float, float]:
+    """% of the archive's untagged photos within each threshold, by the point in `columns`."""
+    import pyarrow.dataset as pads
+
+    from geosurge_index.benchmarks import match_ids
+    from geosurge_index.metrics import accuracy_at, haversine_km
+
+    ids, lat, lon = _archive_truth(paths)
+    t = pads.dataset(str(preds), format="parquet").to_table(columns=["id", "path", *columns])
+    rows = match_ids(ids, t["id"].to_pylist(), t["path"].to_pylist())
+    plat = t[columns[0]].to_numpy(zero_copy_only=False).astype(np.float64)
+    plon = t[columns[1]].to_numpy(zero_copy_only=False).astype(np.float64)
+    take = np.maximum(rows, 0)
+    d = np.where(rows >= 0, haversine_km(plat[take], plon[take], lat, lon), np.nan)
+    return accuracy_at(d)
 
 
 def _concrete_recipe(raw: dict, paths: dict, s: DemoSettings) -> dict:
@@ -500,6 +654,27 @@ def _concrete_recipe(raw: dict, paths: dict, s: DemoSettings) -> dict:
     if s.epochs is not None:
         recipe.setdefault("train", {})["epochs"] = s.epochs
     return recipe
+
+
+def _segmenter_settings(s: DemoSettings):
+    from geosurge_index.segmenter_train import SegmenterTrainSettings
+
+    return SegmenterTrainSettings(epochs=s.segmenter_epochs, max_images=s.segmenter_images, seed=s.seed,
+                                  progress=s.progress)
+
+
+def _copy_without_maps(split: Path, dest: Path) -> None:
+    """A copy of a world split's photos and manifest without the class-map files (hard links where
+    the file system allows)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "images").mkdir(parents=True)
+    for img in sorted((split / "images").glob("*.jpg")):
+        try:
+            os.link(img, dest / "images" / img.name)
+        except OSError:
+            shutil.copyfile(img, dest / "images" / img.name)
+    shutil.copyfile(split / "manifest.csv", dest / "manifest.csv")
 
 
 def _best_checkpoint(run_dir: Path) -> Path | None:
@@ -519,8 +694,16 @@ def _evaluate(paths: dict, s: DemoSettings, runner: _Runner) -> dict[str, dict[f
     ids, lat, lon = read_manifest_truth(paths["test"] / "manifest.csv")
     table: dict[str, dict[float, float]] = {}
     if "locate" in runner.prints:
-        pred = read_predictions(paths["predictions"], ids, ("id", "lat", "lon", "embedding"))
-        table["GeoSURGE (7-level product)"] = accuracy_at(haversine_km(pred["lat"], pred["lon"], lat, lon))
+        refined = _has_columns(paths["predictions"], ("cell_lat", "cell_lon", "point_source"))
+        cols = ("id", "lat", "lon", "embedding", *(("cell_lat", "cell_lon", "point_source") if refined else ()))
+        pred = read_predictions(paths["predictions"], ids, cols)
+        cell_lat, cell_lon = (pred["cell_lat"], pred["cell_lon"]) if refined else (pred["lat"], pred["lon"])
+        table[MODEL_ROW] = accuracy_at(haversine_km(cell_lat, cell_lon, lat, lon))
+        if "locate-no-maps" in runner.prints:
+            bare = read_predictions(paths["predictions-no-maps"], ids)
+            table[NO_MAPS_ROW] = accuracy_at(haversine_km(bare["lat"], bare["lon"], lat, lon))
+        if refined and any(v not in (None, "cell_mean") for v in pred["point_source"]):
+            table[GALLERY_ROW] = accuracy_at(haversine_km(pred["lat"], pred["lon"], lat, lon))
         emb_rows = [e for e in pred["embedding"] if e is not None]
         if len(emb_rows) == len(ids):
             flat_lat, flat_lon = finest_only_points(paths["index"], paths["cells"], np.array(emb_rows))
@@ -544,7 +727,7 @@ def _preview_csv(path: Path, rows: int = 8) -> str:
 def _clean(out: Path) -> None:
     """--fresh: remove what the demo writes (and only that) under OUT."""
     for name in ("world", "cells", "run", "index", "predictions", "eval", "sql", "map", DEMO_STATE,
-                 "recipe.toml"):
+                 "recipe.toml", "archive-predictions", "segmenter", "predictions-no-maps"):
         p = out / name
         if p.is_dir():
             shutil.rmtree(p)
@@ -574,6 +757,10 @@ def _finish(result: DemoResult, s: DemoSettings) -> None:
     else:
         _say("no accuracy table: the evaluation did not run (see the stages below)")
     _say_confidence(out / "eval" / "model.json")
+    if result.archive_table:
+        _say("\npersonal archive: trips of photos within a few km, half of each trip geotagged (EXIF GPS) and "
+             "added as a gallery;\nthe other half located with and without it")
+        _say(format_table(result.archive_table, _archive_n(result.artefacts)))
     _say("\nstages:")
     for st in result.stages:
         note = f"  ({st.note})" if st.note and st.status != "reused" else ""
@@ -585,8 +772,13 @@ def _finish(result: DemoResult, s: DemoSettings) -> None:
         ("world/train, world/test", "photos (JPEG), class maps (<stem>.classmap.png), manifest.csv"),
         ("cells/", "the 7-level partition (cells.parquet, assignments.parquet, partition.json)"),
         ("recipe.toml, run/", "the training recipe and the run (epoch checkpoints, metrics.jsonl)"),
-        ("index/", "the exported index (FAISS levels, cells.duckdb, encoder)"),
-        ("predictions/", "bulk-locate shards of the test photos (Parquet)"),
+        ("segmenter/", "the small segmenter trained on the training photos' class maps"),
+        ("index/", "the exported index (FAISS levels, cells.duckdb, encoder with that segmenter, gallery, calibration.json)"),
+        ("predictions/", "bulk-locate shards of the test photos (Parquet; lat/lon refined by the training "
+                         "gallery, cell_lat/cell_lon the cell means)"),
+        ("world/archive", "a personal archive: tagged/ (EXIF GPS), untagged/, truth.csv"),
+        ("archive-predictions/", "its untagged photos located with its tagged ones as a gallery"),
+        ("predictions-no-maps/", "the same photos without class maps (world/test-no-maps)"),
         ("eval/", "accuracy.txt and accuracy.json (the table above); confidence.png, model.json"),
         ("sql/", "the SQL recipes' results (CSV)"),
         ("map/", "predictions.png: predicted vs true points"),
@@ -601,8 +793,8 @@ def _finish(result: DemoResult, s: DemoSettings) -> None:
     _say(f"  geosurge serve {idx}   # the HTTP service; in another shell:")
     _say(f"      curl -F images=@{out / 'world' / 'test' / 'images' / 'test-000000.jpg'} "
          "http://127.0.0.1:8000/v1/locate")
-    _say("      (the service segments uploads itself, and the demo's tiny segmenter is untrained:")
-    _say("       expect worse answers than the bulk run, which read the world's class maps)")
+    _say("      (the service segments uploads with the index's small segmenter, trained on the demo")
+    _say("       world's class maps: the table's 'without class maps' row)")
     _say(f"  geosurge locate {idx} YOUR_PHOTOS/ --out my-predictions   # the demo model knows only the demo world")
     _say("  real data and weights: build/mp16.toml (see README, 'Real data and real weights')")
     _say("  run `geosurge demo` again to reuse what is built; `geosurge demo --fresh` redoes it all")

@@ -11,7 +11,7 @@ function of its location, the way real scenes are, plus per-photo noise:
   and on which side;
 - local cues at every scale, so that finer cells are learnable: a "signboard" strip of coloured
   tiles (8 colours), tile m coloured by a hash of the photo's S2 cell at `signature_levels[m]`
-  (coarse to fine: levels 1, 2, 3, 4, 6, 8, 10, about 5,000 km down to 10 km), and a ground
+  (coarse to fine: levels 1, 2, 3, 4, 6, 8, 10, 13, about 5,000 km down to 1 km), and a ground
   texture whose orientation and period come from the S2 level-`texture_level` cell. Like local
   signage, one tile narrows the place only among its parent's children: the code is read
   coarse to fine;
@@ -87,7 +87,9 @@ class WorldConfig:
     """How the world looks. Part of a generated split's identity (world.json)."""
 
     image_size: int = 64
-    signature_levels: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 10)
+    # S2 levels of the signboard's tiles, coarse to fine: about 5,000 km down to 10 km, and level 13
+    # (about 1 km): a street-level cue, so that answers finer than the finest cell are learnable
+    signature_levels: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 10, 13)
     texture_level: int = 9
     jpeg_quality: int = 90
     p_signboard: float = 0.85  # chance the signboard is in view
@@ -578,6 +580,46 @@ def sample_locations(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64)
 
 
+def _gps_exif(lat: float, lon: float) -> Image.Exif:
+    """EXIF carrying a GPS position (degrees, minutes, seconds), as a camera writes it."""
+    ex = Image.Exif()
+    gps = ex.get_ifd(0x8825)
+
+    def dms(v: float) -> tuple[float, float, float]:
+        v = abs(v)
+        d, m = int(v), int((v - int(v)) * 60)
+        return float(d), float(m), round((v - d - m / 60) * 3600, 4)
+
+    gps[1], gps[2] = ("N" if lat >= 0 else "S"), dms(lat)
+    gps[3], gps[4] = ("E" if lon >= 0 else "W"), dms(lon)
+    return ex
+
+
+def write_photos(stems: list[Path], lat: np.ndarray, lon: np.ndarray, keys: np.ndarray, cfg: WorldConfig, *,
+                 gps: np.ndarray | None = None, batch_size: int = 256, desc: str = "render",
+                 progress: bool = True) -> None:
+    """Render photos at (lat, lon) to `<stem>.jpg` + `<stem>.classmap.png`; where `gps` is True the
+    JPEG carries the position in its EXIF GPS tags (a geotagged photo)."""
+    n = len(stems)
+    pb = bar(total=n, desc=desc, unit="img") if progress else None
+    try:
+        for start in range(0, n, batch_size):
+            sl = slice(start, min(n, start + batch_size))
+            rgb, cls = render(lat[sl], lon[sl], keys[sl], cfg)
+            for i in range(sl.stop - sl.start):
+                k = start + i
+                stem = Path(stems[k])
+                extra = {"exif": _gps_exif(float(lat[k]), float(lon[k]))} if gps is not None and gps[k] else {}
+                Image.fromarray(rgb[i], "RGB").save(stem.with_suffix(".jpg"), quality=cfg.jpeg_quality,
+                                                    subsampling=0, **extra)
+                Image.fromarray(cls[i], "L").save(stem.with_name(stem.name + ".classmap.png"))
+            if pb is not None:
+                pb.update(sl.stop - sl.start)
+    finally:
+        if pb is not None:
+            pb.close()
+
+
 def generate_split(directory: str | os.PathLike, n: int, seed: int, cfg: WorldConfig | None = None,
                    *, prefix: str = "img", batch_size: int = 256, progress: bool = True) -> WorldSplit:
     """Write n photos (JPEG + `<stem>.classmap.png`) and `manifest.csv` into `directory`.
@@ -596,21 +638,8 @@ def generate_split(directory: str | os.PathLike, n: int, seed: int, cfg: WorldCo
     lat, lon = sample_locations(n, seed)
     keys = photo_keys(seed, np.arange(n))
     ids = [f"{prefix}-{i:06d}" for i in range(n)]
-    pb = bar(total=n, desc=f"render {directory.name}", unit="img") if progress else None
-    try:
-        for start in range(0, n, batch_size):
-            sl = slice(start, min(n, start + batch_size))
-            rgb, cls = render(lat[sl], lon[sl], keys[sl], cfg)
-            for i in range(sl.stop - sl.start):
-                stem = images / ids[start + i]
-                Image.fromarray(rgb[i], "RGB").save(stem.with_suffix(".jpg"), quality=cfg.jpeg_quality,
-                                                    subsampling=0)
-                Image.fromarray(cls[i], "L").save(stem.with_name(stem.name + ".classmap.png"))
-            if pb is not None:
-                pb.update(sl.stop - sl.start)
-    finally:
-        if pb is not None:
-            pb.close()
+    write_photos([images / i for i in ids], lat, lon, keys, cfg, batch_size=batch_size,
+                 desc=f"render {directory.name}", progress=progress)
     manifest = directory / "manifest.csv"
     tmp = manifest.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
@@ -623,3 +652,75 @@ def generate_split(directory: str | os.PathLike, n: int, seed: int, cfg: WorldCo
     meta["sampler"] = "geosurge_index.sampler.sample_mp16_like (MP-16 density table)"
     (directory / "world.json").write_text(json.dumps(meta, indent=2) + "\n")
     return WorldSplit(directory, manifest, n, seed, cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# A personal photo archive: trips, part of each geotagged.
+
+ARCHIVE_FORMAT = "geosurge-demo-archive"
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    """`n_trips` trips (centres with MP-16's density), `per_trip` photos each within `radius_km`
+    of the trip's centre; the first `tagged` photos of each trip carry EXIF GPS, the others none."""
+
+    n_trips: int = 30
+    per_trip: int = 10
+    tagged: int = 5
+    radius_km: float = 3.0
+    seed: int = 7
+
+    def __post_init__(self):
+        if self.n_trips < 1 or not 0 < self.tagged < self.per_trip or not self.radius_km > 0:
+            raise UserError(f"archive {self}: need trips, 0 < tagged < per_trip photos, a positive radius")
+
+
+def existing_archive(directory: str | os.PathLike, cfg: WorldConfig, arch: ArchiveConfig) -> Path | None:
+    """The archive at `directory` if it was fully generated with these parameters."""
+    meta = Path(directory) / "archive.json"
+    try:
+        saved = json.loads(meta.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return Path(directory) if saved == _archive_identity(cfg, arch) else None
+
+
+def _archive_identity(cfg: WorldConfig, arch: ArchiveConfig) -> dict:
+    return {"format": ARCHIVE_FORMAT, "format_version": 1, "world": _split_identity(0, 0, cfg, "")["config"],
+            "archive": asdict(arch)}
+
+
+def generate_archive(directory: str | os.PathLike, cfg: WorldConfig | None = None,
+                     arch: ArchiveConfig | None = None, *, progress: bool = True) -> Path:
+    """A personal archive of the demo world: `tagged/` (photos with EXIF GPS), `untagged/` (the
+    rest of each trip, no GPS), `truth.csv` (id = path relative to `directory`, lat, lon, trip, of
+    every photo). `archive.json` is written last."""
+    cfg = cfg or WorldConfig()
+    arch = arch or ArchiveConfig()
+    d = Path(directory)
+    (d / "archive.json").unlink(missing_ok=True)
+    for sub in ("tagged", "untagged"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    clat, clon = sample_locations(arch.n_trips, arch.seed)
+    rng = np.random.default_rng([arch.seed, 5])
+    n = arch.n_trips * arch.per_trip
+    trip = np.repeat(np.arange(arch.n_trips), arch.per_trip)
+    r = arch.radius_km * np.sqrt(rng.random(n))  # uniform in the disk
+    bearing = rng.random(n) * 2 * np.pi
+    lat = np.clip(clat[trip] + r * np.cos(bearing) / 111.2, -89.9, 89.9)
+    lon = (clon[trip] + r * np.sin(bearing) / (111.2 * np.maximum(np.cos(np.radians(lat)), 0.05)) + 180) % 360 - 180
+    tagged = (np.arange(n) % arch.per_trip) < arch.tagged
+    names = [f"{'tagged' if t else 'untagged'}/trip{k // arch.per_trip:03d}-{k % arch.per_trip:02d}"
+             for k, t in enumerate(tagged)]
+    write_photos([d / nm for nm in names], lat, lon, photo_keys(arch.seed + 99, np.arange(n)), cfg, gps=tagged,
+                 desc="render archive", progress=progress)
+    tmp = d / "truth.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "lat", "lon", "trip", "tagged"])
+        for k in range(n):
+            w.writerow([f"{names[k]}.jpg", f"{lat[k]:.7f}", f"{lon[k]:.7f}", int(trip[k]), int(tagged[k])])
+    os.replace(tmp, d / "truth.csv")
+    (d / "archive.json").write_text(json.dumps(_archive_identity(cfg, arch), indent=2) + "\n")
+    return d

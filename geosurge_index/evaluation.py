@@ -13,28 +13,37 @@ import numpy as np
 
 from geosurge_index import s2, sql
 from geosurge_index.cells import assign_points
+from geosurge_index.coords import Coordinates
 from geosurge_index.metrics import EvalReport, evaluate_points
 
+POINTS = ("refined", "cell")
 
-def evaluate_predictions(pred_dir, truth, index_dir=None, *, skip_missing: bool = False) -> EvalReport:
+
+def evaluate_predictions(pred_dir, truth, index_dir=None, *, skip_missing: bool = False,
+                         point: str = "refined") -> EvalReport:
     """Score a PRED_DIR against a ground truth (`benchmarks.read_truth`).
 
     Predictions join the truth on id (`benchmarks.match_ids`); with `index_dir` the true points
     are placed in the index's cells and compared with the predicted cell at every level.
     `skip_missing` leaves truth images without a prediction row out of the denominator (error
-    rows still count as wrong).
+    rows still count as wrong). `point`: "refined" scores `lat`/`lon`, the answer (refined by
+    the index's galleries when it has any); "cell" scores the best cell's mean point
+    (`cell_lat`/`cell_lon`; PRED_DIRs from before galleries have only `lat`/`lon`, which are that).
     """
+    if point not in POINTS:
+        raise ValueError(f"point {point!r}: expected one of {POINTS}")
     con = sql.connect(index_dir, predictions=pred_dir, truth=truth)
     try:
         truth_cols = con.sql("SELECT * FROM truth LIMIT 0").columns
         pred_cols = set(con.sql("SELECT * FROM predictions LIMIT 0").columns)
+        lat_col, lon_col = ("cell_lat", "cell_lon") if point == "cell" and "cell_lat" in pred_cols else ("lat", "lon")
         levels = [int(c.rsplit("_l", 1)[1]) for c in truth_cols if c.startswith("true_cell_l")]
         levels = [lv for lv in levels if f"cell_l{lv}" in pred_cols]
         cell_sel = "".join(f", p.cell_l{lv} AS p{lv}, t.true_cell_l{lv} AS t{lv}" for lv in levels)
         cell_sel += confidence_columns(pred_cols)
         # one row per truth image; a prediction id seen twice counts once
         rows = con.sql(f"""
-            SELECT t.lat AS true_lat, t.lon AS true_lon, p.lat AS pred_lat, p.lon AS pred_lon,
+            SELECT t.lat AS true_lat, t.lon AS true_lon, p.{lat_col} AS pred_lat, p.{lon_col} AS pred_lon,
                    p.id IS NULL AS missing {cell_sel}
             FROM truth t
             LEFT JOIN (SELECT * FROM predictions QUALIFY row_number() OVER (PARTITION BY id) = 1) p
@@ -110,6 +119,38 @@ def confidence_of(rows: dict, keep: np.ndarray, levels: list[int]) -> dict | Non
     return confidence_report(num("conf"), d, hit, num("r50") if "r50" in rows else None,
                              num("r90") if "r90" in rows else None, level_confidence=level_conf,
                              level_hits=level_hits, calibrated=calibrated)
+EXIF_TRUTH = "exif"  # `geosurge eval PRED_DIR --truth exif`
+
+
+def exif_truth(pred_dir) -> Coordinates:
+    """The ground truth an archive carries itself: each photo's own valid EXIF GPS (the `exif_*`
+    columns `geosurge locate` writes), keyed by the prediction's id, for the photos that were
+    located (a `--skip-tagged` row has no prediction to score). Photos with malformed GPS are
+    untagged and left out."""
+    import pyarrow.parquet as pq
+
+    from geosurge_index.coords import coordinates_from_arrays
+    from geosurge_index.errors import UserError
+    from geosurge_index.exif_gps import TAGGED_ERROR
+    from geosurge_index.pred_store import PredStore
+
+    shards = PredStore(pred_dir).shard_paths()
+    if not shards:
+        raise UserError(f"PRED_DIR {pred_dir} holds no prediction shards")
+    cols = ["id", "error", "exif_lat", "exif_lon", "exif_gps_valid"]
+    try:
+        t = pq.read_table(shards, columns=cols)
+    except (KeyError, ValueError, OSError) as err:  # an older PRED_DIR: no exif columns
+        raise UserError(f"--truth exif: {pred_dir} has no EXIF GPS columns ({err}); locate the photos again "
+                        "with this version to read their GPS") from None
+    rows = t.to_pydict()
+    keep = [i for i, v in enumerate(rows["exif_gps_valid"])
+            if v and not (rows["error"][i] or "").startswith(TAGGED_ERROR + ":")]
+    if not keep:
+        raise UserError(f"--truth exif: no photo in {pred_dir} was both located and tagged with valid EXIF GPS "
+                        "(a run with --skip-tagged locates none of its tagged photos)")
+    return coordinates_from_arrays([rows["exif_lat"][i] for i in keep], [rows["exif_lon"][i] for i in keep],
+                                   ids=[rows["id"][i] for i in keep], source=f"{pred_dir} (EXIF GPS)")
 
 
 @dataclass
@@ -157,3 +198,16 @@ def partition_coverage(cells, lat, lon, *, truth: str = "") -> CoverageReport:
         oracle=evaluate_points(finest.mean_lat[oracle], finest.mean_lon[oracle], lat, lon),
         nearest=evaluate_points(finest.mean_lat[nearest], finest.mean_lon[nearest], lat, lon),
     )
+
+
+def point_sources(pred_dir) -> dict[str, int]:
+    """Rows per `point_source` (how the points were made: cell_mean, neighbour, neighbours); {}
+    for a PRED_DIR from before galleries."""
+    con = sql.connect(predictions=pred_dir)
+    try:
+        if "point_source" not in con.sql("SELECT * FROM predictions LIMIT 0").columns:
+            return {}
+        rows = con.sql("SELECT point_source, count(*) FROM predictions WHERE error IS NULL GROUP BY 1 ORDER BY 1")
+        return {str(k): int(v) for k, v in rows.fetchall()}
+    finally:
+        con.close()

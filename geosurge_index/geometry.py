@@ -7,12 +7,20 @@ from the image's size and applied both to its pixels (bicubic) and to its class 
 neighbour, whatever the map's resolution: the boxes are scaled to the map), so a class map is
 always cut exactly like its image.
 
+Class maps come in two kinds (`class_map_region`): a map of the whole image (any resolution, the
+demo world's ground truth, maps written before crop-region maps existed), which is cut with the
+plan's boxes; and a map of the centre crop (`geosurge segment` today: the segmenter's output for
+the very crop the backbone sees, at the encoder's side, tagged with a PNG text chunk), which a
+centre-crop plan takes whole and a ten-crop plan cannot use (`cut_class_map` -> None: the
+segmenter then runs on each of the ten crops, as it does with no map at all).
+
 Pixels stay uint8 until they reach the model's device; `normalise` / `clip_normalise` turn them
 into the float input there (torch is imported only by those two).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -29,11 +37,46 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
+# The PNG text chunk marking a class map of a crop region (see the module docstring).
+CLASS_MAP_KEY = "geosurge-classmap"
+CLASS_MAP_FORMAT = "geosurge-classmap"
+CLASS_MAP_VERSION = 2  # 1: a map of the whole image (no text chunk)
+CENTRE_CROP_REGION = "centre_crop"
+
+
+def class_map_region(class_map: Image.Image) -> dict | None:
+    """The crop-region header of a class map (`CLASS_MAP_KEY` text chunk), or None for a map of
+    the whole image. ValueError for a header this version cannot read."""
+    raw = class_map.info.get(CLASS_MAP_KEY) if isinstance(class_map, Image.Image) else None
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+        version = int(meta["format_version"])
+        region = meta["region"]
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"class map header {CLASS_MAP_KEY!r} is not valid ({err})") from None
+    if meta.get("format") != CLASS_MAP_FORMAT or version > CLASS_MAP_VERSION or region != CENTRE_CROP_REGION:
+        raise ValueError(f"class map of format {meta.get('format')!r} v{version}, region {region!r}: this "
+                         f"version reads {CLASS_MAP_FORMAT} v{CLASS_MAP_VERSION} maps of the {CENTRE_CROP_REGION}")
+    return meta
+
+
+def centre_crop_header(width: int, height: int, size: int, **extra) -> str:
+    """The text-chunk value that marks a map as the `size` x `size` centre crop of a `width` x
+    `height` image (`class_map_region` reads it)."""
+    return json.dumps({"format": CLASS_MAP_FORMAT, "format_version": CLASS_MAP_VERSION,
+                       "region": CENTRE_CROP_REGION, "image": [int(width), int(height)], "size": int(size),
+                       **extra}, sort_keys=True)
+
+
 def short_side_size(width: int, height: int, short: int) -> tuple[int, int]:
-    """The size of a resize that keeps the aspect and puts the short side at `short` (rounded;
-    neither side below `short`)."""
-    scale = short / min(width, height)
-    return max(short, round(width * scale)), max(short, round(height * scale))
+    """The size of a resize that keeps the aspect and puts the short side at `short`; the long
+    side is `int(short * long / short_side)` (truncated), exactly as torchvision's `Resize(short)`
+    and transformers' CLIP processor compute it, so a crop equals CLIP's own preprocessing."""
+    if width <= height:
+        return short, max(short, int(short * height / width))
+    return max(short, int(short * width / height)), short
 
 
 @dataclass(frozen=True)
@@ -50,6 +93,12 @@ class CropPlan:
     @property
     def n_crops(self) -> int:
         return len(self.corners) * (2 if self.mirror else 1)
+
+    @property
+    def is_centre(self) -> bool:
+        """One unmirrored crop, centred in a resize whose short side is the crop size: `centre_crop`."""
+        (w, h), s = self.resized, self.size
+        return not self.mirror and min(w, h) == s and self.corners == (((w - s) // 2, (h - s) // 2),)
 
     def source_boxes(self, width: int, height: int) -> list[tuple[float, float, float, float]]:
         """The crop boxes in the coordinates of a `width` x `height` picture of the same scene
@@ -78,11 +127,20 @@ class CropPlan:
         s = self.size
         return self._stack([big.crop((x, y, x + s, y + s)) for x, y in self.corners])
 
-    def cut_class_map(self, class_map: Image.Image | np.ndarray) -> np.ndarray:
-        """An 8-bit class map of the image (any resolution, same scene) -> uint8 (n_crops, size,
-        size): the same boxes, nearest-neighbour."""
+    def cut_class_map(self, class_map: Image.Image | np.ndarray) -> np.ndarray | None:
+        """An 8-bit class map of the image -> uint8 (n_crops, size, size), or None.
+
+        A map of the whole image (any resolution, same scene): the plan's boxes, nearest-neighbour.
+        A map of the centre crop (`class_map_region`): this plan's crop when the plan is a centre
+        crop (nearest-neighbour to `size`: unchanged when the map was made at this size, which is
+        how the precomputed map equals the one the segmenter computes on the fly); None for any
+        other plan (ten-crop), whose crops the map does not cover."""
         m = class_map if isinstance(class_map, Image.Image) else Image.fromarray(np.asarray(class_map, np.uint8), "L")
         s = self.size
+        if class_map_region(m) is not None:
+            if not self.is_centre:
+                return None
+            return self._stack([m if m.size == (s, s) else m.resize((s, s), Image.NEAREST)])
         return self._stack([m.resize((s, s), Image.NEAREST, box=box) for box in self.source_boxes(*m.size)])
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -23,6 +24,58 @@ from geosurge_index.geometry import CLIP_MEAN, CLIP_STD, TEN_CROP_SCALE  # noqa:
 # A decompression-bomb cap: 12 MP photos are common, 100 MP panoramas are not bombs; 20000x20000 is.
 DEFAULT_MAX_PIXELS = 100_000_000
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "MPO"})  # MPO: multi-picture JPEG from cameras
+
+
+def _optional_formats() -> frozenset:
+    """HEIC/HEIF through `pillow-heif` (the `heif` extra) and AVIF (Pillow's own, when built with
+    libavif, else pillow-heif's), where installed."""
+    from PIL import features
+
+    found = set()
+    try:
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+        found.add("HEIF")
+        if hasattr(pillow_heif, "register_avif_opener") and not features.check("avif"):
+            pillow_heif.register_avif_opener()
+            found.add("AVIF")
+    except ImportError:
+        pass
+    if features.check("avif"):
+        found.add("AVIF")
+    return frozenset(found)
+
+
+SUPPORTED_FORMATS = SUPPORTED_FORMATS | _optional_formats()
+# ISO-BMFF brands (bytes 8..12 of a HEIF/AVIF file: 'ftyp' + brand) -> the format they hold
+_HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"heim": "HEIC", b"heis": "HEIC", b"hevc": "HEIC",
+                b"hevx": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
+_pillow_limit = threading.Lock()
+
+
+def _sniff_heif(data: bytes) -> str | None:
+    """'HEIC', 'HEIF' or 'AVIF' when `data` is such a file (whether or not it can be decoded here)."""
+    return _HEIF_BRANDS.get(data[8:12]) if data[4:8] == b"ftyp" else None
+
+
+def _open_capped(data: bytes, max_pixels: int) -> Image.Image:
+    """Image.open under our pixel cap rather than Pillow's own: Pillow refuses images above twice
+    `Image.MAX_IMAGE_PIXELS` (179 MP) whatever `max_pixels` allows. When ours is higher, the
+    header is opened again with Pillow's limit raised to ours, for that call only (under a lock:
+    the limit is a module global); `check_pixel_cap` then applies ours."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        if Image.MAX_IMAGE_PIXELS is None or max_pixels <= 2 * Image.MAX_IMAGE_PIXELS:
+            raise
+    with _pillow_limit:
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            return Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -61,8 +114,12 @@ def probe_image(source, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | Non
     if not data:
         raise ImageDecodeError("zero_bytes", f"{name} is empty")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = _open_capped(data, max_pixels)
     except UnidentifiedImageError as err:
+        heif = _sniff_heif(data)
+        if heif is not None:
+            raise ImageDecodeError("unsupported_format", f"{name} is {heif}: install the heif extra "
+                                   "(pip install 'geosurge-index[heif]') to read it") from err
         raise ImageDecodeError("not_an_image", f"{name} is not a recognised image") from err
     except Image.DecompressionBombError as err:
         raise ImageDecodeError("too_many_pixels", f"{name}: {err}") from err

@@ -163,6 +163,7 @@ def export_index(
     source: str | None = None,
     place_names: bool = True,
     overwrite: bool = False,
+    model: dict | None = None,
 ) -> Path:
     """Write INDEX_DIR from the per-level geocell embeddings.
 
@@ -171,7 +172,9 @@ def export_index(
     cells.parquet path, or a cells.CellsTable);
     encoder_writer(out_dir): writes encoder.safetensors + encoder.json (None: an index without
     an encoder, enough for `search` over stored embeddings); tau_max: per-level tau_max for the
-    `levels` table. Refuses a non-empty out_dir unless overwrite.
+    `levels` table; model: what the manifest's `model` says beyond the defaults (`kind`,
+    `provenance`, `licence` of imported weights; `embed_dim` is the tables' width). Refuses a
+    non-empty out_dir unless overwrite.
     """
     from geosurge_index.progress import bar
 
@@ -210,7 +213,7 @@ def export_index(
         if not overwrite:
             raise UserError(f"{out} exists and is not empty (use --overwrite to replace its index)")
         for name in [MANIFEST, CELLS_DB, CELLS_DB + ".wal", *ENCODER_FILES, CALIBRATION_FILE,
-                     *(p.name for p in out.glob("level_*.faiss"))]:
+                     *(p.name for p in out.glob("level_*.faiss")), *(p.name for p in out.glob("gallery-*"))]:
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -246,6 +249,9 @@ def export_index(
             for lv in range(levels)
         ],
         "encoder": encoder_writer is not None,
+        # what made the embeddings: "geosurge" (trained here) or an imported model's kind,
+        # provenance and licence (`geosurge model-info INDEX`)
+        "model": {"kind": "geosurge" if encoder_writer is not None else None, "embed_dim": dim, **(model or {})},
         "place_names": place_names,
         "files": {name: {"sha256": _sha256(out / name), "bytes": (out / name).stat().st_size}
                   for name in bar(files, desc="checksums", unit="file")},
@@ -260,8 +266,11 @@ def export_index(
 
 
 def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                      overwrite: bool = False, place_names: bool = True) -> Path:
-    """Export a training checkpoint directory (ARCHITECTURE.md, Checkpoints) to INDEX_DIR."""
+                      overwrite: bool = False, place_names: bool = True,
+                      segmenter: str | os.PathLike | None = None) -> Path:
+    """Export a training checkpoint directory (ARCHITECTURE.md, Checkpoints) to INDEX_DIR.
+    `segmenter`: a folder written by the segmenter training (`segmenter_train`) whose segmenter
+    replaces the checkpoint's in the index's encoder files."""
     ckpt = Path(ckpt_dir)
     if not ckpt.is_dir():
         raise UserError(f"CHECKPOINT {ckpt} is not a folder")
@@ -279,6 +288,10 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     # weights=False: frozen pretrained parts are named in encoder.json, not stored, so there is
     # no need to load them (or to have them on the exporting host)
     encoder = load_checkpoint(ckpt, weights=False).model.encoder
+    if segmenter is not None:
+        from geosurge_index.model.encoder_io import with_segmenter
+
+        encoder = with_segmenter(encoder, segmenter)
     return export_index(
         tables, temps, ckpt / "cells.parquet", out_dir,
         encoder_writer=lambda d: save_encoder(encoder, d),
@@ -318,31 +331,64 @@ def read_manifest(index_dir: str | os.PathLike) -> dict:
         raise FormatError(f"{path}: file names must be plain names inside the index folder")
     if sorted(e["level"] for e in levels) != list(range(1, len(levels) + 1)):
         raise FormatError(f"{path}: levels {[e['level'] for e in levels]} are not 1..{len(levels)}")
+    from geosurge_index.gallery.store import manifest_galleries
+
+    manifest_galleries(manifest, str(path))  # FormatError when an entry is malformed or newer
     return manifest
 
 
-def reader_files(manifest: dict, *, encoder: bool = True) -> list[str]:
-    """The files a reader of the index opens: every level file and cells.duckdb, and the
-    encoder's when the manifest lists an encoder and `encoder` (a command that encodes images)."""
+def reader_files(manifest: dict, *, encoder: bool = True, galleries: Sequence[str] | None = None) -> list[str]:
+    """The files a reader of the index opens: every level file and cells.duckdb, the encoder's
+    when the manifest lists an encoder and `encoder` (a command that encodes images), and the
+    files of the galleries named (None: every gallery of the manifest)."""
+    from geosurge_index.gallery.store import manifest_galleries
+
     names = [e["file"] for e in sorted(manifest["levels"], key=lambda e: e["level"])] + [CELLS_DB]
     names += [CALIBRATION_FILE] if CALIBRATION_FILE in manifest["files"] else []  # read when listed
-    return names + (list(ENCODER_FILES) if encoder and manifest.get("encoder") else [])
+    names += list(ENCODER_FILES) if encoder and manifest.get("encoder") else []
+    for g in manifest_galleries(manifest):
+        if galleries is None or g.name in galleries:
+            names += list(g.files)
+    return names
+
+
+def update_manifest(index_dir: str | os.PathLike, change: Callable[[dict], dict]) -> dict:
+    """Rewrite manifest.json as change(manifest) in one atomic replace (fsynced): readers see the
+    old manifest or the new one, never a mix. Used by `geosurge gallery` (galleries are added to
+    and removed from an exported index); the caller holds the gallery lock."""
+    d = Path(index_dir)
+    manifest = change(read_manifest(d))
+    manifest["modified_utc"] = datetime.now(UTC).isoformat(timespec="seconds")
+    tmp = d / f".{MANIFEST}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(manifest, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, d / MANIFEST)
+    read_manifest(d)  # the new manifest reads back
+    return manifest
+
+
+def file_entry(index_dir: Path, name: str) -> dict:
+    """{sha256, bytes} of INDEX_DIR/name, as manifest.json lists files."""
+    path = Path(index_dir) / name
+    return {"sha256": _sha256(path), "bytes": path.stat().st_size}
 
 
 def add_listed_file(index_dir: str | os.PathLike, name: str, entry: dict | None = None) -> dict:
     """List INDEX_DIR/name (already written) in the manifest with its sha256 and size, and set the
-    manifest's `entry` keys (e.g. {"calibration": summary}); the manifest is rewritten atomically
-    (a temporary file, then os.replace). Returns the new manifest."""
+    manifest's `entry` keys (e.g. {"calibration": summary}), in one atomic manifest rewrite
+    (`update_manifest`). Returns the new manifest."""
     d = Path(index_dir)
-    manifest = read_manifest(d)
     if name != Path(name).name or not (d / name).is_file():
         raise UserError(f"{d}: {name} is not a file inside the index folder")
-    manifest["files"][name] = {"sha256": _sha256(d / name), "bytes": (d / name).stat().st_size}
-    manifest.update(entry or {})
-    tmp = d / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, d / MANIFEST)
-    return manifest
+
+    def change(manifest: dict) -> dict:
+        manifest["files"][name] = file_entry(d, name)
+        manifest.update(entry or {})
+        return manifest
+
+    return update_manifest(d, change)
 
 
 def verify_index(index_dir: str | os.PathLike, *, checksums: bool = True,
@@ -678,6 +724,7 @@ class GeoIndex:
         self.dir = directory
         self.backend = backend
         self._keep_alive = list(keep_alive)  # FAISS indexes whose storage the tensors view
+        self._init_galleries()
 
     @property
     def levels(self) -> int:
@@ -698,6 +745,56 @@ class GeoIndex:
     @property
     def has_encoder(self) -> bool:
         return bool(self.manifest.get("encoder"))
+
+    # -- galleries (geosurge_index.gallery) -------------------------------------------------------
+
+    def _init_galleries(self) -> None:
+        from geosurge_index.gallery.refine import RefineSettings
+        from geosurge_index.gallery.store import manifest_galleries
+
+        self.gallery_entries = {g.name: g for g in manifest_galleries(self.manifest)} if self.manifest else {}
+        self._galleries: dict[str, object] = {}  # name -> gallery.store.Gallery, read on first use
+        self._gallery_lock = threading.Lock()
+        self.selected_galleries: tuple[str, ...] = tuple(self.gallery_entries)
+        self.refine_settings = RefineSettings()
+
+    def use_galleries(self, names: Sequence[str] | str | None = None, settings=None) -> None:
+        """Which galleries refine the answers (None or "all": every gallery of the index; "none"
+        or []: none; else names, comma-separated or a list; an unknown name is a UserError) and
+        how (`gallery.RefineSettings`; None keeps the current)."""
+        if isinstance(names, str):
+            names = None if names.strip().lower() == "all" else \
+                [] if names.strip().lower() == "none" else [n for n in names.replace(" ", "").split(",") if n]
+        if names is None:
+            names = list(self.gallery_entries)
+        unknown = [n for n in names if n not in self.gallery_entries]
+        if unknown:
+            have = ", ".join(self.gallery_entries) or "none"
+            raise UserError(f"gallery {', '.join(unknown)} is not in {self.dir or 'the index'} (galleries: {have})")
+        self.selected_galleries = tuple(dict.fromkeys(names))
+        if settings is not None:
+            self.refine_settings = settings
+        if self.refine_settings.cells > 0:
+            self.galleries()  # read now, not in the first query's time
+
+    def add_gallery(self, gallery) -> None:
+        """An in-memory gallery (tests, benchmarks): a `gallery.store.Gallery`, selected."""
+        self.gallery_entries[gallery.name] = gallery.entry
+        self._galleries[gallery.name] = gallery
+        self.selected_galleries = (*self.selected_galleries, gallery.name)
+
+    def galleries(self, names: Sequence[str] | None = None) -> list:
+        """The opened galleries (default: the selected ones), read from INDEX_DIR on first use."""
+        from geosurge_index.gallery.store import Gallery
+
+        out = []
+        with self._gallery_lock:
+            for name in (self.selected_galleries if names is None else names):
+                if name not in self._galleries:
+                    self._galleries[name] = Gallery.read(self.dir, self.gallery_entries[name],
+                                                         self.tree.sizes[-1], self.dim)
+                out.append(self._galleries[name])
+        return out
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike, device: str = "auto", *, backend: str = "auto",
@@ -765,9 +862,20 @@ class GeoIndex:
         """Search visual embeddings (n, d). beam: cells kept per level 1..L-1 (one value or one
         per level; default None: DEFAULT_BEAM = 512,256,128,64,32,16 cut to the tree's depth). exhaustive=True scores every cell
         of every level: exact probabilities; beam probabilities are normalised over the explored
-        finest candidates. See geosurge_index.search."""
-        return self.engine.search(emb, top_k=top_k, beam=beam, exhaustive=exhaustive,
-                                  batch_size=batch_size)
+        finest candidates. See geosurge_index.search. When galleries are selected (every gallery
+        of the index by default; `use_galleries`), the point is refined by the references inside
+        the best cells (`gallery.refine`) and `result.refinement` says how."""
+        settings = self.refine_settings
+        if not self.selected_galleries or settings.cells == 0:
+            return self.engine.search(emb, top_k=top_k, beam=beam, exhaustive=exhaustive,
+                                      batch_size=batch_size)
+        from geosurge_index.gallery.refine import refine
+
+        # the references of the best `settings.cells` cells are searched: the engine returns at
+        # least that many (probabilities do not depend on k)
+        result = self.engine.search(emb, top_k=max(top_k, settings.cells), beam=beam,
+                                    exhaustive=exhaustive, batch_size=batch_size)
+        return refine(result, emb, self.galleries(), settings).head(top_k)
 
     def to_arrow(self, result: SearchResult | None, ids, paths=None, errors=None,
                  embeddings=None, confidence=None) -> pa.Table:

@@ -105,4 +105,14 @@ def check_index(index_dir: str | os.PathLike, *, checksums: bool = True,
             return f"{index.ntotal:,} x {index.d} unit-norm vectors (flat inner product)"
 
         record(_run(f"{e['file']} (vectors)", level))
+    from geosurge_index.gallery.store import Gallery, manifest_galleries
+
+    n_finest = int(sorted(manifest["levels"], key=lambda e: e["level"])[-1]["n_cells"])
+    for g in manifest_galleries(manifest):
+        def gallery(g=g) -> str:
+            opened = Gallery.read(d, g, n_finest, dim)
+            return (f"{len(opened):,} references ({g.storage}) in {g.n_cells:,} finest cells, "
+                    f"{sum(g.rejected.values()):,} rows rejected when added")
+
+        record(_run(f"gallery {g.name} ({g.index_file})", gallery))
     return done

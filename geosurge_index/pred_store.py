@@ -62,12 +62,8 @@ SUMMARY_FILE = "_summary.json"
 RUN_FORMAT = "geosurge-locate-run"
 RUN_FORMAT_VERSION = 1
 SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+TEMPORARY_RE = re.compile(r"^\..*\.tmp-\d+$")  # a killed writer's half-written file
 NUM_LEVELS = 7
-
-
-# the confidence columns (`confidence.py`), after `geometry`
-CONFIDENCE_FIELDS = [("confidence", pa.float64()), ("level_confidence", pa.list_(pa.float32())),
-                     ("r50_km", pa.float64()), ("r90_km", pa.float64()), ("calibrated", pa.bool_())]
 
 
 def shard_name(chunk: int) -> str:
@@ -78,10 +74,12 @@ def pred_schema(save_embeddings: bool = False) -> pa.Schema:
     """The PRED_DIR schema (ARCHITECTURE.md), plus the image's width and height; then the columns
     added later, at the end so that readers by position keep working: `topk_tokens` (the S2
     tokens of `topk_cells`, finest level) and `geometry` (the predicted point as WKB, GeoParquet
-    1.1: the schema carries the `geo` metadata); then the confidence (`confidence.py`): `confidence`
-    (P(true point in the reported finest cell)), `level_confidence` (the same per level, level 1
-    first), `r50_km` / `r90_km` (error radii) and `calibrated` (whether the index's calibration made
-    them; false: the model's own probabilities)."""
+    1.1: the schema carries the `geo` metadata), then the archive columns (`ARCHIVE_FIELDS`: EXIF GPS,
+    the precision cap), the gallery columns (`REFINEMENT_FIELDS`), then the confidence
+    (`confidence.py`, `CONFIDENCE_FIELDS`): `confidence` (the calibrated P(true point in the
+    reported finest cell)), `level_confidence` (the same per level, level 1 first), `r50_km` /
+    `r90_km` (error radii) and `calibrated` (whether the index's calibration made them; false: the
+    model's own probabilities)."""
     fields = [
         ("id", pa.string()),
         ("path", pa.string()),
@@ -97,8 +95,33 @@ def pred_schema(save_embeddings: bool = False) -> pa.Schema:
         fields.append(("embedding", pa.list_(pa.float32())))
     fields += [("width", pa.int32()), ("height", pa.int32()), ("error", pa.string()),
                ("topk_tokens", pa.list_(pa.string())), (GEOMETRY_COLUMN, pa.binary())]
+    fields += ARCHIVE_FIELDS
+    fields += REFINEMENT_FIELDS
     fields += CONFIDENCE_FIELDS
     return with_geo_metadata(pa.schema(fields))
+
+
+# The photo's own EXIF GPS (`exif_gps`) and the precision cap in force (`privacy`), added at the end:
+# exif_lat/exif_lon null unless valid; exif_gps_note says why GPS present is not valid; cap_* null
+# when no cap; cap_level is the level answered (0: an S2 cell coarser than level 1).
+ARCHIVE_FIELDS = [("exif_lat", pa.float64()), ("exif_lon", pa.float64()), ("exif_gps_present", pa.bool_()),
+                  ("exif_gps_valid", pa.bool_()), ("exif_gps_note", pa.string()),
+                  ("cap_km", pa.float64()), ("cap_level", pa.int8()), ("cap_token", pa.string())]
+
+
+# Added with galleries (ARCHITECTURE.md, PRED_DIR): how `lat`/`lon` were made. `point_source`:
+# "cell_mean" (the best finest cell's mean point, as before galleries), "neighbour" (the nearest
+# gallery reference inside the best cells), "neighbours" (the weighted mean of several that agree);
+# the nearest reference's gallery, id and cosine similarity (null when none); `cell_lat`/`cell_lon`:
+# the best cell's mean point, whatever the rule (equal to lat/lon when point_source = cell_mean).
+REFINEMENT_FIELDS = [("point_source", pa.string()), ("neighbour_gallery", pa.string()),
+                     ("neighbour_id", pa.string()), ("neighbour_similarity", pa.float32()),
+                     ("cell_lat", pa.float64()), ("cell_lon", pa.float64())]
+
+# Added with the confidence (`confidence.py`), after the gallery columns: the calibrated probability
+# of the reported finest cell, per level, the error radii around lat/lon, whether calibrated.
+CONFIDENCE_FIELDS = [("confidence", pa.float64()), ("level_confidence", pa.list_(pa.float32())),
+                     ("r50_km", pa.float64()), ("r90_km", pa.float64()), ("calibrated", pa.bool_())]
 
 
 @dataclass(frozen=True)
@@ -112,6 +135,9 @@ class RunConfig:
     index_dir: str
     index_id: str  # hash of the index's manifest.json: a re-exported index is another index
     settings: dict = field(default_factory=dict)  # everything else that changes the rows
+    # the INPUT arguments as the first run spelled them (ids and paths keep that spelling on
+    # resume); None in runs from before it was recorded, whose fingerprint hashes the spelling
+    inputs_given: list[str] | None = None
 
     @property
     def n_chunks(self) -> int:
@@ -146,10 +172,28 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def _atomic_write_table(path: Path, table: pa.Table) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if _is_disk_full(err):
+            raise UserError(f"the disk holding {path.parent} is full (no space left while writing "
+                            f"{path.name}): free some space, then rerun the same command to resume") from None
+        raise
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """ENOSPC or EDQUOT, raised by Python or wrapped by Arrow ('No space left on device')."""
+    import errno
+
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(err, (OSError, pa.ArrowException)) and (
+        "No space left on device" in str(err) or "Disk quota exceeded" in str(err))
 
 
 def _write_meta(path: Path, key: bytes, meta: dict, schema: pa.Schema) -> None:
@@ -212,6 +256,7 @@ class PredStore:
         self.dir = Path(out_dir)
         self._lock_fd: int | None = None
         self._schema: pa.Schema | None = None  # what shards are written as (set by `begin`)
+        self.damaged: list[str] = []  # "part-NNNNN.parquet: why" of shards `begin` removed to recompute
 
     @property
     def legacy(self) -> bool:
@@ -276,19 +321,41 @@ class PredStore:
                     f"--out {self.dir} holds {len(stray)} prediction shards but no {RUN_FILE} nor "
                     f"{META_DIR}/{META_RUN}: it is not a locate run folder; choose an empty or new folder"
                 )
+            others = sorted(p.name for p in self.dir.iterdir()
+                            if p.name != META_DIR and not TEMPORARY_RE.match(p.name))
+            if others:
+                raise UserError(
+                    f"--out {self.dir} is not empty ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) "
+                    "and holds no locate run: choose an empty or new folder")
             _write_meta(self.dir / META_DIR / META_RUN, RUN_KEY, config.to_json(), schema)
         self._remove_temporaries()
         done = self.done_chunks()
         beyond = sorted(c for c in done if c >= config.n_chunks)
         if beyond:
             raise FormatError(f"{self.dir} holds shards beyond the run's {config.n_chunks} chunks: {beyond[:5]}")
+        for c in sorted(done):
+            why = self._damage(c, config)
+            if why is not None:  # not a whole shard (cut, emptied, overwritten): computed again
+                (self.dir / shard_name(c)).unlink()
+                self.damaged.append(f"{shard_name(c)}: {why}")
+                done.discard(c)
         # a resumed run keeps the schema its first shards have: one schema per folder
         self._schema = pq.read_schema(self.dir / shard_name(min(done))) if done else schema
         return done
 
+    def _damage(self, chunk: int, config: RunConfig) -> str | None:
+        """Why shard `chunk` is not the whole chunk (None: it is): an unreadable footer (zero bytes,
+        cut, not Parquet) or a row count other than the chunk's. Reads the footer only."""
+        start, stop = chunk_bounds(chunk, config.chunk_size, config.n_inputs)
+        try:
+            rows = pq.ParquetFile(self.dir / shard_name(chunk)).metadata.num_rows
+        except (OSError, pa.ArrowException) as err:
+            return f"unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        return None if rows == stop - start else f"{rows} rows, the chunk has {stop - start}"
+
     def _check_same_run(self, old: dict, new: RunConfig) -> None:
         cur = new.to_json()
-        diffs = [k for k in cur if k not in ("format", "format_version") and old.get(k) != cur[k]]
+        diffs = [k for k in cur if k not in ("format", "format_version", "inputs_given") and old.get(k) != cur[k]]
         if "settings" in diffs:
             diffs.remove("settings")
             o, c = old.get("settings", {}), cur["settings"]

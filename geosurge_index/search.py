@@ -68,6 +68,33 @@ DEFAULT_BEAM = (512, 256, 128, 64, 32, 16)
 CPU_GATHER_ELEMENTS = 1 << 20
 
 
+# How a prediction's point was made (PRED_DIR `point_source`): the best cell's mean point, the
+# nearest gallery reference inside the best cells, or the weighted mean of several that agree.
+POINT_SOURCES = ("cell_mean", "neighbour", "neighbours")
+
+
+@dataclass
+class Refinement:
+    """What the gallery refinement did, per query (`gallery.refine`).
+
+    cell_lat, cell_lon (n,) float64: the best finest cell's mean point (the answer without
+    galleries); point_source (n,) int8: index into POINT_SOURCES; gallery, neighbour_id (n,)
+    object: the nearest reference's gallery name and id (None when no reference was found);
+    similarity (n,) float32: its cosine with the query (NaN when none).
+    """
+
+    cell_lat: np.ndarray
+    cell_lon: np.ndarray
+    point_source: np.ndarray
+    gallery: np.ndarray
+    neighbour_id: np.ndarray
+    similarity: np.ndarray
+
+    @classmethod
+    def concat(cls, parts: Sequence[Refinement]) -> Refinement:
+        return cls(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__})
+
+
 @dataclass
 class SearchResult:
     """Search answers for n queries (numpy arrays).
@@ -77,8 +104,10 @@ class SearchResult:
         (0 for padding; normalisation: see the module docstring);
     best_cells (n, L) int32: the path of the best finest cell, its ancestor at every level
         (column l-1 = level l), so that the levels are consistent with each other;
-    lat, lon (n,) float64: the predicted point, the mean lat/lon of the training samples of the
-        best finest cell; probability (n,) float64: topk_probs[:, 0].
+    lat, lon (n,) float64: the predicted point: the mean lat/lon of the training samples of the
+        best finest cell, or, when the index's galleries refined it, the point `refinement` says;
+    probability (n,) float64: topk_probs[:, 0];
+    refinement: None without galleries, else how each point was made (`Refinement`).
     """
 
     topk_cells: np.ndarray
@@ -87,6 +116,7 @@ class SearchResult:
     lat: np.ndarray
     lon: np.ndarray
     probability: np.ndarray
+    refinement: Refinement | None = None
 
     def __post_init__(self) -> None:
         n = self.topk_cells.shape[0]
@@ -94,15 +124,26 @@ class SearchResult:
             raise ValueError("SearchResult arrays disagree in shape")
         if not (self.lat.shape == self.lon.shape == self.probability.shape == (n,)):
             raise ValueError("SearchResult arrays disagree in shape")
+        if self.refinement is not None and self.refinement.point_source.shape != (n,):
+            raise ValueError("SearchResult refinement disagrees in shape")
 
     def __len__(self) -> int:
         return int(self.topk_cells.shape[0])
+
+    def head(self, top_k: int) -> SearchResult:
+        """The same answers with only the first top_k alternatives (probabilities unchanged)."""
+        return SearchResult(self.topk_cells[:, :top_k], self.topk_probs[:, :top_k], self.best_cells,
+                            self.lat, self.lon, self.probability, self.refinement)
 
     @classmethod
     def concat(cls, parts: Sequence[SearchResult]) -> SearchResult:
         if not parts:
             raise ValueError("nothing to concatenate")
-        return cls(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in _FIELDS})
+        refined = [p.refinement for p in parts]
+        if any(r is None for r in refined) and not all(r is None for r in refined):
+            raise ValueError("cannot concatenate refined and unrefined results")
+        return cls(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in _FIELDS},
+                   refinement=None if refined[0] is None else Refinement.concat(refined))
 
 
 _FIELDS = ("topk_cells", "topk_probs", "best_cells", "lat", "lon", "probability")
@@ -550,6 +591,7 @@ def result_to_arrow(result: SearchResult | None, tree: CellTree, ids: Sequence[s
                     embeddings: np.ndarray | None = None,
                     widths: Sequence[int | None] | None = None,
                     heights: Sequence[int | None] | None = None,
+                    gps: Sequence | None = None,
                     confidence=None) -> pa.Table:
     """Prediction rows in the PRED_DIR schema (`pred_store.pred_schema`), one per input.
 
@@ -628,6 +670,10 @@ def result_to_arrow(result: SearchResult | None, tree: CellTree, ids: Sequence[s
     cols["topk_tokens"] = spread_list(flat.reshape(topk.shape), pa.string())
     cols["geometry"] = points_wkb(cols["lon"].to_numpy(zero_copy_only=False),
                                   cols["lat"].to_numpy(zero_copy_only=False))
+    cols.update(exif_columns(gps, n))  # the photo's own GPS; cap_* stay null (`privacy.apply_cap` sets them)
+    for name in ("cap_km", "cap_level", "cap_token"):
+        cols[name] = pa.nulls(n, schema.field(name).type)
+    cols.update(_refinement_columns(result, rows, mask, n, spread))
     if confidence is not None:
         cols["confidence"] = spread(confidence.probability.astype(np.float64), pa.float64())
         cols["level_confidence"] = spread_list(confidence.level_probability.astype(np.float32), pa.float32())
@@ -638,3 +684,44 @@ def result_to_arrow(result: SearchResult | None, tree: CellTree, ids: Sequence[s
         for name in ("confidence", "level_confidence", "r50_km", "r90_km", "calibrated"):
             cols[name] = pa.nulls(n, schema.field(name).type)
     return pa.table([cols[f.name] for f in schema], schema=schema)
+
+
+def exif_columns(gps: Sequence | None, n: int) -> dict[str, pa.Array]:
+    """`exif_*` prediction columns from one `exif_gps.GpsTag` (or None: unknown) per input."""
+    tags = list(gps) if gps is not None else [None] * n
+    get = lambda attr: [None if t is None else getattr(t, attr) for t in tags]  # noqa: E731
+    return {"exif_lat": pa.array(get("lat"), pa.float64()), "exif_lon": pa.array(get("lon"), pa.float64()),
+            "exif_gps_present": pa.array(get("present"), pa.bool_()),
+            "exif_gps_valid": pa.array(get("valid"), pa.bool_()),
+            "exif_gps_note": pa.array(get("note"), pa.string())}
+
+
+def _refinement_columns(result: SearchResult, rows: np.ndarray, mask: np.ndarray, n: int, spread) -> dict:
+    """point_source .. cell_lon (PRED_DIR, `pred_schema`): how the point was made. Without a
+    refinement every point is its cell's mean: point_source "cell_mean", no neighbour."""
+    ref = result.refinement
+    if ref is None:
+        source = np.zeros(len(result), np.int8)
+        cell_lat, cell_lon = result.lat, result.lon
+        gallery = neighbour = np.full(len(result), None, dtype=object)
+        sim = np.full(len(result), np.nan, np.float32)
+    else:
+        source, cell_lat, cell_lon = ref.point_source, ref.cell_lat, ref.cell_lon
+        gallery, neighbour, sim = ref.gallery, ref.neighbour_id, ref.similarity
+
+    def spread_obj(values) -> pa.Array:
+        full = np.full(n, None, dtype=object)
+        full[rows] = values
+        return pa.array(full, pa.string())
+
+    names = np.asarray(POINT_SOURCES, dtype=object)
+    sim_full = np.full(n, np.nan, np.float32)
+    sim_full[rows] = sim
+    return {
+        "point_source": spread_obj(names[source.astype(np.int64)] if len(source) else source.astype(object)),
+        "neighbour_gallery": spread_obj(gallery),
+        "neighbour_id": spread_obj(neighbour),
+        "neighbour_similarity": pa.array(sim_full, pa.float32(), mask=np.isnan(sim_full)),
+        "cell_lat": spread(np.asarray(cell_lat, np.float64), pa.float64()),
+        "cell_lon": spread(np.asarray(cell_lon, np.float64), pa.float64()),
+    }

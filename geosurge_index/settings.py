@@ -2,7 +2,7 @@
 the flags, the `GEOSURGE_*` environment variables and the help are generated.
 
 - `InferenceSettings`: the knobs every way of running the model shares (device, batch size, beam,
-  top-k, draft size, pixel cap, ten-crop): `geosurge locate`, the bulk `LocateJob`,
+  top-k, draft size, pixel cap, runtime, ten-crop): `geosurge locate`, the bulk `LocateJob`,
   `Locator.open(settings=...)` and the service.
 - `BulkSettings`: those plus the bulk runner's decoding processes (`geosurge locate`).
 - `ServiceSettings`: those plus the HTTP service's (`geosurge serve`).
@@ -34,6 +34,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 
 from geosurge_index.errors import UserError
 from geosurge_index.images import DEFAULT_MAX_PIXELS
+from geosurge_index.sources import DEFAULT_MAX_BYTES
 
 ENV_PREFIX = "GEOSURGE_"
 
@@ -95,10 +96,35 @@ class InferenceSettings(BaseSettings):
     max_pixels: int = setting(
         DEFAULT_MAX_PIXELS, "largest image, width x height, accepted: a decompression-bomb cap, checked on "
         "the header before any pixel is decoded (bulk: a too_many_pixels error row; HTTP: 413)", ge=1)
+    runtime: Literal["auto", "torch", "onnx", "onnx-fp32", "onnx-int8"] = setting(
+        "auto", "how the encoder runs: torch (the reference), onnx (the fastest ONNX Runtime encoder the "
+        "index carries: `geosurge export-onnx`), onnx-fp32, onnx-int8; an explicit ONNX choice refuses "
+        "when its file is missing or fails its checksum", metavar="RUNTIME",
+        default_help="auto: on the CPU fp32 ONNX when the index carries it (int8 only when asked: its "
+        "top-1 agreement was under 99%), else torch, with a warning when a listed file is unusable; "
+        "on CUDA torch")
     ten_crop: bool = setting(
         False, "test-time ten-crop averaging (the paper's evaluation setting): embed the 4 corner crops and "
         "the centre crop of a 1.143x resize and their mirror images, and search with the L2-normalised "
         "mean; 10x the encoder work", metavar="BOOL", default_help="off: one centre crop")
+    protocol: Literal["fast", "paper"] | None = setting(
+        None, "test protocol: 'paper' is the paper's benchmark protocol, ten-crop averaging (sets "
+        "ten_crop; 8x the time of one crop on the demo index, see README); 'fast' is one centre crop", metavar="PROTOCOL",
+        default_help="fast (one centre crop) unless ten_crop is on")
+    cap_km: float | None = setting(
+        None, "precision cap (privacy): answer with the mean point of the deepest cell on the predicted path "
+        "whose extent (sqrt of its area) is at least this many km; nothing finer leaves (no finer cells, "
+        "top-k, neighbours or embeddings). Typical: 1 street, 25 city, 200 region, 750 country",
+        metavar="KM", ge=0, le=5000, default_help="no cap")
+    cap_level: int | None = setting(
+        None, "precision cap by hierarchy level: answer at this level (1 = coarsest) or coarser; with "
+        "--cap-km the coarser of the two applies", metavar="LEVEL", ge=1, default_help="no cap")
+    galleries: str | None = setting(
+        None, "the index's galleries (`geosurge gallery`) whose geotagged references refine the point: "
+        "names, comma-separated, or all, or none", metavar="NAMES", default_help="all of the index's")
+    refine_cells: int = setting(
+        3, "with galleries: the best finest cells whose references are searched for the nearest one "
+        "(0: no refinement, the cell's mean point)", ge=0)
 
     # -- construction --------------------------------------------------------------------------
 
@@ -125,6 +151,21 @@ class InferenceSettings(BaseSettings):
                 if name in values:
                     raise UserError(f"setting {public} given twice (also as {name})")
                 values[name] = values.pop(public)
+        return values
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol_sets_ten_crop(cls, values: Any) -> Any:
+        """protocol 'paper' turns ten-crop on; 'fast' refuses it (one centre crop)."""
+        if not isinstance(values, dict) or values.get("protocol") is None:
+            return values
+        protocol = str(values["protocol"]).strip().lower()
+        values = dict(values, protocol=protocol)
+        if protocol == "paper":
+            values["ten_crop"] = True
+        elif protocol == "fast" and str(values.get("ten_crop", False)).strip().lower() in ("true", "1", "yes", "on"):
+            raise UserError("protocol 'fast' is one centre crop, but ten_crop is on: drop one of them "
+                            "(protocol 'paper' is ten-crop)")
         return values
 
     @field_validator("beam", mode="before")
@@ -264,6 +305,18 @@ class BulkSettings(InferenceSettings):
         None, "decoding processes; 0 decodes in the main process", ge=0,
         default_help="on CUDA all cores but one, at most 16; on the CPU a quarter of the cores, at least 1, "
         "and the model gets the remaining cores as torch threads")
+    max_image_bytes: int = setting(
+        DEFAULT_MAX_BYTES, "largest input file (or tar member) read, in bytes; a larger one is a too_large "
+        "error row, refused on its size before a byte is read", metavar="BYTES", ge=1,
+        default_help=f"{DEFAULT_MAX_BYTES >> 20} MiB: a 100-MP JPEG is ~50 MB")
+    max_error_rate: float | None = setting(
+        None, "exit with status 1 when more than this fraction (0..1) of the rows are errors (the rows "
+        "are written either way)", metavar="RATE", ge=0, le=1,
+        default_help="fail only when every row is an error")
+    skip_tagged: bool = setting(
+        False, "leave photos whose EXIF already holds valid GPS out of the model: they get a row with "
+        "their EXIF coordinates and the error kind skipped_tagged", metavar="BOOL",
+        default_help="off: every photo is located; its EXIF GPS is reported beside the estimate")
 
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]

@@ -88,6 +88,10 @@ class TrainSettings:
     max_steps_per_epoch: int = 0  # 0: the whole split (a smoke-test cap otherwise)
     checkpoint_every_steps: int = 0  # also write RUN_DIR/partial every N optimizer steps (0: off)
     keep_checkpoints: int = 0  # keep only the last N epoch checkpoints besides the best (0: all)
+    # the loss's negatives (model/loss.py): "all" cells of each level (a softmax over the level, as at
+    # inference) or "in_batch" (InfoNCE over the distinct cells of the batch). Validation always
+    # scores as inference does (all cells).
+    negatives: str = "all"
 
 
 @dataclass
@@ -141,6 +145,10 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if data.class_maps not in ("auto", "precomputed", "segmenter"):
         raise UserError(f"recipe [data] class_maps = {data.class_maps!r}: auto, precomputed or segmenter")
     train = _build(TrainSettings, raw.get("train", {}), "train")
+    from geosurge_index.model.loss import NEGATIVES
+
+    if train.negatives not in NEGATIVES:
+        raise UserError(f"recipe [train] negatives = {train.negatives!r}: choose one of {', '.join(NEGATIVES)}")
     if train.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"recipe [train] precision = {train.precision!r}: auto, bf16, fp16 or fp32")
     if train.batch_size < 1 or train.effective_batch < 1 or train.epochs < 1 or train.patience < 1:
@@ -369,6 +377,8 @@ def search_tables(geo) -> tuple[list, Any]:
     import torch
     import torch.nn.functional as F
 
+    if getattr(geo, "is_classifier", False):  # the ablation head is not scored by the engine
+        return [], None
     with torch.no_grad():
         tables = [F.normalize(t.detach().float(), dim=-1) for t in geo.tables]
         return tables, geo.temperatures.detach().float()
@@ -481,6 +491,7 @@ class Trainer:
         np.random.seed(ts.seed)
         random.seed(ts.seed)
         self.model = GeoSurgeModel(self.config, sizes).to(self.device)
+        self.model.negatives = ts.negatives
         if ckpt_dir is not None:
             excluded = ["encoder." + p for p in self.model.encoder.excluded_state_prefixes()]
             load_stored_state(self.model, read_safetensors(ckpt_dir / "model.safetensors", str(self.device)),
@@ -764,7 +775,10 @@ class Trainer:
                 loss_sum += per_level.cpu().numpy() * valid
                 valid_sum += valid
                 correct_sum += correct.cpu().numpy()
-                best = validation_best(emb, tables, temperatures, self.parents)
+                if getattr(self.model.geo, "is_classifier", False):  # the ablation head: its own argmax
+                    best = self.model.geo.logits(emb, 0).argmax(-1)
+                else:
+                    best = validation_best(emb, tables, temperatures, self.parents)
                 rows_all.append(ok_rows)
                 pred_all.append(best.cpu().numpy())
         totals = self._reduce(np.concatenate([loss_sum, valid_sum, correct_sum]))

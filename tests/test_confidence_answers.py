@@ -65,7 +65,8 @@ def test_an_uncalibrated_index_says_so_everywhere(world, tmp_path):
     assert all(a >= b - 1e-6 for a, b in zip(r["level_confidence"], r["level_confidence"][1:], strict=False))
     with Locator.open(index_dir, device="cpu") as loc:
         pred = loc.locate([root / "photos" / "p00.jpg"])[0]
-    assert pred.calibrated is False and pred.confidence == pytest.approx(r["confidence"])
+    # one image here, a batch of 40 in bulk: the encoder's float sums differ in the last digits
+    assert pred.calibrated is False and pred.confidence == pytest.approx(r["confidence"], rel=1e-4)
     summary = manifest_summary(index_dir)
     assert summary["calibration"]["calibrated"] is False and "uncalibrated" in summary["calibration"]["note"]
     assert prediction_json(pred, _Decoded(), top_k=5, include_cells=True)["calibrated"] is False

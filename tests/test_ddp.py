@@ -45,10 +45,13 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from geosurge_index.coords import read_coordinates
-    from geosurge_index.demo_world import generate_split
+    from geosurge_index.demo_world import WorldConfig, generate_split
 
     root = tmp_path_factory.mktemp("ddp")
-    split = generate_split(root / "train", 48, seed=4, progress=False)
+    # the world this test's tolerances were set on (before the level-13 signboard tile): with the
+    # 8-tile signboard, Adam amplifies the float noise of a first-layer weight past 1e-4 here
+    old_world = WorldConfig(signature_levels=(1, 2, 3, 4, 6, 8, 10))
+    split = generate_split(root / "train", 48, seed=4, cfg=old_world, progress=False)
     coords = read_coordinates(split.manifest)
     part = cells_mod.partition(coords.lat, coords.lon,
                                cells_mod.PartitionSettings(tau_min=1, tau_max=(30, 15, 8, 4, 3, 2, 2)))

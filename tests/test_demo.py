@@ -27,30 +27,40 @@ def mini_demo(tmp_path_factory):
     recipe = root / "recipe-in.toml"
     recipe.write_text(dump_toml(RECIPE) + "\n")
     settings = DemoSettings(out_dir=root / "out", n_train=150, n_test=16, recipe=recipe, tau_min=2,
-                            tau_max=(60, 40, 30, 20, 12, 8, 5), progress=False)
+                            tau_max=(60, 40, 30, 20, 12, 8, 5), progress=False, archive_trips=3)
     return settings, run_demo(settings)
 
 
 def test_every_stage_runs_and_writes_its_artefacts(mini_demo, capsys):
     settings, result = mini_demo
     assert [(s.name, s.status) for s in result.stages] == [
-        (name, "ran") for name in ("world-train", "world-test", "partition", "train", "export", "calibrate",
-                                   "locate", "evaluate", "sql", "map")], result.stages
+        (name, "ran") for name in ("world-train", "world-test", "partition", "train", "segmenter", "export",
+                                   "calibrate", "gallery", "locate", "locate-no-maps", "evaluate", "sql", "map",
+                                   "world-archive", "archive")], result.stages
     out = settings.out_dir
     for rel in ("world/train/manifest.csv", "world/test/manifest.csv", "cells/partition.json",
                 "recipe.toml", "run/run.json", "index/manifest.json", "eval/accuracy.txt",
-                "eval/accuracy.json", "eval/model.json", "map/predictions.png", "index/calibration.json",
-                "eval/confidence.png"):
+                "segmenter/segmenter.json", "segmenter/segmenter.safetensors",
+                "eval/accuracy.json", "eval/model.json", "map/predictions.png", "eval/archive.json",
+                "world/archive/truth.csv", "index/calibration.json", "eval/confidence.png"):
         assert (out / rel).is_file(), rel
     assert list((out / "predictions").glob("part-*.parquet"))
+    assert list((out / "predictions-no-maps").glob("part-*.parquet"))
+    assert list((out / "world/test-no-maps/images").glob("*.jpg")) and not list(
+        (out / "world/test-no-maps/images").glob("*.classmap.png"))
     assert len(list((out / "sql").glob("*.csv"))) == 2
     assert len(list((out / "world/train/images").glob("*.classmap.png"))) == 150
 
 
-def test_the_accuracy_table_has_the_four_methods(mini_demo):
+def test_the_accuracy_table_has_its_rows(mini_demo):
     settings, result = mini_demo
-    assert list(result.table) == ["GeoSURGE (7-level product)", "same model, finest level",
-                                  "random cell", "densest cell"]
+    assert list(result.table) == ["GeoSURGE, with class maps", "GeoSURGE, without class maps (the index's segmenter)",
+                                  "with the training set as gallery", "same model, finest level", "random cell",
+                                  "densest cell"]
+    assert list(result.archive_table) == ["cell mean (no gallery)", "its tagged photos as gallery",
+                                          "training set as gallery"]
+    for acc in result.archive_table.values():
+        assert sorted(acc) == sorted(THRESHOLDS_KM)
     for acc in result.table.values():
         assert sorted(acc) == sorted(THRESHOLDS_KM)
         values = [acc[t] for t in THRESHOLDS_KM]
@@ -59,6 +69,18 @@ def test_the_accuracy_table_has_the_four_methods(mini_demo):
     assert saved["densest cell"]["2500"] == pytest.approx(result.table["densest cell"][2500.0])
     text = (settings.out_dir / "eval/accuracy.txt").read_text()
     assert "2500 km" in text and "random cell" in text
+    assert "with class maps" in text and "without class maps (the index's segmenter)" in text
+
+
+def test_the_index_ships_the_trained_segmenter(mini_demo):
+    from geosurge_index.model import load_encoder
+    from geosurge_index.model.small_segmenter import SmallSegmenter
+
+    settings, _ = mini_demo
+    encoder = load_encoder(settings.out_dir / "index")
+    assert isinstance(encoder.segmenter, SmallSegmenter) and encoder.config.segmenter.is_trained
+    training = json.loads((settings.out_dir / "segmenter/segmenter.json").read_text())["training"]
+    assert training["n_train"] + training["n_val"] == 150  # every training photo (fewer than the draw)
 
 
 def test_a_second_run_reuses_everything(mini_demo, capsys):
@@ -75,14 +97,16 @@ def test_a_redone_stage_redoes_the_stages_after_it(mini_demo):
     (settings.out_dir / ".demo" / "locate.json").unlink()  # as if locate had been interrupted
     again = run_demo(settings)
     status = {s.name: s.status for s in again.stages}
-    assert {status[n] for n in ("world-train", "world-test", "partition", "train", "export")} == {"reused"}
+    assert {status[n] for n in ("world-train", "world-test", "partition", "train", "segmenter", "export",
+                                "gallery", "locate-no-maps")} == {"reused"}
     assert {status[n] for n in ("locate", "evaluate", "sql", "map")} == {"ran"}
 
 
 def test_an_interrupted_training_run_resumes(tmp_path, capsys):
     recipe = tmp_path / "recipe-in.toml"
     recipe.write_text(dump_toml({**RECIPE, "train": {**RECIPE["train"], "epochs": 2}}) + "\n")
-    settings = DemoSettings(out_dir=tmp_path / "out", n_train=60, n_test=4, recipe=recipe, progress=False)
+    settings = DemoSettings(out_dir=tmp_path / "out", n_train=60, n_test=4, recipe=recipe, progress=False,
+                            archive_trips=0)
     run_demo(settings)
     out = settings.out_dir
     (out / ".demo" / "train.json").unlink()  # as if killed during epoch 2

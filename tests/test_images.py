@@ -185,7 +185,7 @@ def test_ten_crop_pixels_and_their_normalisation():
     np.testing.assert_array_equal(px[5], px[0][:, ::-1])  # the mirrors follow the five crops
     # the corners and the centre of one bicubic resize to TEN_CROP_SCALE x 32 on the short side
     short = round(32 * TEN_CROP_SCALE)
-    big = np.asarray(img.resize((round(90 * short / 60), short), Image.BICUBIC))
+    big = np.asarray(img.resize((int(short * 90 / 60), short), Image.BICUBIC))  # long side rounded down, as CLIP
     np.testing.assert_array_equal(px[0], big[:32, :32])
     np.testing.assert_array_equal(px[3], big[-32:, -32:])
     want = ((px / np.float32(255.0) - CLIP_MEAN) / CLIP_STD).transpose(0, 3, 1, 2)
@@ -246,3 +246,49 @@ def test_open_class_map_from_bytes_and_refuses_rgb(tmp_path):
     with pytest.raises(ImageDecodeError) as err:
         open_class_map(_encode(Image.new("RGB", (4, 4)), "PNG"))
     assert err.value.kind == "bad_class_map"
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_max_pixels_above_pillows_own_limit_is_honoured():
+    """Pillow refuses > 2 x Image.MAX_IMAGE_PIXELS (179 MP) on its own; a higher cap of ours wins,
+    for that decode only (Pillow's global limit is left as it was)."""
+    from _locate_fixtures import bomb_png
+    from PIL import Image
+
+    data = bomb_png(15000, 15000)  # 225 MP, header only
+    limit = Image.MAX_IMAGE_PIXELS
+    assert probe_image(data, max_pixels=300_000_000).size == (15000, 15000)
+    assert Image.MAX_IMAGE_PIXELS == limit
+    with pytest.raises(ImageDecodeError) as err:  # our cap still applies, with our message
+        probe_image(data, max_pixels=200_000_000)
+    assert err.value.kind == "too_many_pixels" and "cap of 200000000" in err.value.message
+    with pytest.raises(ImageDecodeError, match="too_many_pixels"):
+        probe_image(data)  # the default cap (100 MP)
+
+
+def _heic_bytes() -> bytes:
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()
+    return _encode(Image.new("RGB", (80, 60), (200, 30, 30)), "HEIF")
+
+
+def test_heic_is_decoded_with_the_heif_extra():
+    img = decode_image(_heic_bytes())
+    assert img.size == (80, 60) and img.mode == "RGB"
+    assert abs(int(np.asarray(img)[30, 40, 0]) - 200) < 12
+
+
+def test_heic_without_the_extra_is_unsupported_format_not_not_an_image(tmp_path):
+    """Without pillow-heif (hidden from a fresh interpreter) a HEIC file says what it is and how
+    to read it, instead of `not_an_image`."""
+    import subprocess
+    import sys
+
+    (tmp_path / "x.heic").write_bytes(_heic_bytes())
+    code = ("import sys; sys.modules['pillow_heif'] = None\n"
+            "from geosurge_index.images import ImageDecodeError, decode_image\n"
+            f"try:\n    decode_image({str(tmp_path / 'x.heic')!r})\n"
+            "except ImageDecodeError as e:\n    print(e.kind, '|', e.message)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.startswith("unsupported_format | "), out.stdout + out.stderr
+    assert "HEIC" in out.stdout and "geosurge-index[heif]" in out.stdout

@@ -434,3 +434,17 @@ def test_odd_paths_become_error_rows_or_skip_the_class_map(tmp_path):
     broken.write_bytes(good_images()["a.jpg"])
     class_map_path(broken).write_bytes(b"not a png")
     assert locate.decode_input_row(str(broken), -1, -1, -1, -1, spec).error.startswith("decode_failed:")
+
+
+def test_geosurge_locate_says_once_that_the_segmenter_is_untrained(index_dir, tmp_path, capsys):
+    from geosurge_index.cli import main as cli_main
+    from geosurge_index.locate.locator import segmenter_warning
+
+    assert segmenter_warning(index_dir)  # random_index: a config-built segmenter, never trained
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (40, 30), (90, 140, 60)).save(src / "a.jpg")
+    code = cli_main(["locate", str(index_dir), str(src), "--out", str(tmp_path / "out"), "--workers", "0",
+                     "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 0 and err.count("untrained segmenter") == 1

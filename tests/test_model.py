@@ -52,7 +52,11 @@ def test_full_size_parameter_counts(full_meta):
     assert 210e6 < parts["segmenter"][0] < 225e6  # OneFormer Swin-L ADE20K (219 M measured)
     geo_total = sum([3298, 7202, 12893, 16000, 19000, 21000, 23000]) * 768 + 7
     assert parts["geographic embeddings + temperatures"] == (geo_total, geo_total)
-    assert parts["head (LayerNorm + Linear)"] == (2 * 128 + 128 * 768 + 768,) * 2
+    if full_meta.config.fusion.readout == "cls+clip":  # LN(fused CLS) + LN(CLIP CLS) + Linear(128 + 1024 -> 768)
+        head = 2 * 128 + 2 * 1024 + (128 + 1024) * 768 + 768
+    else:  # "cls": LN(fused CLS) + Linear(128 -> 768)
+        head = 2 * 128 + 128 * 768 + 768
+    assert parts["head (LayerNorm + Linear)"] == (head,) * 2
 
 
 def test_full_size_shapes_on_meta(full_meta):
@@ -317,7 +321,97 @@ def test_class_maps_are_written_once_beside_the_images(tmp_path):
     counts = write_class_maps(paths + [tmp_path / "bad.jpg"], enc.segmenter, progress=False)
     assert counts == {"written": 2, "zero_bytes": 1}
     m = Image.open(class_map_path(paths[0]))
-    assert m.mode == "L" and m.size == (85, 64)  # whole image, short side = segmenter input size
+    assert m.mode == "L" and m.size == (336, 336)  # the centre crop at the default encoder side
+    counts = write_class_maps(paths, enc.segmenter, progress=False, overwrite=True, image_size=64)
+    assert counts == {"written": 2}
+    m = Image.open(class_map_path(paths[0]))
+    assert m.mode == "L" and m.size == (64, 64)  # the centre crop the tiny encoder sees
     cm = load_class_map(class_map_path(paths[0]), 64)
     assert cm.shape == (64, 64) and cm.max() < 150
     assert write_class_maps(paths, enc.segmenter, progress=False) == {"existing": 2}
+
+
+def test_in_batch_info_nce_equals_a_hand_computed_value():
+    """In-batch negatives: at each level a softmax over the distinct cells of the batch's valid
+    samples; samples sharing a cell share its column; -1 targets are masked out."""
+    import math
+
+    from geosurge_index.model.geo import GeoEmbeddings
+    from geosurge_index.model.loss import hierarchical_info_nce
+
+    geo = GeoEmbeddings([4], dim=2, init_temperature=0.5)
+    with torch.no_grad():  # unit cell vectors at 0, 90, 180, 270 degrees
+        geo.tables[0].copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]))
+    emb = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-1.0, 0.0]])
+    targets = torch.tensor([[0], [1], [1], [-1]])  # cells 0 and 1 present; the last sample has none
+    with torch.no_grad():
+        loss, per_level, correct = hierarchical_info_nce(emb, geo, targets, negatives="in_batch")
+    # candidates: cells 0 and 1 only; logits = cos / 0.5
+    def nll(cos_pos, cos_neg):
+        return -math.log(math.exp(cos_pos / 0.5) / (math.exp(cos_pos / 0.5) + math.exp(cos_neg / 0.5)))
+    expected = (nll(1.0, 0.0) + nll(0.8, 0.6) + nll(1.0, 0.0)) / 3
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert float(per_level[0]) == pytest.approx(expected, rel=1e-6)
+    assert int(correct[0]) == 3
+    # all-cells negatives differ: cells 2 and 3 join every denominator
+    with torch.no_grad():
+        all_loss, _, _ = hierarchical_info_nce(emb, geo, targets)
+    den = lambda cos: sum(math.exp(c / 0.5) for c in cos)  # noqa: E731
+    expected_all = (-math.log(math.exp(2) / den([1, 0, -1, 0])) - math.log(math.exp(1.6) / den([0.6, 0.8, -0.6, -0.8]))
+                    - math.log(math.exp(2) / den([0, 1, 0, -1]))) / 3
+    assert float(all_loss) == pytest.approx(expected_all, rel=1e-6)
+    with pytest.raises(ValueError, match="negatives"):
+        hierarchical_info_nce(emb, geo, targets, negatives="nope")
+
+
+def test_fusion_readouts_and_old_configs_keep_their_readout(tmp_path):
+    """`fusion.readout`: 'cls' (the fused CLS alone) or 'cls+clip' (with CLIP's CLS beside it);
+    an encoder.json written before the option existed loads with the read-out it was trained with."""
+    from geosurge_index.model.config import DEFAULT_READOUT, LEGACY_READOUT, ModelConfig
+
+    assert LEGACY_READOUT == "cls"
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    cm = torch.randint(0, 150, (2, 64, 64))
+    for readout in ("cls", "cls+clip"):
+        cfg = tiny_config()
+        cfg.fusion.readout = readout
+        enc = VisualEncoder(cfg).eval()
+        assert (enc.clip_norm is not None) == (readout == "cls+clip")
+        assert enc.head.in_features == 32 + (64 if readout == "cls+clip" else 0)
+        with torch.no_grad():
+            out = enc(x, cm)
+        assert out.shape == (2, 768) and torch.allclose(out.norm(dim=-1), torch.ones(2), atol=1e-5)
+    # an old encoder.json: no `readout` key -> "cls", and its weights load
+    cfg = tiny_config()
+    cfg.fusion.readout = "cls"
+    enc = VisualEncoder(cfg).eval()
+    save_encoder(enc, tmp_path)
+    meta = json.loads((tmp_path / "encoder.json").read_text())
+    del meta["model"]["fusion"]["readout"]
+    (tmp_path / "encoder.json").write_text(json.dumps(meta))
+    back = load_encoder(tmp_path)
+    assert back.config.fusion.readout == "cls" and back.clip_norm is None
+    with torch.no_grad():
+        assert torch.allclose(enc(x, cm), back(x, cm), atol=1e-6)
+    assert ModelConfig().fusion.readout == DEFAULT_READOUT  # new configs: the measured default
+    bad = tiny_config().to_dict()
+    bad["fusion"]["readout"] = "mean"
+    with pytest.raises(UserError, match="readout"):
+        ModelConfig.from_dict(bad).validate()
+
+
+def test_classifier_head_trains_on_one_level_and_cannot_be_exported(tmp_path):
+    from geosurge_index.model.geo import ClassifierHead
+
+    cfg = tiny_config()
+    cfg.head = "classifier"
+    with pytest.raises(ValueError, match="one level"):
+        GeoSurgeModel(cfg, [3, 5])
+    model = GeoSurgeModel(cfg, [5])
+    assert isinstance(model.geo, ClassifierHead)
+    x = torch.randn(2, 3, 64, 64)
+    loss, per_level, correct, emb = model(x, torch.zeros(2, 64, 64, dtype=torch.long), torch.tensor([[1], [4]]))
+    loss.backward()
+    assert float(model.geo.classifier.weight.grad.abs().sum()) > 0
+    assert per_level.shape == (1,) and emb.shape == (2, 768)

@@ -24,12 +24,12 @@ from geosurge_index.index import CELLS_DB, OLDEST_DUCKDB
 
 # the Makefile installs the oldest DuckDB that opens an index here (make install)
 OLD_DUCKDB_DIR = Path(os.environ.get("GEOSURGE_OLD_DUCKDB", Path(sys.prefix) / "old-duckdb"))
-NEW_COLUMNS = ("topk_tokens", "geometry", *(name for name, _ in pred_store.CONFIDENCE_FIELDS))
+NEW_COLUMNS = ("topk_tokens", "geometry")
 
 
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory):
-    from geosurge_index.cli.locate import random_index
+    from geosurge_index.synthetic import random_index
 
     return random_index(tmp_path_factory.mktemp("idx") / "index", n_points=1500, place_names=True)
 
@@ -95,7 +95,13 @@ def test_prediction_shards_are_geoparquet(run_dir):
 def test_every_column_kept_and_topk_tokens_added(run_dir):
     t = pq.read_table(sorted(run_dir.glob("part-*.parquet")))
     assert t.schema.names == pred_store.pred_schema().names  # the old columns first, in their order
-    assert t.schema.names[-len(NEW_COLUMNS):] == list(NEW_COLUMNS)
+    after = t.schema.names.index("error") + 1  # added later, after the old columns, in this order
+    assert t.schema.names[after:after + 2] == list(NEW_COLUMNS)
+    archive = [n for n, _ in pred_store.ARCHIVE_FIELDS]
+    assert t.schema.names[after + 2:after + 2 + len(archive)] == archive
+    gallery = [name for name, _ in pred_store.REFINEMENT_FIELDS]  # added after these, by galleries
+    confidence = [name for name, _ in pred_store.CONFIDENCE_FIELDS]  # then the confidence
+    assert t.schema.names[-len(gallery) - len(confidence):] == gallery + confidence
     for r in t.to_pylist():
         if r["error"] is not None:
             assert r["topk_tokens"] is None and r["geometry"] is None

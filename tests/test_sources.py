@@ -188,3 +188,63 @@ def test_tar_coordinates_from_each_samples_json(tmp_path):
     assert all(x != x for x in lat[2:] + lon[2:])  # NaN: no point in the JSON
     with pytest.raises(UserError, match="cannot be read"):
         sources.read_tar_coordinates(tmp_path / "missing.tar")
+
+
+def test_folder_scan_counts_what_it_skips_and_takes_heic(tmp_path):
+    from collections import Counter
+
+    write_folder(tmp_path / "f", bad=False)
+    (tmp_path / "f" / "a.classmap.png").write_bytes(class_map_png())
+    (tmp_path / "f" / "scan.TIF").write_bytes(b"x")
+    (tmp_path / "f" / "phone.HEIC").write_bytes(b"x")  # an input, decodable or not: never silent
+    (tmp_path / "f" / "README").write_text("x")
+    (tmp_path / "f" / ".git").mkdir()
+    (tmp_path / "f" / ".git" / "x.jpg").write_bytes(b"x")
+    skipped = Counter()
+    t = sources.read_folder(tmp_path / "f", skipped)
+    assert str(tmp_path / "f" / "phone.HEIC") in t.column("id").to_pylist()
+    assert skipped == {"hidden": 1, "hidden_folder": 1, "class_map": 1, "extension:.tif": 1, "extension:.txt": 1,
+                       "extension:.json": 1, "no_extension": 1}
+    inputs = sources.collect_inputs([tmp_path / "f"])
+    assert inputs.skipped == skipped and inputs.table.equals(t)
+
+
+def test_quoted_globs_expand_sorted_and_several_files_are_inputs(tmp_path):
+    for name in ("b.jpg", "a.jpg", "c.png"):
+        (tmp_path / name).write_bytes(good_images()["a.jpg"])
+    assert sources.expand_globs([f"{tmp_path}/*.jpg", tmp_path / "c.png"]) == [
+        str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"), str(tmp_path / "c.png")]
+    with pytest.raises(UserError, match="no file matches"):
+        sources.expand_globs([f"{tmp_path}/*.gif"])
+    t = sources.enumerate_inputs(sources.expand_globs([f"{tmp_path}/[ab].jpg"]))
+    assert t.column("id").to_pylist() == [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]
+
+
+def test_fingerprint_does_not_depend_on_the_spelling(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_folder(tmp_path / "in", bad=False)
+    write_tar(tmp_path / "s.tar", 2)
+    first = sources.collect_inputs(["in", "s.tar"])
+    for spelled in (["./in", "./s.tar"], ["in/", str(tmp_path / "s.tar")], [str(tmp_path / "in"), "s.tar"]):
+        again = sources.collect_inputs(spelled, spell_as=["in", "s.tar"])
+        assert again.fingerprint == first.fingerprint
+        assert again.table.select(["id", "path"]).equals(first.table.select(["id", "path"]))
+    assert sources.collect_inputs(["./in", "s.tar"]).legacy_fingerprint != first.legacy_fingerprint
+
+
+def test_tar_members_that_are_not_files_are_counted(tmp_path):
+    from collections import Counter
+
+    with tarfile.open(tmp_path / "x.tar", "w") as tar:
+        for name, kind in [("k", tarfile.DIRTYPE), ("k/a.jpg", tarfile.REGTYPE), ("k/a.webp", tarfile.REGTYPE),
+                           ("k/a.jpg", tarfile.REGTYPE), ("k/b.jpg", tarfile.SYMTYPE), ("k/c.jpg", tarfile.BLKTYPE)]:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            blob = good_images()["a.jpg"] if kind == tarfile.REGTYPE else b""
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob) if blob else None)
+    skipped = Counter()
+    t = sources.read_tar(tmp_path / "x.tar", skipped)
+    assert t.column("id").to_pylist() == ["k/a"] and t.column("path").to_pylist()[0].endswith("::k/a.jpg")
+    assert t.column("offset").to_pylist()[0] < 2048  # the first k/a.jpg, not its duplicate
+    assert skipped == {"tar_directory": 1, "tar_second_image": 2, "tar_link": 1, "tar_special": 1}

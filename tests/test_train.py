@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tarfile
 from pathlib import Path
 
@@ -317,6 +318,22 @@ def test_recipes_parse_and_reject_mistakes(tmp_path):
     bad.write_text('[data]\ncells = "c"\ntrain = "t"\n[train]\npatience = 0\n')
     with pytest.raises(UserError, match="patience"):
         load_recipe(bad)
+    bad.write_text('[data]\ncells = "c"\ntrain = "t"\n[train]\nnegatives = "some"\n')
+    with pytest.raises(UserError, match="negatives"):
+        load_recipe(bad)
+    ok = tmp_path / "ok.toml"
+    ok.write_text('[model]\npreset = "tiny"\n[model.fusion]\nreadout = "cls"\n[data]\ncells = "c"\ntrain = "t"\n'
+                  '[train]\nnegatives = "in_batch"\n')
+    r = load_recipe(ok)
+    assert r.train.negatives == "in_batch" and r.model.fusion.readout == "cls"
+    assert full.train.negatives == "all"  # the default: a softmax over all cells of each level
+
+
+def test_in_batch_negatives_train_and_validate(world, tmp_path):
+    r = recipe(world, epochs=1, negatives="in_batch")
+    res = Trainer(r, tmp_path / "run", progress=False, log=lambda m: None).run()
+    m = res.metrics[0]
+    assert math.isfinite(m["train_loss"]) and math.isfinite(m["val_loss"]) and m["train_samples"] == 64
 
 
 def test_cli_trains_a_self_contained_synthetic_recipe(tmp_path, monkeypatch):

@@ -328,13 +328,10 @@ class _Context:
         import urllib.request
 
         from geosurge_index.locate import Locator
+        from geosurge_index.service.app import create_app
+        from geosurge_index.service.runner import ServerThread
         from geosurge_index.settings import ServiceSettings
         from geosurge_index.synthetic import synthetic_jpegs
-
-        try:  # the service's new home when it has one
-            from geosurge_index.service import ServerThread, create_app  # type: ignore[attr-defined]
-        except ImportError:
-            from geosurge_index.server import ServerThread, create_app
 
         index_dir = self._index()
         settings = ServiceSettings(index_dir=index_dir, device=str(self.device), max_wait_ms=1)

@@ -20,6 +20,8 @@ COMMAND_MODULES = [
     "segment",
     "train",
     "export",
+    "import_",
+    "gallery",
     "calibrate",
     "verify",
     "search",
@@ -28,8 +30,11 @@ COMMAND_MODULES = [
     "evaluate",
     "coverage",
     "maps",
+    "review",
+    "sidecars",
     "serve",
     "demo",
+    "ablations",
 ]
 
 
@@ -49,12 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="geosurge",
         description="GeoSURGE geo-localization backend: partition the Earth into a 7-level S2 "
         "hierarchy, train, export FAISS indexes, and geolocate images in bulk, in SQL or over HTTP.",
+        epilog="Example: `geosurge demo` runs every stage on the built-in demo world; then "
+        "`geosurge locate demo/index photos/ --out preds/`. Every COMMAND has --help with examples.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     bench = sub.add_parser(
         "bench",
         help="measure speed and memory of a stage (prints the machine and the method)",
         description="Benchmarks. Each prints the machine, the method and the figures.",
+        epilog="Example: geosurge bench search --quick",
     )
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK")
     for name in COMMAND_MODULES:

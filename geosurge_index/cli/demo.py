@@ -13,17 +13,24 @@ Run every stage on the built-in demo world, on this machine's CPU:
                 real photo density
   2. partition  the 7-level adaptive S2 hierarchy of the training locations (tau scaled down)
   3. train      a tiny model from the recipe (default build/demo.toml)
-  4. export     the index (FAISS levels, cells.duckdb, encoder)
-  5. locate     the test photos, with the bulk pipeline
-  6. evaluate   accuracy at 1/25/200/750/2500 km: the model, random-cell guessing, the densest
-                cell, and the same model using its finest level alone
-  7. sql        two SQL recipes from queries/
-  8. map        predicted vs true points
+  4. segmenter  a small segmenter trained on the training photos' class maps, for photos
+                located without one (bytes, uploads, new photos)
+  5. export     the index (FAISS levels, cells.duckdb, encoder with that segmenter)
+  6. locate     the test photos, with the bulk pipeline: with their class maps, and again
+                without them (the index's segmenter makes the maps)
+  7. evaluate   accuracy at 1/25/200/750/2500 km: the model with and without class maps,
+                random-cell guessing, the densest cell, and the same model using its finest
+                level alone
+  8. sql        two SQL recipes from queries/
+  9. map        predicted vs true points
 
 Everything is written under OUT (default ./demo-out). Running it again reuses every stage whose
 outputs exist and were made with the same settings; --fresh redoes everything. The demo world is
 synthetic: its accuracy says the system works end to end, not how well it geolocates real
 photos (for that, see build/mp16.toml and README).
+
+--ablations runs the paper's ablations on the demo world instead (`geosurge ablations --help`):
+  geosurge demo --ablations --seeds 3 --json ablations.json
 """
 
 
@@ -32,6 +39,7 @@ def register(subparsers) -> None:
         "demo",
         help="run the whole system end to end on the procedural demo world (CPU, a few minutes)",
         description=DESCRIPTION,
+        epilog="Examples:\n  geosurge demo --out demo/\n  geosurge demo --out demo/ --train 4000 --test 500 --fresh",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from geosurge_index.demo import DEFAULT_RECIPE, DemoSettings
@@ -56,11 +64,22 @@ def register(subparsers) -> None:
                         "in proportion to --train otherwise)")
     p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing what is built")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    abl = p.add_argument_group("ablations (with --ablations; see `geosurge ablations --help`)")
+    abl.add_argument("--ablations", action="store_true",
+                     help="instead of the demo, train and evaluate the paper's ablations on the demo world")
+    from geosurge_index.cli.ablations import add_arguments
+
+    add_arguments(abl, prefix="ablation-")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import os
+
+    if args.ablations:
+        from geosurge_index.cli.ablations import run as run_ablations
+
+        return run_ablations(args)
 
     from geosurge_index.demo import DemoSettings, run_demo
     from geosurge_index.errors import UserError
@@ -89,6 +108,7 @@ def register_bench(bench_subparsers) -> None:
         description="Render N demo-world photos and write them (JPEG + class map PNG + manifest) into a "
                     "temporary folder, in this one process (one core). Prints the machine, the method and "
                     "photos per minute for rendering alone and for rendering + writing.",
+        epilog="Example: geosurge bench demo-world --n 200",
     )
     p.add_argument("--n", type=int, default=2000, help="photos to render (default: %(default)s)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default: %(default)s)")

@@ -18,6 +18,10 @@ INPUT, one or more of:
   WebDataset shards uncompressed .tar files as img2dataset writes them (id = the sample key)
 Precomputed class maps are used when present (<stem>.classmap.png beside an image, classmap.png
 in a tar sample; `geosurge segment` writes them); otherwise the index's segmenter computes them.
+Each row also carries the photo's own EXIF GPS (exif_lat, exif_lon, exif_gps_present,
+exif_gps_valid, exif_gps_note: malformed GPS is treated as untagged, with a note); --skip-tagged
+leaves photos with valid GPS out of the model (their row has the error kind skipped_tagged).
+--cap-km / --cap-level: the precision cap: nothing finer than the cap is written.
 
 Resume: inputs are numbered and cut into chunks; each chunk is written atomically as one shard.
 Run the same command again after an interruption (even kill -9) and it continues where it
@@ -28,7 +32,8 @@ Examples:
   geosurge locate index/ photos/ --out preds/
   geosurge locate index/ manifest.parquet --id-column key --out preds/ --save-embeddings
   geosurge locate index/ shards/{00000..00099}.tar --out preds/ --ray auto
-  geosurge locate index/ im2gps3k/ --out preds-10crop/ --ten-crop   # the paper's test-time setting
+  geosurge locate index/ im2gps3k/ --out preds-paper/ --protocol paper   # the paper's test protocol (ten-crop)
+  geosurge locate index/ ~/Pictures --out preds/ --cap-km 25 --skip-tagged   # a photo archive, city precision
   duckdb -c "SELECT count(*), count(error) FROM 'preds/*.parquet'"
 """
 
@@ -56,16 +61,20 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--path-column", default="path", help="manifest column holding image paths (default: %(default)s)")
     g.add_argument("--id-column", default=None,
                    help="manifest column holding ids (default: 'id' when the manifest has one, else the path)")
-    BulkSettings.add_arguments(g, ["max_pixels", "draft_size"], switches=True)
+    BulkSettings.add_arguments(g, ["max_pixels", "max_image_bytes", "draft_size"], switches=True)
     g = p.add_argument_group("search")
     BulkSettings.add_arguments(g, ["top_k", "beam"], switches=True)
     g.add_argument("--save-embeddings", action="store_true",
                    help="also store each image's visual embedding (768 floats) in an `embedding` column")
-    BulkSettings.add_arguments(g, ["ten_crop"], switches=True)
+    BulkSettings.add_arguments(g, ["ten_crop", "protocol"], switches=True)
+    g = p.add_argument_group("photo archives (README: For photo archives)")
+    BulkSettings.add_arguments(g, ["cap_km", "cap_level", "skip_tagged"], switches=True)
+    BulkSettings.add_arguments(g, ["galleries", "refine_cells"], switches=True)  # `geosurge gallery`
     g = p.add_argument_group("execution")
     g.add_argument("--chunk-size", type=int, default=1024,
                    help="inputs per output shard, the unit of resume (default: %(default)s)")
-    BulkSettings.add_arguments(g, ["batch_size", "workers", "device"], switches=True)
+    BulkSettings.add_arguments(g, ["batch_size", "workers", "device", "runtime", "max_error_rate"],
+                               switches=True)
     g = p.add_argument_group("Ray (more than one machine)")
     g.add_argument("--ray", metavar="ADDRESS", default=None,
                    help="run on Ray Data: 'auto' (the cluster this machine belongs to), HOST:PORT or "
@@ -91,13 +100,40 @@ def job_from_args(args: argparse.Namespace):
 
 
 def run_locate(args: argparse.Namespace) -> int:
+    from geosurge_index.locate.job import too_many_errors
     from geosurge_index.locate.runner import run_job
 
     job = job_from_args(args)
+    _warn_untrained_segmenter(job.index_dir)
     ray_opts = {"actors": args.ray_actors, "gpus_per_actor": args.ray_gpus_per_actor, "num_cpus": args.ray_cpus}
-    summary = run_job(job, ray_address=args.ray, ray_options=ray_opts)
+    try:
+        summary = run_job(job, ray_address=args.ray, ray_options=ray_opts)
+    except KeyboardInterrupt:
+        print(f"geosurge locate: interrupted; the finished shards in {args.out} are kept: rerun the same "
+              "command to resume", file=sys.stderr)
+        return 130
     print(format_summary(summary, args.out), file=sys.stderr)
-    return 0 if summary["complete"] else 1
+    if not summary["complete"]:
+        return 1
+    failed = too_many_errors(summary)
+    if failed:
+        print(f"geosurge locate: error: {failed}; see the `error` column and the errors by kind above",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _warn_untrained_segmenter(index_dir) -> None:
+    """Say once, before the run, that images without class maps go through a random segmenter."""
+    from geosurge_index.errors import FormatError
+    from geosurge_index.locate.locator import segmenter_warning
+
+    try:
+        note = segmenter_warning(index_dir)
+    except (FormatError, OSError):
+        return  # the run's own index check names what is wrong
+    if note:
+        print(f"geosurge locate: warning: {note}", file=sys.stderr)
 
 
 def format_summary(s: dict, out: str) -> str:
@@ -111,6 +147,9 @@ def format_summary(s: dict, out: str) -> str:
     ]
     if s["errors_by_kind"]:
         lines.append("  errors by kind: " + ", ".join(f"{k} {v}" for k, v in s["errors_by_kind"].items()))
+    if s.get("skipped_inputs"):
+        lines.append("  input scans (files not taken; damaged shards): "
+                     + ", ".join(f"{k} {v}" for k, v in s["skipped_inputs"].items()))
     if not s["complete"]:
         lines.append("  INCOMPLETE: run the same command again to finish")
     return "\n".join(lines)
@@ -126,6 +165,7 @@ def register_bench(bench_subparsers) -> None:
         "locate",
         help="images/s of bulk locate vs. the decode-only bound; full-size model; GPU FLOP utilisation",
         description=DESCRIPTION,
+        epilog="Example:\n  geosurge bench locate --images 64 --full-images 0 --json locate.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--images", type=int, default=256, help="synthetic images for steps 1-2 (default: %(default)s)")
@@ -144,6 +184,37 @@ def register_bench(bench_subparsers) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON here")
     p.set_defaults(func=run_bench)
     register_gpu_check(bench_subparsers)
+    register_faults(bench_subparsers)
+
+
+def register_faults(bench_subparsers) -> None:
+    from geosurge_index.bench.faults import DESCRIPTION
+
+    p = bench_subparsers.add_parser(
+        "faults",
+        help="bulk locate against hostile inputs and faults: rows lost or doubled, hangs, peak RSS per case",
+        description=DESCRIPTION,
+        epilog="Example:\n  geosurge bench faults --json faults.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--images", type=int, default=8, help="good images per case (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds after which a case counts as a hang (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="decoding processes (default: %(default)s)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON here")
+    p.set_defaults(func=run_faults_cli)
+
+
+def run_faults_cli(args: argparse.Namespace) -> int:
+    from geosurge_index.bench.faults import FaultsBench, run_faults_bench
+    from geosurge_index.cli import settings_from_args
+
+    results = run_faults_bench(settings_from_args(FaultsBench, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    bad = [r for r in results if r["hang"] or r.get("lost") or r.get("doubled")]
+    return 1 if bad else 0
 
 
 def register_gpu_check(bench_subparsers) -> None:
@@ -153,6 +224,7 @@ def register_gpu_check(bench_subparsers) -> None:
         "gpu",
         help="run every GPU path once on small sizes and say what passed (`make gpu-check`)",
         description=DESCRIPTION,
+        epilog="Example:\n  geosurge bench gpu --device cuda:0 --json gpu.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")

@@ -33,11 +33,14 @@ def register(subparsers) -> None:
         "map",
         help="world maps (PNG) and GeoJSON of cells and predictions",
         description=DESCRIPTION,
+        epilog="Examples:\n  geosurge map cells index/ --level 3 --output cells.png\n"
+               "  geosurge map predictions preds/ --truth test.csv --output errors.png",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="what", metavar="WHAT")
     c = sub.add_parser("cells", help="cells of one level, coloured by training density",
-                       description="Cells of one level coloured by training density (n_samples / area_km2).")
+                       description="Cells of one level coloured by training density (n_samples / area_km2).",
+                       epilog="Example: geosurge map cells index/ --level 3 --output cells.geojson")
     c.add_argument("src", metavar="SRC", help="INDEX_DIR (`geosurge export`) or CELLS_DIR (`geosurge partition`)")
     c.add_argument("--level", type=int, default=None, help="hierarchy level to draw (default: the finest)")
     c.add_argument("--output", "-o", required=True, metavar="FILE", help="FILE.png or FILE.geojson")
@@ -45,7 +48,8 @@ def register(subparsers) -> None:
     c.set_defaults(func=run_map_cells)
     q = sub.add_parser("predictions", help="predicted points, or lines from the truth coloured by error",
                        description="Predicted points, or with --truth a line from each true point to "
-                                   "its prediction coloured by error.")
+                                   "its prediction coloured by error.",
+                       epilog="Example: geosurge map predictions preds/ --truth test.csv --output errors.png")
     q.add_argument("pred_dir", metavar="PRED_DIR", help="folder of prediction shards (`geosurge locate --out`)")
     q.add_argument("--truth", metavar="FILE", default=None,
                    help="ground truth, CSV/Parquet (id, lat, lon) or a WebDataset .tar with lat/lon "

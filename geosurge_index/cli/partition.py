@@ -136,6 +136,7 @@ def register_bench(bench_subparsers) -> None:
         "partition",
         help="time and memory of sampling + partitioning MP-16-sized input; S2 ids vs s2sphere",
         description=DESCRIPTION,
+        epilog="Example:\n  geosurge bench partition --n 1000000 --json partition.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--n", type=int, default=DEFAULT_N, metavar="N",

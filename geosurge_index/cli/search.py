@@ -22,10 +22,13 @@ SEARCH_DESCRIPTION = (
     "Parquet files with an `embedding` list<float> column and optional `id`, `path` and `error` "
     "columns (e.g. a PRED_DIR from `geosurge locate --save-embeddings`). Output: one Parquet "
     "file in the PRED_DIR schema (id, path, lat, lon, probability, cell_l1..7, token_l1..7, "
-    "topk_cells, topk_probs, width, height, error), one row per input row, in input order; a row "
+    "topk_cells, topk_probs, width, height, error, and how the point was made: point_source, "
+    "neighbour_*, cell_lat/cell_lon), one row per input row, in input order; a row "
     "with a missing, wrong-length, non-finite or all-zero embedding becomes an error row.\n\n"
     "Search: level 1 is scored in full; at each finer level only the children of the best B "
     "paths kept at the level above (--beam); --exhaustive scores every cell of every level. "
+    "When the index has galleries, the point is the nearest reference inside the best --refine-cells "
+    "cells (else the best cell's mean point). "
     + PROBABILITIES
 )
 
@@ -46,6 +49,7 @@ def register(subparsers) -> None:
         "search",
         help="re-query stored visual embeddings (.npy or Parquet) against an index",
         description=SEARCH_DESCRIPTION,
+        epilog="Example: geosurge search index/ --embeddings preds/ --out requery.parquet --beam 64",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("index_dir", metavar="INDEX_DIR", help="index folder written by `geosurge export`")
@@ -67,8 +71,18 @@ def register(subparsers) -> None:
     p.add_argument("--embedding-column", default="embedding", help="Parquet input: the embedding column")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the sha256 check of the index files (presence, sizes and the structure: "
-                        "unit-norm vectors, cell counts, the tree are still checked)")
+                        "unit-norm vectors, cell counts, the tree are still checked) (default: verify every "
+                        "checksum)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    from geosurge_index.settings import InferenceSettings
+
+    InferenceSettings.add_arguments(p, ["cap_km", "cap_level"])
+    p.add_argument("--galleries", default=None, metavar="NAMES",
+                   help="the index's galleries whose references refine the point (`geosurge gallery`): names, "
+                        "comma-separated, or all, or none (default: all of the index's)")
+    p.add_argument("--refine-cells", type=int, default=3, metavar="N",
+                   help="with galleries: the best finest cells whose references are searched; 0 answers with "
+                        "the cell's mean point (default: %(default)s)")
     _add_engine_flags(p)
     p.set_defaults(func=run)
 
@@ -80,8 +94,10 @@ def run(args) -> int:
     from geosurge_index.embeddings import read_embedding_batches
     from geosurge_index.errors import UserError
     from geosurge_index.index import GeoIndex
+    from geosurge_index.privacy import Cap, apply_cap
     from geosurge_index.progress import bar
     from geosurge_index.search import parse_beam
+    from geosurge_index.settings import InferenceSettings
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -92,6 +108,10 @@ def run(args) -> int:
     index = GeoIndex.open(args.index_dir, device=args.device, backend=args.backend, verify=args.verify,
                           encoder=False)
     beam = parse_beam(args.beam, index.levels)
+    cap = Cap.from_settings(InferenceSettings.from_env(cap_km=args.cap_km, cap_level=args.cap_level))
+    from geosurge_index.gallery.refine import RefineSettings
+
+    index.use_galleries(args.galleries, RefineSettings(cells=args.refine_cells))
     conf_model = confidence.ConfidenceModel.for_index(index)  # the index's calibration, if any
     batches, total = read_embedding_batches(args.embeddings, index.dim, args.batch_size,
                                             id_column=args.id_column,
@@ -108,7 +128,8 @@ def run(args) -> int:
                 if b.embeddings.shape[0]:
                     result, conf = confidence.search(index, conf_model, b.embeddings, args.top_k, beam=beam,
                                                      exhaustive=args.exhaustive, batch_size=args.batch_size)
-                table = index.to_arrow(result, b.ids, b.paths, b.errors, confidence=conf)
+                table = apply_cap(index.to_arrow(result, b.ids, b.paths, b.errors, confidence=conf),
+                                  index.tree, cap)
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema)
                 writer.write_table(table)
@@ -143,6 +164,7 @@ def register_bench(bench_subparsers) -> None:
         "search",
         help="queries/s of beam vs. exhaustive search and top-1 agreement, at 25k and 1M finest cells",
         description=DESCRIPTION,
+        epilog="Example:\n  geosurge bench search --quick",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--scale", default="both", choices=["mp16", "internet", "both"],

@@ -76,6 +76,7 @@ def register_bench(bench_subparsers) -> None:
         "starts `geosurge serve` in a subprocess on 127.0.0.1 (a free port) and sends --requests single-image POST /v1/locate requests from --clients concurrent clients "
         "(httpx) and prints p50/p99 latency, requests/s, the ratio to the direct figure and the "
         "micro-batch sizes the server used.",
+        epilog="Example: geosurge bench serve --clients 8 --requests 200",
     )
     p.add_argument("index_dir", metavar="INDEX_DIR", help="index directory written by `geosurge export`")
     p.add_argument("--clients", type=int, default=32, help="concurrent HTTP clients (default: %(default)s)")

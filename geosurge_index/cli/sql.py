@@ -79,7 +79,7 @@ def register(subparsers) -> None:
                         "path inside INDEX_DIR or PRED_DIR, through symlinks or hard links")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the sha256 check of cells.duckdb (its size and the structure of its "
-                        "tables are still checked)")
+                        "tables are still checked) (default: verify the checksum)")
     p.add_argument("--max-rows", type=int, default=50,
                    help="rows shown by --format table; other formats write every row (default: %(default)s)")
     p.set_defaults(func=run_sql)

@@ -89,7 +89,8 @@ def register_bench(bench_subparsers) -> None:
 
     p = bench_subparsers.add_parser(
         "train", help="speed of training steps, encoder inference and segmentation (random weights)",
-        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=DESCRIPTION, epilog="Example:\n  geosurge bench train --preset tiny --steps 3",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p, "tiny")
     p.add_argument("--batch", type=int, default=8, help="images per step (default: %(default)s)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (default: %(default)s)")

@@ -17,6 +17,7 @@ import pyarrow as pa
 from PIL import Image
 
 from geosurge_index import geometry, sources
+from geosurge_index.exif_gps import TAGGED_ERROR, GpsTag, read_gps
 from geosurge_index.geometry import TEN_CROPS  # test-time ten-crop: 4 corners + centre, and their mirrors
 from geosurge_index.images import (
     DEFAULT_MAX_PIXELS,
@@ -25,6 +26,7 @@ from geosurge_index.images import (
     decode_image_with_size,
     open_class_map,
 )
+from geosurge_index.sources import DEFAULT_MAX_BYTES
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class DecodeSpec:
     draft_size: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     ten_crop: bool = False
+    max_bytes: int = DEFAULT_MAX_BYTES  # the most bytes read of one input (`sources.read_bytes`)
+    skip_tagged: bool = False  # a photo with valid EXIF GPS is not decoded: an error row of kind skipped_tagged
 
     @property
     def crops(self) -> int:
@@ -52,6 +56,7 @@ class Decoded:
     width: int = 0  # the photo's size as seen (EXIF rotation applied, before draft scaling); 0 on error
     height: int = 0
     error: str | None = None  # "kind: message"
+    gps: GpsTag | None = None  # the photo's own EXIF GPS (`exif_gps.read_gps`)
 
 
 def class_map_image(source, name: str | None = None) -> Image.Image:
@@ -88,6 +93,18 @@ def class_map_image(source, name: str | None = None) -> Image.Image:
 
 def _decode(image_source, cmap_source, spec: DecodeSpec, name: str | None = None,
             hold: PixelHold | None = None) -> Decoded:
+    """Bytes or a PIL image -> Decoded, with the photo's EXIF GPS. Never raises on bad data."""
+    gps = read_gps(image_source)
+    if spec.skip_tagged and gps.valid:
+        return Decoded(None, None, error=f"{TAGGED_ERROR}: the photo carries EXIF GPS ({gps.lat:.6f}, "
+                       f"{gps.lon:.6f}); --skip-tagged leaves it to its own coordinates", gps=gps)
+    decoded = _decode_pixels(image_source, cmap_source, spec, name, hold)
+    decoded.gps = gps
+    return decoded
+
+
+def _decode_pixels(image_source, cmap_source, spec: DecodeSpec, name: str | None = None,
+                   hold: PixelHold | None = None) -> Decoded:
     """Bytes or a PIL image -> Decoded. Never raises on bad data: failures become `error`."""
     try:
         sized = decode_image_with_size(image_source, max_pixels=spec.max_pixels,
@@ -106,6 +123,18 @@ def _decode(image_source, cmap_source, spec: DecodeSpec, name: str | None = None
         return Decoded(None, None, error=f"decode_failed: {type(err).__name__}: {err}")
 
 
+# Test hook: a decoding process that reads the file named by this variable (its basename) kills
+# itself with SIGKILL, as a segfault or the OOM killer would: how the tests reach a DataLoader
+# worker, whatever its start method. Never set outside the tests.
+KILL_ENV = "GEOSURGE_TEST_KILL_DECODER_ON"
+
+
+def _test_kill() -> None:
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 _BESIDE = object()  # decode_input_row's default: the class map the input table points at
 
 
@@ -113,8 +142,11 @@ def decode_input_row(file: str, offset: int, size: int, cmo: int, cms: int, spec
                      class_map=_BESIDE) -> Decoded:
     """One row of the input table (`sources.INPUT_SCHEMA`) -> Decoded. `class_map`, when given,
     replaces the row's own (the file beside it or the tar member)."""
+    kill_on = os.environ.get(KILL_ENV)
+    if kill_on and os.path.basename(file) == kill_on:
+        _test_kill()
     try:
-        data = sources.read_bytes(file, offset, size)
+        data = sources.read_bytes(file, offset, size, spec.max_bytes)
         cmap = sources.class_map_source(file, offset, cmo, cms) if class_map is _BESIDE else class_map
     except ImageDecodeError as err:
         return Decoded(None, None, error=f"{err.kind}: {err.message}")
@@ -134,7 +166,7 @@ def decode_any(image, spec: DecodeSpec, *, class_map=None, name: str | None = No
         if hold is None and class_map is None:
             return decode_input_row(path, -1, -1, -1, -1, spec)  # class map beside it too
         try:
-            data = sources.read_bytes(path, -1, -1)
+            data = sources.read_bytes(path, -1, -1, spec.max_bytes)
         except ImageDecodeError as err:
             return Decoded(None, None, error=f"{err.kind}: {err.message}")
         if class_map is None:
@@ -157,6 +189,7 @@ class DecodedBatch:
     width: np.ndarray  # int32 (n,)
     height: np.ndarray  # int32 (n,)
     errors: list  # (n,) str | None
+    gps: list | None = None  # (n,) GpsTag | None: each photo's EXIF GPS
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -193,6 +226,7 @@ def collate(rows: Sequence[int], decoded: Sequence[Decoded], image_size: int, as
         width=np.array([d.width for d in decoded], dtype=np.int32),
         height=np.array([d.height for d in decoded], dtype=np.int32),
         errors=[d.error for d in decoded],
+        gps=[d.gps for d in decoded],
     )
 
 
@@ -216,3 +250,52 @@ class InputDataset:
 
     def __getitem__(self, i: int) -> DecodedBatch:
         return decode_rows(self.table, self.batches[i], self.spec)
+
+
+def decode_rows_isolated(table: pa.Table, rows: np.ndarray, spec: DecodeSpec, as_torch: bool = True,
+                         context=None) -> DecodedBatch:
+    """`decode_rows` in a separate process that decodes one image at a time: an input that kills
+    its decoder (a segfault in a codec, the OOM killer) becomes a `worker_crashed` error row, and
+    a fresh process goes on with the next one. What the runner does with the batches a dead
+    DataLoader worker may have held. `context`: a multiprocessing context (default: fork where
+    there is one, else spawn)."""
+    import multiprocessing as mp
+    import signal
+
+    ctx = context or mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    part = table.take(pa.array(rows)).select(["file", "offset", "size", "cmap_offset", "cmap_size"])
+    items = list(zip(*(part.column(i).to_pylist() for i in range(5)), strict=True))
+    out: list[Decoded | None] = [None] * len(items)
+    start = 0
+    while start < len(items):
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_decode_items, args=(send, items[start:], spec), daemon=True)
+        proc.start()
+        send.close()
+        got = start
+        try:
+            while got < len(items):
+                out[got] = recv.recv()
+                got += 1
+        except EOFError:  # the process died before sending item `got`
+            pass
+        finally:
+            recv.close()
+            proc.join()
+        if got < len(items):
+            code = proc.exitcode
+            how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+                   else f"exit status {code}")
+            out[got] = Decoded(None, None, error=f"worker_crashed: {items[got][0]}: the decoding process died "
+                               f"({how}) on this input")
+            got += 1
+        start = got
+    return collate(rows, out, spec.image_size, as_torch, spec.crops)
+
+
+def _decode_items(conn, items, spec: DecodeSpec) -> None:
+    try:
+        for vals in items:
+            conn.send(decode_input_row(*vals, spec))
+    finally:
+        conn.close()

@@ -23,6 +23,7 @@ from geosurge_index.pred_store import (
     RunConfig,
     chunk_bounds,
     index_identity,
+    read_run,
 )
 from geosurge_index.settings import BulkSettings, InferenceSettings
 
@@ -52,11 +53,29 @@ class LocateJob:
     device: str = _DEFAULTS.device
     draft_size: int | None = _DEFAULTS.draft_size  # None: the encoder's input size; 0: off
     max_pixels: int = _DEFAULTS.max_pixels
+    runtime: str = _DEFAULTS.runtime  # auto | torch | onnx | onnx-fp32 | onnx-int8 (model.onnx_runtime)
     ten_crop: bool = _DEFAULTS.ten_crop  # test-time ten-crop averaging (10x the encoder work)
+    max_image_bytes: int = _DEFAULTS.max_image_bytes  # larger inputs are too_large rows, never read
+    max_error_rate: float | None = _DEFAULTS.max_error_rate  # None: fail only when every row is an error
+    protocol: str | None = _DEFAULTS.protocol  # "paper": ten-crop (sets ten_crop); "fast": one centre crop
+    cap_km: float | None = _DEFAULTS.cap_km  # precision cap (`privacy`): None = none
+    cap_level: int | None = _DEFAULTS.cap_level
+    skip_tagged: bool = _DEFAULTS.skip_tagged  # photos with valid EXIF GPS are not located
+    galleries: str | None = _DEFAULTS.galleries  # None: every gallery of the index; "none": no refinement
+    refine_cells: int = _DEFAULTS.refine_cells  # best cells whose gallery references are searched
 
     def __post_init__(self) -> None:
         for name, value in self.inference_settings().values().items():  # checked and normalised
             setattr(self, name, value)
+        if self.save_embeddings and self.cap is not None:
+            raise UserError("--save-embeddings with a precision cap: embeddings are finer than any cap, "
+                            "so a capped run never stores them")
+
+    @property
+    def cap(self):
+        from geosurge_index.privacy import Cap
+
+        return Cap.of(self.cap_km, self.cap_level)
 
     @classmethod
     def from_settings(cls, index_dir: str, inputs: list[str], out_dir: str, settings: InferenceSettings,
@@ -71,7 +90,8 @@ class LocateJob:
         return BulkSettings(**{name: getattr(self, name) for name in BulkSettings.model_fields})
 
     def settings(self) -> SearchSettings:
-        return SearchSettings(self.top_k, self.beam, self.save_embeddings, self.ten_crop)
+        return SearchSettings(self.top_k, self.beam, self.save_embeddings, self.ten_crop, self.cap,
+                              galleries=self.galleries, refine_cells=self.refine_cells)
 
     def output_settings(self) -> dict:
         """The settings that change the rows: a resume must keep them."""
@@ -80,6 +100,15 @@ class LocateJob:
                "path_column": self.columns.path, "id_column": self.columns.id}
         if self.ten_crop:  # recorded only when on, so that runs from before the setting still resume
             out["ten_crop"] = True
+        if self.max_image_bytes != _DEFAULTS.max_image_bytes:  # likewise
+            out["max_image_bytes"] = self.max_image_bytes
+        for name in ("cap_km", "cap_level", "skip_tagged"):  # likewise
+            if getattr(self, name):
+                out[name] = getattr(self, name)
+        if self.galleries is not None:  # likewise: recorded only when not the default
+            out["galleries"] = self.galleries
+        if self.refine_cells != _DEFAULTS.refine_cells:
+            out["refine_cells"] = self.refine_cells
         return out
 
 
@@ -92,6 +121,7 @@ class Plan:
     config: RunConfig
     store: PredStore
     done: set[int]
+    skipped: Counter = field(default_factory=Counter)  # files the scans did not take, by reason
 
     @property
     def pending_chunks(self) -> list[int]:
@@ -104,27 +134,58 @@ class Plan:
 
 
 def plan_job(job: LocateJob) -> Plan:
-    """Check everything that can be checked before any work: inputs, ids, index, the ledger."""
+    """Check everything that can be checked before any work: inputs, ids, index, the ledger.
+    Nothing is written into `out_dir` before INDEX_DIR and the inputs have passed."""
     if job.chunk_size < 1 or job.top_k < 1:
         raise UserError("--chunk-size and --top-k must be at least 1")
     index_dir = Path(job.index_dir)
-    if not index_dir.is_dir():
-        raise UserError(f"INDEX_DIR {index_dir} is not a folder")
-    table = sources.enumerate_inputs(job.inputs, job.columns)
+    check_index(index_dir)
+    given = sources.expand_globs(job.inputs)
+    resolved = [str(Path(p).resolve()) for p in given]
+    old = read_run(job.out_dir) if Path(job.out_dir).is_dir() else None
+    # A resumed run writes its rows as its first run spelled the inputs (`in` vs `./in` vs /abs/in)
+    first = old.get("inputs_given") if old else None
+    same_inputs = old is not None and old.get("inputs") == resolved
+    spell_as = first if same_inputs and first and len(first) == len(given) else None
+    inputs = sources.collect_inputs(given, job.columns, spell_as=spell_as)
+    table = inputs.table
     if table.num_rows == 0:
-        raise UserError(f"no images found in {', '.join(map(str, job.inputs))}")
+        raise UserError(f"no images found in {', '.join(map(str, job.inputs))}"
+                        + (f" (skipped: {format_skipped(inputs.skipped)})" if inputs.skipped else ""))
+    legacy = old is not None and "inputs_given" not in old  # a run from before spelling-free resume
     config = RunConfig(
-        inputs=[str(Path(p).resolve()) for p in job.inputs],
+        inputs=resolved,
         n_inputs=table.num_rows,
-        fingerprint=sources.fingerprint(table),
+        fingerprint=inputs.legacy_fingerprint if legacy else inputs.fingerprint,
         chunk_size=job.chunk_size,
         index_dir=str(index_dir.resolve()),
         index_id=index_identity(index_dir),
         settings=job.output_settings(),
+        inputs_given=None if legacy else (spell_as or given),
     )
     store = PredStore(job.out_dir)
     done = store.begin(config)
-    return Plan(job, table, config, store, done)
+    return Plan(job, table, config, store, done, inputs.skipped)
+
+
+def check_index(index_dir: Path) -> None:
+    """INDEX_DIR holds a readable manifest of a known version, every file a reader opens at the
+    manifest's size, and an encoder (locate encodes images): checked before `--out` is touched,
+    so that a wrong INDEX_DIR leaves no run behind. The sha256 pass is the predictor's."""
+    from geosurge_index.index import read_manifest, verify_index
+
+    if not index_dir.is_dir():
+        raise UserError(f"INDEX_DIR {index_dir} is not a folder")
+    manifest = read_manifest(index_dir)
+    if not manifest.get("encoder"):
+        raise UserError(f"INDEX_DIR {index_dir} has no encoder (exported for `geosurge search` over stored "
+                        "embeddings): `geosurge locate` needs one to embed images; export from a checkpoint")
+    verify_index(index_dir, checksums=False)
+
+
+def format_skipped(skipped: Counter) -> str:
+    """'class_map 4, extension:.tif 2, hidden 1': what the scans did not take, by reason."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))
 
 
 @dataclass
@@ -237,6 +298,8 @@ def summarize(plan: Plan, stats: RunStats, strategy: str) -> dict:
         "errors": sum(kinds.values()),
         "errors_by_kind": dict(sorted(kinds.items())),
         "shards": len(plan.store.shard_paths()),
+        "skipped_inputs": dict(sorted(plan.skipped.items())),
+        "recomputed_damaged_shards": list(plan.store.damaged),
         "this_run": {
             "images": stats.processed,
             "resumed_chunks": len(plan.done),
@@ -245,5 +308,19 @@ def summarize(plan: Plan, stats: RunStats, strategy: str) -> dict:
             "strategy": strategy,
         },
         "complete": rows == plan.config.n_inputs,
+        "max_error_rate": plan.job.max_error_rate,
     }
+
+
+def too_many_errors(summary: dict) -> str | None:
+    """Why a finished run should exit non-zero, or None: more than `max_error_rate` of its rows
+    are errors, or, with no rate given, every row is one."""
+    n, bad, rate = summary["images"], summary["errors"], summary.get("max_error_rate")
+    if not n:
+        return None
+    if rate is None:
+        return None if bad < n else f"every one of the {n} rows is an error"
+    if bad / n > rate:
+        return f"{bad} of {n} rows ({bad / n:.1%}) are errors, above --max-error-rate {rate:g}"
+    return None
 

@@ -23,6 +23,7 @@ import numpy as np
 from geosurge_index.index import PLACE_COLUMNS  # noqa: F401 - re-exported
 from geosurge_index.locate.decode import Decoded, DecodeSpec, collate, decode_any
 from geosurge_index.locate.predictor import Predictor, SearchSettings
+from geosurge_index.privacy import Cap, CapInfo, apply_cap
 from geosurge_index.settings import UNSET, InferenceSettings
 
 log = logging.getLogger("geosurge.locate")
@@ -49,6 +50,8 @@ class Alternative:
     probability: float
     lat: float
     lon: float
+    level: int | None = None  # None: a finest cell; under a precision cap the level of the capped cell
+    #                           (0: an S2 cell coarser than level 1), probabilities summed within it
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,15 @@ class Prediction:
     r50_km: float | None = None
     r90_km: float | None = None
     calibrated: bool | None = None
+    cap: CapInfo | None = None  # the precision cap this answer was cut to (`privacy.apply_cap`)
+    # how lat/lon were made (PRED_DIR's columns of the same names): "cell_mean", or with galleries
+    # "neighbour" / "neighbours"; the nearest reference's gallery, id and cosine; the cell's mean point
+    point_source: str | None = None
+    neighbour_gallery: str | None = None
+    neighbour_id: str | None = None
+    neighbour_similarity: float | None = None
+    cell_lat: float | None = None
+    cell_lon: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -103,7 +115,7 @@ def segmenter_warning(index_dir: str | os.PathLike) -> str | None:
     seg = (meta.get("model") or {}).get("segmenter") or {}
     if seg.get("kind", "none") == "none" or seg.get("pretrained") is not None:
         return None
-    if meta.get("segmenter_trained") or seg.get("trained"):
+    if meta.get("segmenter_trained") or seg.get("trained") or seg.get("trained_on"):
         return None
     return (f"the index {os.fspath(index_dir)} has an untrained segmenter (random weights, "
             "`pretrained: null`): photos located without a class map get much less accurate answers. "
@@ -138,6 +150,9 @@ class Locator:
         self.places = places or {c: [None] * n_finest for c in PLACE_COLUMNS}
         self.segmenter_note = segmenter_note  # `segmenter_warning`'s text, or None
         self._lock = threading.Lock()
+        self.cap: Cap | None = None  # the precision cap of every answer (`open(settings=...)`'s)
+        self.index_dir: Path | None = None
+        self._level_places: dict[int, dict[str, list]] = {}
 
     def __enter__(self) -> Locator:
         return self
@@ -180,14 +195,18 @@ class Locator:
         s = (settings or InferenceSettings()).inference()
         if given:
             s = s.with_(**given)
-        predictor = Predictor.open(index_dir, s.device, SearchSettings(s.top_k, s.beam, False, s.ten_crop))
+        predictor = Predictor.open(index_dir, s.device, SearchSettings(
+            s.top_k, s.beam, False, s.ten_crop, galleries=s.galleries, refine_cells=s.refine_cells),
+            s.runtime)
         size = predictor.image_size
         places = _read_places(Path(index_dir), predictor.index.levels)
         spec = DecodeSpec(size, size if s.draft_size is None else s.draft_size, s.max_pixels, s.ten_crop)
         note = segmenter_warning(index_dir)
         if note and warn_untrained:
             log.warning("%s", note)  # once per open, in plain words
-        return cls(predictor, spec, places, segmenter_note=note)
+        locator = cls(predictor, spec, places, segmenter_note=note)
+        locator.cap, locator.index_dir = Cap.from_settings(s), Path(index_dir)
+        return locator
 
     @property
     def image_size(self) -> int:
@@ -200,14 +219,17 @@ class Locator:
 
     def locate(self, images: Iterable, *, top_k: int | None = None, ids: Sequence[str] | None = None,
                return_embeddings: bool = False, cell_probabilities: bool = True,
-               class_maps: Sequence | None = None) -> list[Prediction]:
+               class_maps: Sequence | None = None, cap: Cap | Sequence[Cap | None] | None = None,
+               ) -> list[Prediction]:
         """Paths, bytes, PIL images or `Decoded` (from `decode`) -> one Prediction each, in order.
         An image that cannot be decoded gives a Prediction with `error` set, never an exception.
         `class_maps`: one class map per image, or None (a path then uses its `<stem>.classmap.png`
         when it exists; others run the segmenter); an item may also be an `(image, class_map)`
         pair. `cell_probabilities=False` leaves `cells[i].probability` None: each level's softmax
         needs every cell of the level (a GEMM per level), which a caller that ignores them should
-        not pay."""
+        not pay. `cap`: a precision cap (`privacy.Cap`), one for all or one per image, on top of
+        the locator's own (`self.cap`, from its settings): the coarser of the two applies, so
+        a call can ask for a coarser answer, never a finer one; a capped answer has no embedding."""
         if self.closed:
             raise RuntimeError("this Locator is closed")
         images = list(images)
@@ -240,7 +262,36 @@ class Locator:
             if result is not None and cell_probabilities:
                 level_probs = self.index.engine.level_probabilities(emb, result.best_cells)
         conf = _confidence_columns(table, batch.ok)
-        return self._predictions(batch, ids, result, level_probs, emb if return_embeddings else None, conf)
+        preds = self._predictions(batch, ids, result, level_probs, emb if return_embeddings else None, conf)
+        return self._capped(preds, cap)
+
+    def _capped(self, preds: list[Prediction], cap) -> list[Prediction]:
+        """`privacy.apply_cap` with the coarser of the locator's cap and the call's (per image)."""
+        caps = list(cap) if isinstance(cap, (list, tuple)) else [cap] * len(preds)
+        if len(caps) != len(preds):
+            raise ValueError(f"{len(caps)} caps for {len(preds)} images")
+        caps = [self.cap.coarser(c) if self.cap else c for c in caps]
+        if not any(caps):
+            return preds
+        out = list(preds)
+        for c in {c for c in caps if c}:
+            sel = [i for i, ci in enumerate(caps) if ci == c]
+            for i, p in zip(sel, apply_cap([preds[i] for i in sel], self.index.tree, c,
+                                           places=self._places_of), strict=True):
+                out[i] = p
+        return out
+
+    def _places_of(self, level: int, cell: int) -> dict:
+        """Place names of one cell of any level (levels read once, when a cap first needs them)."""
+        if level == self.index.tree.levels:
+            table = self.places
+        else:
+            if level not in self._level_places:
+                if self.index_dir is None:
+                    return dict.fromkeys(PLACE_COLUMNS)
+                self._level_places[level] = _read_places(self.index_dir, level)
+            table = self._level_places[level]
+        return {c: table[c][cell] for c in PLACE_COLUMNS}
 
     def _predictions(self, batch, ids, result, level_probs, emb, conf=None) -> list[Prediction]:
         tree = self.index.tree
@@ -265,7 +316,7 @@ class Locator:
             out.append(Prediction(
                 float(result.lat[r]), float(result.lon[r]), float(result.probability[r]), cells, alts,
                 *place, int(batch.width[i]), int(batch.height[i]), None, ids[i],
-                emb[r].tolist() if emb is not None else None,
+                emb[r].tolist() if emb is not None else None, **_point_fields(result, r),
                 **({k: conf[k][r] for k in ("confidence", "r50_km", "r90_km", "calibrated")} if conf else {}),
             ))
             r += 1
@@ -281,3 +332,16 @@ def _confidence_columns(table, ok) -> dict | None:
     t = table.select(["confidence", "level_confidence", "r50_km", "r90_km", "calibrated"]).take(keep)
     out = {c: t.column(c).to_pylist() for c in t.column_names}
     return None if any(v is None for v in out["confidence"]) else out
+
+
+def _point_fields(result, r: int) -> dict:
+    """Prediction's point_source .. cell_lon of result row r (see `search.Refinement`)."""
+    from geosurge_index.search import POINT_SOURCES
+
+    ref = result.refinement
+    if ref is None:
+        return {"point_source": POINT_SOURCES[0], "cell_lat": float(result.lat[r]), "cell_lon": float(result.lon[r])}
+    sim = float(ref.similarity[r])
+    return {"point_source": POINT_SOURCES[int(ref.point_source[r])], "neighbour_gallery": ref.gallery[r],
+            "neighbour_id": ref.neighbour_id[r], "neighbour_similarity": None if sim != sim else sim,
+            "cell_lat": float(ref.cell_lat[r]), "cell_lon": float(ref.cell_lon[r])}

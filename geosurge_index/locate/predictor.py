@@ -16,6 +16,7 @@ from geosurge_index.devices import autocast_dtype, resolve_device  # resolve_dev
 from geosurge_index.errors import FormatError, UserError
 from geosurge_index.geometry import clip_normalise
 from geosurge_index.locate.decode import TEN_CROPS, DecodedBatch
+from geosurge_index.privacy import Cap, apply_cap
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class SearchSettings:
     beam: int | str | None = None  # None: the index's default; "4,4,8,8,8,8": one per level
     save_embeddings: bool = False
     ten_crop: bool = False  # pixels come as 10 crops per image; the embedding is their normalised mean
+    cap: Cap | None = None  # precision cap applied to the rows (`privacy.apply_cap`)
+    galleries: str | None = None  # the index's galleries that refine the point: None all, "none", "a,b"
+    refine_cells: int = 3  # best finest cells whose gallery references are searched (0: none)
 
 
 def embedding_dim(encoder, index) -> int | None:
@@ -54,22 +58,30 @@ class Predictor:
         self.settings = settings
         self._embed_dim = embedding_dim(encoder, index)  # checked here: before any image is decoded
         self.image_size = int(encoder.image_size)
+        if hasattr(index, "use_galleries"):  # galleries: which refine the point, and how (gallery.refine)
+            from geosurge_index.gallery.refine import RefineSettings
+
+            index.use_galleries(settings.galleries, RefineSettings(cells=settings.refine_cells))
         from geosurge_index.confidence import ConfidenceModel
 
         # `confidence.ConfidenceModel`: calibrated when the index carries a calibration
         self.confidence = confidence or (ConfidenceModel.for_index(index) if hasattr(index, "tree") else None)
 
     @classmethod
-    def open(cls, index_dir, device="auto", settings: SearchSettings = SearchSettings()) -> Predictor:
+    def open(cls, index_dir, device="auto", settings: SearchSettings = SearchSettings(),
+             runtime: str = "auto") -> Predictor:
+        """The index and its encoder. `runtime` (the setting of that name: auto, torch, onnx,
+        onnx-fp32, onnx-int8) chooses torch or an ONNX Runtime encoder (`model.onnx_runtime`);
+        `predictor.encoder.runtime` names the one that runs."""
         from geosurge_index.index import GeoIndex
-        from geosurge_index.model import load_encoder
+        from geosurge_index.model.onnx_runtime import open_encoder
 
         dev = resolve_device(device)
         index = GeoIndex.open(index_dir, device=str(dev))
         if not index.has_encoder:
             raise UserError(f"INDEX_DIR {index_dir} was exported without a visual encoder: it can search "
                             "stored embeddings (`geosurge search`) but cannot locate images")
-        return cls(load_encoder(index_dir, dev), index, dev, settings)
+        return cls(open_encoder(index_dir, dev, runtime, index.manifest), index, dev, settings)
 
     def encode(self, pixels, class_maps, has_map: np.ndarray) -> np.ndarray:
         """uint8 (n, S, S, 3) + class maps (n, S, S) -> float32 (n, D) embeddings. With
@@ -143,7 +155,9 @@ class Predictor:
             widths=[int(w) if o else None for w, o in zip(batch.width, ok, strict=True)],
             heights=[int(h) if o else None for h, o in zip(batch.height, ok, strict=True)],
             confidence=conf,
+            gps=batch.gps,
         )
+        table = apply_cap(table, self.index.tree, self.settings.cap)
         return table, result, emb
 
     @property

@@ -16,6 +16,8 @@ imports it, and only inside functions (`require_ray`), so everything else works 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass
 
@@ -23,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from geosurge_index.errors import UserError
+from geosurge_index.exif_gps import GpsTag
 from geosurge_index.locate.decode import DecodedBatch, DecodeSpec, decode_rows
 from geosurge_index.locate.job import Plan, RunStats, default_batch_size
 from geosurge_index.locate.predictor import Predictor, SearchSettings
@@ -88,14 +91,15 @@ def decode_batch(batch: pa.Table, spec: DecodeSpec) -> dict:
         "width": db.width,
         "height": db.height,
         "error": np.asarray([e or "" for e in db.errors], dtype=object),  # "" = fine (`ok` decides)
+        "gps": np.asarray([json.dumps(None if g is None else dataclasses.asdict(g)) for g in db.gps], dtype=object),
     }
 
 
 class PredictActor:
     """Encoder + search in a Ray actor: the model is loaded once per actor."""
 
-    def __init__(self, index_dir: str, device: str, settings: SearchSettings):
-        self.predictor = Predictor.open(index_dir, device, settings)
+    def __init__(self, index_dir: str, device: str, settings: SearchSettings, runtime: str = "auto"):
+        self.predictor = Predictor.open(index_dir, device, settings, runtime)
 
     def __call__(self, batch: dict) -> pa.Table:
         ok = np.asarray(batch["ok"], bool)
@@ -108,6 +112,7 @@ class PredictActor:
             width=np.asarray(batch["width"], np.int32),
             height=np.asarray(batch["height"], np.int32),
             errors=[None if o else str(e) for o, e in zip(ok, batch["error"], strict=True)],
+            gps=[None if g is None else GpsTag(**g) for g in map(json.loads, batch["gps"])] if "gps" in batch else None,
         )
         table = self.predictor.predict(db, list(batch["id"]), list(batch["path"]))
         return table.append_column(ROW, pa.array(db.rows))
@@ -184,7 +189,7 @@ def _run(plan: Plan, progress, actors, gpus_per_actor) -> RunStats:
     # The encoder's input size, without loading the model here: read it from the index's encoder.
     image_size = _image_size(job.index_dir)
     spec = DecodeSpec(image_size, image_size if job.draft_size is None else job.draft_size, job.max_pixels,
-                      job.ten_crop)
+                      job.ten_crop, job.max_image_bytes, skip_tagged=job.skip_tagged)
 
     cs, n = plan.config.chunk_size, plan.config.n_inputs
     blocks = []
@@ -199,7 +204,8 @@ def _run(plan: Plan, progress, actors, gpus_per_actor) -> RunStats:
                         batch_format="pyarrow", num_cpus=1)
     ds = ds.map_batches(
         PredictActor,
-        fn_constructor_kwargs={"index_dir": job.index_dir, "device": device, "settings": job.settings()},
+        fn_constructor_kwargs={"index_dir": job.index_dir, "device": device, "settings": job.settings(),
+                               "runtime": job.runtime},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actor_plan.actors),
@@ -221,6 +227,6 @@ def _run(plan: Plan, progress, actors, gpus_per_actor) -> RunStats:
 
 
 def _image_size(index_dir: str) -> int:
-    from geosurge_index.model import read_encoder_config
+    from geosurge_index.model import encoder_image_size
 
-    return int(read_encoder_config(index_dir).image_size)
+    return encoder_image_size(index_dir)  # any encoder kind

@@ -3,11 +3,13 @@ or handed to the Ray strategy (`locate.ray_runner`), which wraps the same stages
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 import pyarrow as pa
 
-from geosurge_index.locate.decode import DecodeSpec, InputDataset
+from geosurge_index.locate.decode import DecodeSpec, InputDataset, decode_rows_isolated
 from geosurge_index.locate.job import (
     LocateJob,
     Plan,
@@ -44,7 +46,7 @@ def run_local(plan: Plan, predictor: Predictor | None = None, progress=None) -> 
 
     job = plan.job
     if predictor is None:
-        predictor = Predictor.open(job.index_dir, job.device, job.settings())
+        predictor = Predictor.open(job.index_dir, job.device, job.settings(), job.runtime)
     cuda = predictor.device.type == "cuda"
     batch_size = job.batch_size or default_batch_size(cuda, job.ten_crop)
     crops = 10 if job.ten_crop else 1
@@ -70,39 +72,87 @@ def _run_local(plan: Plan, predictor: Predictor, progress, cuda: bool, loader_pl
     if predictor.settings.ten_crop != job.ten_crop:
         raise ValueError("the predictor's ten_crop setting differs from the job's")
     size = predictor.image_size
-    spec = DecodeSpec(size, size if job.draft_size is None else job.draft_size, job.max_pixels, job.ten_crop)
+    spec = DecodeSpec(size, size if job.draft_size is None else job.draft_size, job.max_pixels, job.ten_crop,
+                      job.max_image_bytes, skip_tagged=job.skip_tagged)
     batches = batches_of(plan.pending_rows(), batch_size, plan.config.chunk_size)
-    dataset = InputDataset(plan.table, batches, spec)
-    workers = loader_plan.workers
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=None,  # items are batches already
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=cuda,
-        prefetch_factor=loader_plan.prefetch,
-        worker_init_fn=_worker_init if workers else None,
-        persistent_workers=False,
-    )
     id_col, path_col = plan.table.column("id"), plan.table.column("path")
     assembler = ChunkAssembler(plan.store, plan.config)
     stats = RunStats()
+
+    def handle(batch) -> None:
+        rows_arr = pa.array(batch.rows)
+        table = predictor.predict(batch, id_col.take(rows_arr).to_pylist(), path_col.take(rows_arr).to_pylist())
+        assembler.add(batch.rows, table)
+        stats.add(table)
+        if progress is not None:
+            progress.update(len(batch))
+            if stats.errors:
+                progress.set_postfix(errors=sum(stats.errors.values()), refresh=False)
+
+    workers = loader_plan.workers
+    done = 0  # batches handled, in order
     # The predictor's GPU is the current one while the loader runs: its pinning thread pins on
     # that GPU (cuda:N), not in a new context on GPU 0.
     with on_device(predictor.device):
-        for batch in loader:
-            rows_arr = pa.array(batch.rows)
-            table = predictor.predict(batch, id_col.take(rows_arr).to_pylist(),
-                                      path_col.take(rows_arr).to_pylist())
-            assembler.add(batch.rows, table)
-            stats.add(table)
-            if progress is not None:
-                progress.update(len(batch))
-                if stats.errors:
-                    progress.set_postfix(errors=sum(stats.errors.values()), refresh=False)
+        while done < len(batches):
+            loader = torch.utils.data.DataLoader(
+                InputDataset(plan.table, batches[done:], spec),
+                batch_size=None,  # items are batches already
+                shuffle=False,
+                num_workers=workers,
+                pin_memory=cuda,
+                prefetch_factor=loader_plan.prefetch,
+                worker_init_fn=_worker_init if workers else None,
+                persistent_workers=False,
+            )
+            it = iter(loader)
+            restore = _worker_deaths_surface_in_next() if workers else None
+            try:
+                while True:
+                    try:
+                        batch = next(it)
+                    except StopIteration:
+                        break
+                    except RuntimeError as err:
+                        if not _is_worker_death(err):
+                            raise
+                        # A decoding process died (a codec's segfault, the OOM killer): the batches it
+                        # may have held are decoded again one image at a time in a fresh process;
+                        # the input that kills that one too becomes a `worker_crashed` row.
+                        del it, loader
+                        suspects = batches[done:done + workers * (loader_plan.prefetch or 1)]
+                        _say(f"locate: a decoding process died ({str(err).strip()}); decoding the next "
+                             f"{sum(map(len, suspects))} images one at a time in a separate process", progress)
+                        for rows in suspects:
+                            handle(decode_rows_isolated(plan.table, rows, spec))
+                            done += 1
+                        break
+                    handle(batch)
+                    done += 1
+            finally:
+                if restore is not None:
+                    restore()
     if assembler.pending:
         raise RuntimeError(f"{assembler.pending} chunks were left incomplete")
     return stats
+
+
+def _is_worker_death(err: RuntimeError) -> bool:
+    """torch's error when a DataLoader worker died ('DataLoader worker (pid(s) ...) exited
+    unexpectedly', '... is killed by signal: ...')."""
+    return str(err).lstrip().startswith("DataLoader worker")
+
+
+def _worker_deaths_surface_in_next():
+    """torch's SIGCHLD handler raises a dead worker's error at whatever line the main thread is
+    running (mid-prediction, mid-write); with the default disposition the loader finds the dead
+    worker itself, inside `next()`, where the runner handles it. Returns the undo, or None
+    (not the main thread: signals cannot be set there)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGCHLD)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    return lambda: signal.signal(signal.SIGCHLD, previous)
 
 
 def run_job(job: LocateJob, ray_address: str | None = None, predictor: Predictor | None = None,
@@ -123,6 +173,9 @@ def run_job(job: LocateJob, ray_address: str | None = None, predictor: Predictor
     plan = plan_job(job)
     try:
         n_todo = len(plan.pending_rows())
+        for line in plan.store.damaged:
+            _say(f"locate: {plan.store.dir / line.split(':', 1)[0]} was damaged ({line.split(': ', 1)[1]}): "
+                 "computing that chunk again", None)
         with bar(total=n_todo, desc="locate", unit="img") as progress:
             if n_todo == 0:
                 stats = RunStats()

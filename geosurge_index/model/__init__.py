@@ -31,6 +31,7 @@ from geosurge_index.model.geo import GeoEmbeddings
 from geosurge_index.model.geosurge import GeoSurgeModel, count_parameters, parameter_report
 from geosurge_index.model.inference import embed_ten_crop, ten_crop_class_maps
 from geosurge_index.model.loss import hierarchical_info_nce
+from geosurge_index.model.small_segmenter import SmallSegmenter  # registers segmenter kind "small"
 
 __all__ = [
     "BackboneConfig",
@@ -40,6 +41,7 @@ __all__ = [
     "GeoSurgeModel",
     "ModelConfig",
     "SegmenterConfig",
+    "SmallSegmenter",
     "VisualEncoder",
     "count_parameters",
     "embed_ten_crop",

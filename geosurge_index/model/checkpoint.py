@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from geosurge_index.errors import FormatError
+from geosurge_index.errors import FormatError, UserError
 from geosurge_index.formats import read_json
 from geosurge_index.model.config import ModelConfig
 
@@ -153,6 +153,9 @@ def read_geo_tables(directory: str | os.PathLike) -> tuple[list[np.ndarray], np.
     from safetensors import SafetensorError, safe_open
 
     ckpt = read_checkpoint_meta(directory)
+    if ckpt.config.head != "geo":
+        raise UserError(f"checkpoint {ckpt.path} was trained with a plain classification head (model.head = "
+                        f"{ckpt.config.head!r}, an ablation): it has no geographic embeddings to export or search")
     path = ckpt.path / WEIGHTS_FILE
     if not path.is_file():
         raise FormatError(f"{path} is missing")

@@ -20,8 +20,23 @@ DEFAULT_BACKBONE = "openai/clip-vit-large-patch14-336"
 DEFAULT_ONEFORMER = "shi-labs/oneformer_ade20k_swin_large"
 DEFAULT_SEGFORMER = "nvidia/segformer-b0-finetuned-ade-512-512"
 NUM_ADE20K_CLASSES = 150
+# Each segmenter's own test resolution (short side / square side it was evaluated at on ADE20K).
+SEGMENTER_INPUT_SIZE = {"oneformer": 640, "segformer": 512}
+# The fusion read-outs (`FusionConfig.readout`): "cls" = the fused semantic CLS token alone (the
+# read-out of checkpoints written before the option existed); "cls+clip" = the fused CLS
+# concatenated with CLIP's own CLS token before the LayerNorm + Linear (a residual path from CLIP
+# to the embedding). The default is the measured better one (ARCHITECTURE.md, "paper unclear, measured").
+READOUTS = ("cls", "cls+clip")
+LEGACY_READOUT = "cls"
+HEADS = ("geo", "classifier")
+DEFAULT_READOUT = "cls+clip"
 EMBED_DIM = 768
 NUM_LEVELS = 7
+SEGMENTER_KINDS = ("oneformer", "segformer", "small", "none")
+# The small convolutional segmenter (`model/small_segmenter.py`): encoder widths at 1/2, 1/4, 1/8 of
+# the input; `labels` (the ADE20K ids it predicts) is filled in by its training from the class maps.
+SMALL_SEGMENTER_ARCH: dict[str, Any] = {"model_type": "small_conv", "widths": [32, 64, 96], "context": True, "dilations": [1, 2, 4],
+                                        "labels": list(range(NUM_ADE20K_CLASSES))}
 
 # Architecture configs of the default checkpoints (copied from their hub config.json), so that the
 # full-size model can be built on the meta device (parameter counts, shapes) with nothing downloaded.
@@ -68,12 +83,32 @@ class BackboneConfig:
 
 @dataclass
 class SegmenterConfig:
-    """The semantic segmenter giving ADE20K class maps when none was precomputed."""
+    """The semantic segmenter giving ADE20K class maps when none was precomputed.
 
-    kind: str = "oneformer"  # oneformer | segformer | none (class maps must then be given)
+    `kind` small is the project's own small convolutional segmenter (`model/small_segmenter.py`):
+    always config-built from `arch` (SMALL_SEGMENTER_ARCH), trained on class maps by
+    `geosurge_index.segmenter_train`, its weights stored in our safetensors like any config-built
+    part. `trained_on` says in words what a config-built segmenter was trained on; a config-built
+    segmenter without it has random weights (`is_trained`)."""
+
+    kind: str = "oneformer"  # oneformer | segformer | small | none (class maps must then be given)
     pretrained: str | None = DEFAULT_ONEFORMER
-    arch: dict[str, Any] | None = None  # OneFormerConfig / SegformerConfig kwargs
-    input_size: int = 512  # the segmenter runs at this square resolution
+    arch: dict[str, Any] | None = None  # OneFormerConfig / SegformerConfig / small-segmenter kwargs
+    # The segmenter runs on the region the backbone sees (the centre crop, or each ten-crop box)
+    # resized to this square side. None: the checkpoint's own test size (SEGMENTER_INPUT_SIZE:
+    # 640 for OneFormer Swin-L ADE20K, whose ADE20K test resolution is a 640 short side; 512 for
+    # SegFormer ADE20K, trained on 512 crops). Configs written before this default keep their 512.
+    input_size: int | None = None
+    trained_on: str | None = None  # config-built and trained: on what (None: random weights)
+
+    def __post_init__(self):
+        if self.input_size is None:
+            self.input_size = SEGMENTER_INPUT_SIZE.get(self.kind, 512)
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether the segmenter's weights mean anything: pretrained, or config-built and trained."""
+        return self.kind == "none" or self.pretrained is not None or self.trained_on is not None
 
 
 @dataclass
@@ -88,6 +123,7 @@ class FusionConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     self_attention: bool = True  # mix the semantic tokens after each cross-attention (see fusion.py)
+    readout: str = DEFAULT_READOUT  # see READOUTS; configs without the key load as LEGACY_READOUT
 
 
 @dataclass
@@ -99,6 +135,10 @@ class ModelConfig:
     num_classes: int = NUM_ADE20K_CLASSES
     init_temperature: float = 0.07
     geo_init_std: float = 0.02
+    # "geo": the paper's geographic embeddings (a cosine / temperature per cell, every level);
+    # "classifier": a plain Linear classification head over the cells of the finest level alone
+    # (an ablation: `geosurge ablations`; it trains and validates but cannot be exported as an index)
+    head: str = "geo"
 
     # -- derived -----------------------------------------------------------------------------
     def backbone_arch(self) -> dict[str, Any]:
@@ -123,31 +163,47 @@ class ModelConfig:
 
     # -- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["segmenter"]["trained_on"] is None:  # absent unless set: older readers keep reading our files
+            del d["segmenter"]["trained_on"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = copy.deepcopy(d)
+        fusion = d.pop("fusion", {})
+        if isinstance(fusion, dict):
+            # written before the read-out was an option: the read-out those weights were trained with
+            fusion.setdefault("readout", LEGACY_READOUT)
         try:
             return cls(
                 backbone=BackboneConfig(**d.pop("backbone", {})),
                 segmenter=SegmenterConfig(**d.pop("segmenter", {})),
-                fusion=FusionConfig(**d.pop("fusion", {})),
+                fusion=FusionConfig(**fusion),
                 **d,
             )
         except TypeError as err:
             raise UserError(f"bad model config: {err}") from err
 
     def validate(self) -> ModelConfig:
-        if self.segmenter.kind not in ("oneformer", "segformer", "none"):
+        if self.segmenter.kind not in SEGMENTER_KINDS:
             raise UserError(
-                f"model.segmenter.kind = {self.segmenter.kind!r}: choose oneformer, segformer or none"
+                f"model.segmenter.kind = {self.segmenter.kind!r}: choose oneformer, segformer, small or none"
             )
+        if self.segmenter.kind == "small" and (self.segmenter.pretrained is not None or self.segmenter.arch is None):
+            raise UserError("model.segmenter: kind small is config-built: set `arch` (e.g. SMALL_SEGMENTER_ARCH) "
+                            "and leave `pretrained` unset; its weights travel in the encoder files")
         if self.backbone.pretrained is None and self.backbone.arch is None:
             raise UserError("model.backbone: set `pretrained` (path or hub id) or `arch` (a config)")
         if self.segmenter.kind != "none" and self.segmenter.pretrained is None and self.segmenter.arch is None:
             raise UserError("model.segmenter: set `pretrained` (path or hub id) or `arch` (a config)")
         f = self.fusion
+        if f.readout not in READOUTS:
+            raise UserError(f"model.fusion.readout = {f.readout!r}: choose one of {', '.join(READOUTS)}")
+        if self.head not in HEADS:
+            raise UserError(f"model.head = {self.head!r}: choose one of {', '.join(HEADS)}")
+        if self.segmenter.input_size is not None and self.segmenter.input_size < 32:
+            raise UserError(f"model.segmenter.input_size = {self.segmenter.input_size}: at least 32")
         if f.enabled and (f.query_dim % f.heads or f.latent_dim % f.heads):
             raise UserError("model.fusion: query_dim and latent_dim must be multiples of heads")
         if self.image_size % self.patch_size:
@@ -214,6 +270,8 @@ def tiny_config(segmenter: str = "segformer") -> ModelConfig:
         )
     elif segmenter == "oneformer":
         seg = SegmenterConfig(kind="oneformer", pretrained=None, arch=TINY_ONEFORMER_ARCH, input_size=64)
+    elif segmenter == "small":
+        seg = SegmenterConfig(kind="small", pretrained=None, arch=copy.deepcopy(SMALL_SEGMENTER_ARCH), input_size=64)
     else:
         seg = SegmenterConfig(kind="none", pretrained=None)
     return ModelConfig(

@@ -30,15 +30,22 @@ class VisualEncoder(nn.Module):
         self.backbone = Backbone(config.backbone, config.backbone_arch(), weights=weights)
         width = self.backbone.width
         self.segmenter = None
+        self.clip_norm = None
         if config.fusion.enabled:
             seg_arch = config.segmenter_arch() if config.segmenter.kind != "none" else None
             self.segmenter = build_segmenter(config.segmenter, seg_arch, weights=weights)
             self.fusion = SemanticFusion(config.fusion, config.num_classes, self.grid, width)
             head_in = config.fusion.query_dim
+            if config.fusion.readout == "cls+clip":
+                # CLIP's CLS gets its own LayerNorm and joins the fused CLS before the projection:
+                # the embedding is W_f LN(fused) + W_c LN(clip) + b, a residual path from CLIP (the
+                # no-fusion model is the special case W_f = 0).
+                self.clip_norm = nn.LayerNorm(width)
+                head_in += width
         else:
             self.fusion = None
             head_in = width
-        self.head_norm = nn.LayerNorm(head_in)
+        self.head_norm = nn.LayerNorm(config.fusion.query_dim if self.clip_norm is not None else head_in)
         self.head = nn.Linear(head_in, config.embed_dim)
 
     def excluded_state_prefixes(self) -> list[str]:
@@ -72,4 +79,18 @@ class VisualEncoder(nn.Module):
             if tuple(class_map.shape) != (b, h, w):
                 raise ValueError(f"class_map must be (B, {h}, {w}), got {tuple(class_map.shape)}")
             x = self.fusion(class_map, tokens)
-        return F.normalize(self.head(self.head_norm(x)).float(), dim=-1)
+        return self._project(x, tokens)
+
+    def forward_histograms(self, pixel_values: torch.Tensor, histograms: torch.Tensor | None) -> torch.Tensor:
+        """As `forward`, given the class map's `fusion.patch_histograms` (B, grid^2, C) instead of
+        the map (None when fusion is off): the graph the ONNX export traces."""
+        tokens = self.backbone(pixel_values)
+        x = tokens[:, 0] if self.fusion is None else self.fusion.from_histograms(histograms, tokens)
+        return self._project(x, tokens)
+
+    def _project(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The read-out: LayerNorm, with `cls+clip` CLIP's own CLS beside it, -> Linear -> unit norm."""
+        x = self.head_norm(x)
+        if self.clip_norm is not None:
+            x = torch.cat([x, self.clip_norm(tokens[:, 0]).to(x.dtype)], dim=-1)
+        return F.normalize(self.head(x).float(), dim=-1)

@@ -43,8 +43,12 @@ class SemanticTokens(nn.Module):
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
 
     def forward(self, class_map: torch.Tensor) -> torch.Tensor:
-        hist = patch_histograms(class_map, self.grid, self.num_classes).to(self.proj.weight.dtype)
-        tokens = self.proj(hist) + self.pos
+        return self.from_histograms(patch_histograms(class_map, self.grid, self.num_classes))
+
+    def from_histograms(self, hist: torch.Tensor) -> torch.Tensor:
+        """(B, grid^2, C) patch histograms -> tokens. The ONNX export starts here: the histogram's
+        scatter-add has no exact ONNX form (ScatterElements drops duplicate indices)."""
+        tokens = self.proj(hist.to(self.proj.weight.dtype)) + self.pos
         return torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
 
 
@@ -112,7 +116,14 @@ class SemanticFusion(nn.Module):
         self.blocks = nn.ModuleList([FusionBlock(cfg, kv_dim) for _ in range(cfg.blocks)])
 
     def forward(self, class_map: torch.Tensor, clip_tokens: torch.Tensor) -> torch.Tensor:
-        x = self.tokens(class_map).to(clip_tokens.dtype)
+        return self.fuse(self.tokens(class_map), clip_tokens)
+
+    def from_histograms(self, hist: torch.Tensor, clip_tokens: torch.Tensor) -> torch.Tensor:
+        """As `forward`, from `patch_histograms` of the class map."""
+        return self.fuse(self.tokens.from_histograms(hist), clip_tokens)
+
+    def fuse(self, semantic: torch.Tensor, clip_tokens: torch.Tensor) -> torch.Tensor:
+        x = semantic.to(clip_tokens.dtype)
         kv = self.kv_norm(clip_tokens)
         for block in self.blocks:
             x = block(x, kv)

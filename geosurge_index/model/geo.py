@@ -35,3 +35,35 @@ class GeoEmbeddings(nn.Module):
         with torch.autocast(emb.device.type, enabled=False):
             table = F.normalize(self.tables[level].float(), dim=-1)
             return emb.float() @ table.T / self.log_temperature[level].float().exp()
+
+
+class ClassifierHead(nn.Module):
+    """The ablation of the geographic embeddings: a plain classification head, `Linear(dim,
+    n_cells)` with a bias, over the cells of the finest level only. Logits are `emb @ W.T + b`
+    (no normalisation of W, no temperature). It has the interface of `GeoEmbeddings` that the loss
+    and the training loop use; it is meant for a one-level partition (its finest level), and cannot
+    be exported as an index (FAISS scores cosines, not biased logits)."""
+
+    is_classifier = True
+
+    def __init__(self, cells_per_level: list[int], dim: int):
+        super().__init__()
+        if len(cells_per_level) != 1:
+            raise ValueError(f"a classification head takes one level (the finest cells), got {len(cells_per_level)} "
+                             "levels: partition with the finest tau_max alone")
+        self.cells_per_level = [int(n) for n in cells_per_level]
+        self.classifier = nn.Linear(dim, self.cells_per_level[0])
+
+    @property
+    def levels(self) -> int:
+        return 1
+
+    @property
+    def temperatures(self) -> torch.Tensor:
+        return torch.ones(1, device=self.classifier.weight.device)
+
+    def logits(self, emb: torch.Tensor, level: int) -> torch.Tensor:
+        if level != 0:
+            raise IndexError(f"a classification head has one level, asked for level index {level}")
+        with torch.autocast(emb.device.type, enabled=False):
+            return F.linear(emb.float(), self.classifier.weight.float(), self.classifier.bias.float())

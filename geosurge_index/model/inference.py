@@ -21,7 +21,11 @@ def ten_crop_class_maps(class_map: Image.Image | np.ndarray, size: int) -> np.nd
     (`geometry.ten_crop`, nearest), aligned with `Preprocess(size).ten_crop_pixels` of an image of
     the map's aspect."""
     img = class_map if isinstance(class_map, Image.Image) else Image.fromarray(np.asarray(class_map, np.uint8), "L")
-    return geometry.ten_crop(*img.size, size).cut_class_map(img).astype(np.int64)
+    crops = geometry.ten_crop(*img.size, size).cut_class_map(img)
+    if crops is None:
+        raise ValueError("this class map covers the centre crop only (`geosurge segment`): ten-crop needs a map "
+                         "of the whole image, or none (the segmenter then runs on each crop)")
+    return crops.astype(np.int64)
 
 
 def embed_ten_crop(encoder, crops: torch.Tensor, class_maps: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Segmentation is the costly part of the encoder (OneFormer Swin-L ~8 s/image on a CPU), so the
 usual path is to compute class maps once and store them beside the images
 (`images.class_map_path`); these modules run only when no map is given. The segmenter is never
-trained.
+trained with the model (the small one, `small_segmenter.py`, is trained alone on class maps).
 
 Memory. A batch is segmented in sub-batches sized by a memory budget (`Segmenter.sub_batch`): at
 512 px OneFormer Swin-L holds ~60 MB per image in each window-attention score tensor, so bulk
@@ -43,8 +43,10 @@ def _strip(arch: dict) -> dict:
 
 
 class Segmenter(nn.Module):
-    """Base: re-normalises the encoder's input for the segmenter, runs it at `input_size`, and
-    returns the arg-max class map at the encoder's resolution."""
+    """Base: re-normalises the encoder's input (the crop the backbone sees) for the segmenter,
+    runs it at `input_size`, and returns the arg-max class map at the encoder's resolution.
+    `geosurge segment` stores exactly this map for the centre crop (`model.classmaps.segment_pil`),
+    so stored and on-the-fly maps are the same."""
 
     def __init__(self, cfg: SegmenterConfig):
         super().__init__()
@@ -218,10 +220,14 @@ class SegFormerSegmenter(Segmenter):
         return self.model(pixel_values=x).logits
 
 
+# More kinds register here: "small" (model/small_segmenter.py, imported by the model package).
+SEGMENTER_KINDS: dict[str, type[Segmenter]] = {}
+
+
 def build_segmenter(cfg: SegmenterConfig, arch: dict | None, *, weights: bool = True) -> Segmenter | None:
     if cfg.kind == "none":
         return None
-    cls = {"oneformer": OneFormerSegmenter, "segformer": SegFormerSegmenter}[cfg.kind]
+    cls = {"oneformer": OneFormerSegmenter, "segformer": SegFormerSegmenter, **SEGMENTER_KINDS}[cfg.kind]
     return cls(cfg, arch or {}, weights=weights)
 
 

@@ -25,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import ClientDisconnect
 
+from geosurge_index.privacy import MAX_CAP_KM
 from geosurge_index.service.immich import immich_router
 from geosurge_index.service.requests import (
     ApiError,
@@ -42,6 +43,7 @@ from geosurge_index.service.schema import (
 from geosurge_index.service.state import (
     ClientGone,
     ServiceState,
+    cap_json,
     load_in_background,
     log_client_gone,
     manifest_summary,
@@ -107,8 +109,8 @@ def create_app(settings: ServiceSettings, locator: LocatorLike | None = None) ->
              responses=error_responses(*keyed))
     async def index_info() -> dict:
         if settings.index_dir is None:
-            return {"index_dir": None, "manifest": None, "segmenter": None}
-        return await asyncio.to_thread(manifest_summary, settings.index_dir)
+            return {"index_dir": None, "manifest": None, "segmenter": None, "cap": cap_json(settings)}
+        return {**await asyncio.to_thread(manifest_summary, settings.index_dir), "cap": cap_json(settings)}
 
     @app.get("/v1/cells/{level}/{cell_index}", dependencies=[Depends(require_key)], tags=["index"],
              responses=error_responses(*keyed, 404, 422))
@@ -140,9 +142,14 @@ def create_app(settings: ServiceSettings, locator: LocatorLike | None = None) ->
         top_k: int = Query(settings.default_top_k, ge=1, le=settings.max_top_k,
                            description="how many alternative cells to return per image"),
         include_cells: bool = Query(True, description="include the best cell at every level"),
+        cap_km: float | None = Query(None, ge=0, le=MAX_CAP_KM, description=(
+            "precision cap in km: answer at a cell at least this wide; the service's own cap "
+            "(/v1/index) applies whatever is asked, so only a coarser answer can be had")),
+        cap_level: int | None = Query(None, ge=1, description="precision cap by level (1 = coarsest)"),
     ) -> dict:
         uploads = await read_locate_request(request, settings)
-        decoded, preds = await state.answer(uploads, top_k, include_cells, receive=request.receive)
+        decoded, preds = await state.answer(uploads, top_k, include_cells, receive=request.receive,
+                                            cap=state.cap_for(cap_km, cap_level))
         return {"results": results_json(uploads, decoded, preds, top_k=top_k, include_cells=include_cells)}
 
     open_key = api_key_dependency(None) if settings.immich_no_key else require_key

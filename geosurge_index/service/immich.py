@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 from starlette.datastructures import UploadFile
 
+from geosurge_index.privacy import MAX_CAP_KM
 from geosurge_index.service.requests import ApiError, Upload, read_form
 from geosurge_index.service.schema import ImmichResponse, error_responses, predict_request_body
 from geosurge_index.service.state import ServiceState, prediction_json
@@ -45,11 +46,15 @@ def immich_options(entries: Any, settings: ServiceSettings) -> dict:
         opts = entry.get("options", {}) or {}
         top_k = int(opts.get("topK", settings.default_top_k))
         include_cells = bool(opts.get("includeCells", True))
+        cap_km = None if opts.get("capKm") is None else float(opts["capKm"])
+        cap_level = None if opts.get("capLevel") is None else int(opts["capLevel"])
     except (KeyError, TypeError, AttributeError, ValueError, OverflowError):
         raise ApiError(422, "bad_entries", ENTRIES_HELP) from None
     if not 1 <= top_k <= settings.max_top_k:
         raise ApiError(422, "bad_entries", f"topK must be between 1 and {settings.max_top_k}")
-    return {"top_k": top_k, "include_cells": include_cells}
+    if cap_km is not None and not 0 <= cap_km <= MAX_CAP_KM or cap_level is not None and cap_level < 1:
+        raise ApiError(422, "bad_entries", f"capKm must lie in 0..{MAX_CAP_KM:g} and capLevel be at least 1")
+    return {"top_k": top_k, "include_cells": include_cells, "cap_km": cap_km, "cap_level": cap_level}
 
 
 def immich_router(state: ServiceState, require_key, keyed: tuple[int, ...] = ()) -> APIRouter:
@@ -82,7 +87,8 @@ def immich_router(state: ServiceState, require_key, keyed: tuple[int, ...] = ())
                             None if cmap is None else await cmap.read())
         top_k = options["top_k"]
         (decoded,), (pred,) = await state.answer([upload], top_k, options["include_cells"],
-                                                 receive=request.receive)
+                                                 receive=request.receive,
+                                                 cap=state.cap_for(options["cap_km"], options["cap_level"]))
         result = prediction_json(pred, decoded, top_k=top_k, include_cells=options["include_cells"])
         return {IMMICH_TASK: result, "imageHeight": decoded.height, "imageWidth": decoded.width}
 

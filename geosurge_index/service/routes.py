@@ -20,11 +20,12 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/locate",
           "images as multipart files ('images', repeatable, or 'image'; a 'class_maps' file\n"
           "per image optional), or JSON {\"images\": [\"<base64>\" | {\"name\": ..., \"data\": \"<base64>\",\n"
-          '"class_map": "<base64 PNG>"}, ...]}; ?top_k=5&include_cells=true. An unusable\n'
+          '"class_map": "<base64 PNG>"}, ...]}; ?top_k=5&include_cells=true&cap_km=25 (a cap\n'
+          "coarser than the service's only). An unusable\n"
           "image among good ones gets its own error; all unusable: the request's 4xx", True),
     Route("GET", "/v1/cells/{level}/{cell_index}", "a cell's row from cells.duckdb (404 if unknown)", True),
-    Route("GET", "/v1/index", "the index manifest (without its checksums); says if its segmenter is untrained",
-          True),
+    Route("GET", "/v1/index", "the index manifest (without its checksums); says if its segmenter is untrained;\n"
+          "the precision cap in force", True),
     Route("GET", "/v1/stats", "batching figures, recent latencies, connections, the settings (API key redacted)",
           True),
     Route("GET", "/healthz", "the process is up", False),

@@ -41,6 +41,29 @@ class AlternativeAnswer(BaseModel):
     probability: float | None
     lat: float | None
     lon: float | None
+    level: int | None = Field(None, description="under a precision cap: the level of this capped cell "
+                              "(0: an S2 cell coarser than level 1), its probability summed over the top-k inside it")
+
+
+class CapAnswer(BaseModel):
+    km: float | None = Field(None, description="the cap in force, in km (None: none by distance)")
+    level: int | None = Field(None, description="the cap in force, as a level (None: none by level)")
+    answered_level: int = Field(description="the level of the cell answered (0: an S2 cell coarser than level 1)")
+    s2_token: str = Field(description="the S2 token of the cell answered")
+    extent_km: float | None = Field(None, description="its extent: sqrt of its area")
+
+
+class Point(BaseModel):
+    lat: float | None = None
+    lon: float | None = None
+
+
+class Neighbour(BaseModel):
+    """A gallery reference (`geosurge gallery`): its gallery, id and cosine with the image."""
+
+    gallery: str | None = None
+    id: str
+    similarity: float | None = None
 
 
 class LocateResult(BaseModel):
@@ -66,6 +89,12 @@ class LocateResult(BaseModel):
     r90_km: float | None = Field(None, description="km around lat/lon holding 90% of the posterior")
     calibrated: bool | None = Field(None, description="false: the index has no calibration, the "
                                     "probabilities are the model's own")
+    cap: CapAnswer | None = Field(None, description="set when a precision cap cut this answer: lat/lon are the "
+                                  "mean point of the cell answered, nothing finer is given")
+    point_source: str | None = Field(None, description="how lat/lon were made: cell_mean, or with the index's "
+                                     "galleries neighbour / neighbours (absent under a cap)")
+    cell_point: Point | None = Field(None, description="the best finest cell's mean point")
+    neighbour: Neighbour | None = Field(None, description="the nearest gallery reference inside the best cells")
 
 
 class LocateResponse(BaseModel):
@@ -88,6 +117,7 @@ class IndexAnswer(BaseModel):
     calibration: dict[str, Any] | None = Field(
         None, description="`calibrated` false when the index has no calibration (its probabilities are the "
                           "model's own); else the methods per level, photos fitted on, radius factors")
+    cap: dict[str, Any] | None = Field(None, description="the service-wide precision cap (km, level)")
 
 
 # -- request bodies -------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from geosurge_index.errors import UserError
 from geosurge_index.index import PLACE_COLUMNS as PLACE_FIELDS  # of the best finest cell
 from geosurge_index.index import IndexCells
 from geosurge_index.locate.decode import Decoded
+from geosurge_index.privacy import Cap, coarsest
 from geosurge_index.service.budget import PixelBudget, return_decoded_memory_to_the_os
 from geosurge_index.service.guard import GuardStats
 from geosurge_index.service.requests import ApiError, DecodedImage, LocatorLike, Upload, decode_upload
@@ -64,6 +65,7 @@ class ModelJob:
     decoded: Decoded
     top_k: int
     include_cells: bool = True  # per-level cells (and their probabilities) are wanted
+    cap: Cap | None = None  # the precision cap in force for this image (`ServiceState.cap_for`)
 
 
 class ServiceState:
@@ -108,8 +110,14 @@ class ServiceState:
         """On the model thread: one `locate` call for the whole batch, with the largest top_k asked;
         per-level probabilities (a softmax over every cell of every level) only when a job wants them."""
         assert self.locator is not None
+        caps = {"cap": [job.cap for job in jobs]} if any(job.cap for job in jobs) else {}
         return self.locator.locate([job.decoded for job in jobs], top_k=max(job.top_k for job in jobs),
-                                   cell_probabilities=any(job.include_cells for job in jobs))
+                                   cell_probabilities=any(job.include_cells for job in jobs), **caps)
+
+    def cap_for(self, km: float | None = None, level: int | None = None) -> Cap | None:
+        """The cap of one request: the service's (its settings), made coarser by the request's
+        `cap_km` / `cap_level` where they ask for it; never finer."""
+        return coarsest(Cap.from_settings(self.settings), Cap.of(km, level))
 
     @property
     def ready(self) -> bool:
@@ -120,17 +128,19 @@ class ServiceState:
         return ApiError(503, "not_ready", f"not ready: {reason}", headers={"Retry-After": "5"})
 
     async def answer(self, uploads: Sequence[Upload | tuple[str, bytes]], top_k: int,
-                     include_cells: bool = True, receive=None,
+                     include_cells: bool = True, receive=None, cap: Cap | None = None,
                      ) -> tuple[list[DecodedImage | ApiError], list[Any]]:
         """Read uploads -> (per image: decoded image or its refusal; predictions of the decoded
         ones, in order), timed into `latencies`. Every route that locates calls this once its
         request is read, so all are timed from the same point. When no image is usable the
         first refusal is raised (a one-image request answers that image's 4xx). `receive`: the
         request's ASGI receive; when given, a client that goes away has its queued images
-        dropped (`ClientGone`)."""
+        dropped (`ClientGone`). `cap`: the request's precision cap (`cap_for`); the service's own
+        applies whatever is given."""
         t0 = time.perf_counter()
         submission = Submission()
-        work = self._answer([Upload.of(u) for u in uploads], top_k, include_cells, submission)
+        cap = coarsest(Cap.from_settings(self.settings), cap)
+        work = self._answer([Upload.of(u) for u in uploads], top_k, include_cells, submission, cap)
         if receive is None:
             out = await work
         else:
@@ -138,12 +148,13 @@ class ServiceState:
         self.latencies.append(time.perf_counter() - t0)
         return out
 
-    async def _answer(self, uploads: list[Upload], top_k: int, include_cells: bool, submission: Submission):
+    async def _answer(self, uploads: list[Upload], top_k: int, include_cells: bool, submission: Submission,
+                      cap: Cap | None = None):
         decoded = await self.decode_all(uploads)
         good = [d for d in decoded if isinstance(d, DecodedImage)]
         if not good:
             raise next(d for d in decoded if isinstance(d, ApiError))
-        preds = await self.predict([ModelJob(d.decoded, top_k, include_cells) for d in good], submission)
+        preds = await self.predict([ModelJob(d.decoded, top_k, include_cells, cap) for d in good], submission)
         return decoded, preds
 
     async def _unless_gone(self, work, receive, submission: Submission):
@@ -223,6 +234,15 @@ def prediction_json(pred: Any, image: DecodedImage | ApiError, *, top_k: int, in
         "error_kind": None if pred.error is None else pred.error.split(":", 1)[0],
         **confidence_json(pred),
     }
+    info = getattr(pred, "cap", None)
+    if info is not None:
+        out["cap"] = {"km": info.km, "level": info.level, "answered_level": info.answered_level,
+                      "s2_token": info.s2_token, "extent_km": _num(info.extent_km)}
+    if getattr(pred, "point_source", None) is not None:  # how lat/lon were made (galleries: gallery.refine)
+        out["point_source"] = pred.point_source
+        out["cell_point"] = {"lat": _num(pred.cell_lat), "lon": _num(pred.cell_lon)}
+        out["neighbour"] = None if pred.neighbour_id is None else {
+            "gallery": pred.neighbour_gallery, "id": pred.neighbour_id, "similarity": _num(pred.neighbour_similarity)}
     if include_cells:
         out["cells"] = [
             {"level": int(c.level), "cell_index": int(c.cell_index), "s2_token": c.s2_token,
@@ -231,7 +251,8 @@ def prediction_json(pred: Any, image: DecodedImage | ApiError, *, top_k: int, in
         ]
     out["alternatives"] = [
         {"cell_index": int(a.cell_index), "s2_token": a.s2_token, "probability": _num(a.probability),
-         "lat": _num(a.lat), "lon": _num(a.lon)}
+         "lat": _num(a.lat), "lon": _num(a.lon),
+         **({"level": a.level} if getattr(a, "level", None) is not None else {})}
         for a in list(pred.alternatives)[:top_k]
     ]
     return out
@@ -267,6 +288,12 @@ def results_json(uploads: Sequence[Upload], decoded: Sequence[DecodedImage | Api
 
 
 # -- the index -----------------------------------------------------------------------------------
+
+
+def cap_json(settings: ServiceSettings) -> dict:
+    """The service-wide precision cap, for /v1/index (None parts: no cap of that kind)."""
+    return {"km": settings.cap_km, "level": settings.cap_level, "capped": Cap.from_settings(settings) is not None,
+            "note": "a request may ask a coarser answer (cap_km, cap_level), never a finer one"}
 
 
 def manifest_summary(index_dir: Path) -> dict:
