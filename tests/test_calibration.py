@@ -173,3 +173,23 @@ def test_selective_accuracy_keeps_the_most_confident_first():
     dist = np.array([1.0, 5000.0, 10.0, 1.0])
     curve = selective_accuracy(conf, dist, keep_pct=(25, 50, 100), thresholds=(25.0,))
     assert curve["25"] == [100.0, 100.0, 50.0]  # the NaN row counts as least confident and wrong
+
+
+def test_archive_tools_act_on_the_calibrated_value():
+    """sidecars' --min-probability and the review page read `confidence` when the rows have it."""
+    import pyarrow as pa
+
+    from geosurge_index.confidence import row_probability
+    from geosurge_index.review import review_records
+    from geosurge_index.sidecars import _decide
+
+    assert row_probability({"confidence": 0.2, "probability": 0.9}) == 0.2
+    assert row_probability({"confidence": None, "probability": 0.9}) == 0.9  # rows from before
+    row = {"id": "a", "path": None, "lat": 1.0, "lon": 2.0, "probability": 0.9, "confidence": 0.2,
+           "error": None, "exif_gps_valid": False}
+    assert _decide(row, None, 0.5)[0] == "low_probability"
+    assert _decide({**row, "confidence": 0.7, "probability": 0.1}, None, 0.5)[0] == "no_file"  # passed the bar
+    table = pa.table({"id": ["a"], "path": ["a.jpg"], "lat": [1.0], "lon": [2.0], "probability": [0.9],
+                      "confidence": [0.2], "error": pa.array([None], pa.string()), "cell_l1": [0]})
+    records = review_records(table, lambda level, cell: {}, None)
+    assert records[0][3] == 0.2
