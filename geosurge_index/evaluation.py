@@ -80,7 +80,8 @@ def confidence_columns(pred_cols: set) -> str:
     columns when the predictions have them, else `probability` (an older PRED_DIR: uncalibrated)."""
     if "confidence" in pred_cols:
         return (", p.confidence AS conf, p.r50_km AS r50, p.r90_km AS r90, p.calibrated AS calibrated"
-                ", p.level_confidence AS level_conf")
+                ", p.level_confidence AS level_conf"
+                + (", p.point_source AS point_source" if "point_source" in pred_cols else ""))
     return ", p.probability AS conf" if "probability" in pred_cols else ""
 
 
@@ -116,9 +117,14 @@ def confidence_of(rows: dict, keep: np.ndarray, levels: list[int]) -> dict | Non
                               dtype=np.float64).reshape(-1, width)
         level_hits = np.stack([(num(f"t{lv}") == num(f"p{lv}")) if lv in levels else np.zeros(len(d), bool)
                                for lv in range(1, width + 1)], axis=1)
+    groups = None
+    if "point_source" in rows:  # coverage per how the point was made (galleries)
+        src = rows["point_source"]
+        src = np.asarray(src.astype(object).filled(None) if np.ma.isMaskedArray(src) else src, dtype=object)[keep]
+        groups = np.array(["none" if v is None else str(v) for v in src], dtype=object)
     return confidence_report(num("conf"), d, hit, num("r50") if "r50" in rows else None,
                              num("r90") if "r90" in rows else None, level_confidence=level_conf,
-                             level_hits=level_hits, calibrated=calibrated)
+                             level_hits=level_hits, calibrated=calibrated, groups=groups)
 EXIF_TRUTH = "exif"  # `geosurge eval PRED_DIR --truth exif`
 
 

@@ -78,11 +78,12 @@ def _km(t: float) -> str:
 
 
 def confidence_report(confidence, distance_km, hit=None, r50=None, r90=None, *, level_confidence=None,
-                      level_hits=None, calibrated: bool | None = None) -> dict:
+                      level_hits=None, calibrated: bool | None = None, groups=None) -> dict:
     """The numbers of `geosurge eval` about confidence (JSON-ready). `confidence` (n,) the cell
     probability; `distance_km` (n,) true error (inf/NaN = no point); `hit` (n,) bool, the true point
     in the reported finest cell (None: unknown without the index, no ECE); `r50`, `r90` (n,) km;
-    `level_confidence`, `level_hits` (n, L): per-level ECE."""
+    `level_confidence`, `level_hits` (n, L): per-level ECE. `groups` (n,) labels (e.g. the
+    `point_source` of each answer): r50 / r90 coverage per label as well."""
     c = np.asarray(confidence, dtype=np.float64)
     d = np.asarray(distance_km, dtype=np.float64)
     has = np.isfinite(c) & np.isfinite(d)
@@ -104,6 +105,12 @@ def confidence_report(confidence, distance_km, hit=None, r50=None, r90=None, *, 
             ok = has & np.isfinite(r)
             out[f"{name}_coverage"] = float(np.mean(d[ok] <= r[ok])) if ok.any() else None
             out[f"{name}_median_km"] = float(np.median(r[ok])) if ok.any() else None
+    if groups is not None and r50 is not None and r90 is not None:
+        g = np.asarray(groups, dtype=object)
+        r50a, r90a = np.asarray(r50, dtype=np.float64), np.asarray(r90, dtype=np.float64)
+        out["coverage_by_group"] = {
+            str(k): {"n": int(m.sum()), "r50": float(np.mean(d[m] <= r50a[m])), "r90": float(np.mean(d[m] <= r90a[m]))}
+            for k in sorted(set(g[has].tolist())) for m in [has & (g == k) & np.isfinite(r90a)] if m.any()}
     curve = selective_accuracy(np.where(has, c, np.nan), d)
     out["selective_accuracy_pct"] = curve
     if curve.get("25") and curve["25"][-1]:
@@ -126,6 +133,10 @@ def summary_rows(rep: dict) -> list[tuple[str, str]]:
         if f"{name}_coverage" in rep:
             rows.append((f"{name} covers", f"{pct(rep[f'{name}_coverage'])} of true points "
                                             f"(median radius {rep[f'{name}_median_km'] or float('nan'):.0f} km)"))
+    by = rep.get("coverage_by_group") or {}
+    if len(by) > 1:
+        rows.append(("r50 / r90 cover, per point source", ", ".join(
+            f"{k} {pct(v['r50'])} / {pct(v['r90'])} (n={v['n']})" for k, v in by.items())))
     curve = rep.get("selective_accuracy_pct", {}).get("25")
     if curve:
         pick = {x: curve[KEEP_PCT.index(x)] for x in (10, 50, 100)}

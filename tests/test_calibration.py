@@ -193,3 +193,14 @@ def test_archive_tools_act_on_the_calibrated_value():
                       "confidence": [0.2], "error": pa.array([None], pa.string()), "cell_l1": [0]})
     records = review_records(table, lambda level, cell: {}, None)
     assert records[0][3] == 0.2
+
+
+def test_radius_coverage_per_point_source():
+    from geosurge_index.reliability import confidence_report, summary_rows
+
+    d = np.array([1.0, 5.0, 1.0, 50.0])
+    rep = confidence_report(np.full(4, 0.5), d, r50=np.full(4, 2.0), r90=np.full(4, 10.0),
+                            groups=np.array(["cell_mean", "cell_mean", "neighbour", "neighbour"], dtype=object))
+    assert rep["coverage_by_group"] == {"cell_mean": {"n": 2, "r50": 0.5, "r90": 1.0},
+                                        "neighbour": {"n": 2, "r50": 0.5, "r90": 0.5}}
+    assert any("per point source" in k for k, _ in summary_rows(rep))
