@@ -85,6 +85,15 @@ def confidence_columns(pred_cols: set) -> str:
     return ", p.probability AS conf" if "probability" in pred_cols else ""
 
 
+def _ranking_signals(rows: dict, num, level_conf) -> dict:
+    """Candidate rankings for the selective-accuracy comparison: the smallest radii first, and each
+    level's calibrated probability (`reliability.confidence_report(signals=...)`)."""
+    out = {f"-{r}": -num(r) for r in ("r50", "r90") if r in rows}
+    if level_conf is not None:
+        out.update({f"level {j + 1} confidence": level_conf[:, j] for j in range(level_conf.shape[1])})
+    return out
+
+
 def confidence_of(rows: dict, keep: np.ndarray, levels: list[int]) -> dict | None:
     """`reliability.confidence_report` of the joined rows (missing predictions: no confidence)."""
     from geosurge_index.metrics import haversine_km
@@ -124,7 +133,8 @@ def confidence_of(rows: dict, keep: np.ndarray, levels: list[int]) -> dict | Non
         groups = np.array(["none" if v is None else str(v) for v in src], dtype=object)
     return confidence_report(num("conf"), d, hit, num("r50") if "r50" in rows else None,
                              num("r90") if "r90" in rows else None, level_confidence=level_conf,
-                             level_hits=level_hits, calibrated=calibrated, groups=groups)
+                             level_hits=level_hits, calibrated=calibrated, groups=groups,
+                             signals=_ranking_signals(rows, num, level_conf))
 EXIF_TRUTH = "exif"  # `geosurge eval PRED_DIR --truth exif`
 
 

@@ -73,17 +73,26 @@ def selective_accuracy(confidence, distance_km, keep_pct=KEEP_PCT, thresholds=TH
     return out
 
 
+def top_half_ratio(score, distance_km, km: float = 25.0) -> float | None:
+    """% within `km` among the half ranked first by `score` over % within `km` of all (None: none within)."""
+    curve = selective_accuracy(score, distance_km, keep_pct=(50, 100), thresholds=(km,))[_km(km)]
+    return float(curve[0] / curve[1]) if curve[1] else None
+
+
 def _km(t: float) -> str:
     return str(int(t)) if float(t).is_integer() else str(t)
 
 
 def confidence_report(confidence, distance_km, hit=None, r50=None, r90=None, *, level_confidence=None,
-                      level_hits=None, calibrated: bool | None = None, groups=None) -> dict:
+                      level_hits=None, calibrated: bool | None = None, groups=None,
+                      signals: dict | None = None) -> dict:
     """The numbers of `geosurge eval` about confidence (JSON-ready). `confidence` (n,) the cell
     probability; `distance_km` (n,) true error (inf/NaN = no point); `hit` (n,) bool, the true point
     in the reported finest cell (None: unknown without the index, no ECE); `r50`, `r90` (n,) km;
     `level_confidence`, `level_hits` (n, L): per-level ECE. `groups` (n,) labels (e.g. the
-    `point_source` of each answer): r50 / r90 coverage per label as well."""
+    `point_source` of each answer): r50 / r90 coverage per label as well. `signals` {name: (n,)
+    scores, higher = more confident}: other candidate rankings, each scored like `confidence` by
+    the share within 25 km of its most confident half over the share of all (`top_half_ratio`)."""
     c = np.asarray(confidence, dtype=np.float64)
     d = np.asarray(distance_km, dtype=np.float64)
     has = np.isfinite(c) & np.isfinite(d)
@@ -111,6 +120,9 @@ def confidence_report(confidence, distance_km, hit=None, r50=None, r90=None, *, 
         out["coverage_by_group"] = {
             str(k): {"n": int(m.sum()), "r50": float(np.mean(d[m] <= r50a[m])), "r90": float(np.mean(d[m] <= r90a[m]))}
             for k in sorted(set(g[has].tolist())) for m in [has & (g == k) & np.isfinite(r90a)] if m.any()}
+    if signals:
+        out["within_25km_top_half_vs_all_by_signal"] = {
+            name: top_half_ratio(np.where(has, np.asarray(v, dtype=np.float64), np.nan), d) for name, v in signals.items()}
     curve = selective_accuracy(np.where(has, c, np.nan), d)
     out["selective_accuracy_pct"] = curve
     if curve.get("25") and curve["25"][-1]:
@@ -137,6 +149,10 @@ def summary_rows(rep: dict) -> list[tuple[str, str]]:
     if len(by) > 1:
         rows.append(("r50 / r90 cover, per point source", ", ".join(
             f"{k} {pct(v['r50'])} / {pct(v['r90'])} (n={v['n']})" for k, v in by.items())))
+    by_signal = {k: v for k, v in (rep.get("within_25km_top_half_vs_all_by_signal") or {}).items() if v is not None}
+    if by_signal:
+        best = sorted(by_signal.items(), key=lambda kv: -kv[1])[:4]
+        rows.append(("within 25 km, top half / all, by ranking", ", ".join(f"{k} {v:.2f}x" for k, v in best)))
     curve = rep.get("selective_accuracy_pct", {}).get("25")
     if curve:
         pick = {x: curve[KEEP_PCT.index(x)] for x in (10, 50, 100)}

@@ -204,3 +204,13 @@ def test_radius_coverage_per_point_source():
     assert rep["coverage_by_group"] == {"cell_mean": {"n": 2, "r50": 0.5, "r90": 1.0},
                                         "neighbour": {"n": 2, "r50": 0.5, "r90": 0.5}}
     assert any("per point source" in k for k, _ in summary_rows(rep))
+
+
+def test_ranking_signals_are_compared():
+    from geosurge_index.reliability import confidence_report, top_half_ratio
+
+    d = np.array([1.0, 1.0, 100.0, 100.0])
+    assert top_half_ratio(np.array([0.9, 0.8, 0.1, 0.2]), d) == 2.0
+    assert top_half_ratio(np.array([0.1, 0.2, 0.9, 0.8]), d) == 0.0
+    rep = confidence_report(np.array([0.1, 0.2, 0.9, 0.8]), d, signals={"-r90": -np.array([1.0, 2.0, 9.0, 8.0])})
+    assert rep["within_25km_top_half_vs_all"] == 0.0 and rep["within_25km_top_half_vs_all_by_signal"]["-r90"] == 2.0
