@@ -467,7 +467,18 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     runner.run("export", {"segmenter": with_seg}, ("train", *(("segmenter",) if with_seg else ())),
                lambda: (paths["index"] / "manifest.json").is_file(), export)
 
-    # 4b. The training photos as a gallery inside the index: answers then come from the nearest
+    # 4b. Calibrate the index's confidence on the photos training held out (RUN_DIR/calibration.csv;
+    # searched without galleries: the gallery below holds them, being the training photos).
+    def calibrate():
+        held_out = paths["run"] / "calibration.csv"
+        if not held_out.is_file():
+            raise _Skip(f"{held_out} is missing (the recipe keeps no calibration split)")
+        geosurge(["calibrate", paths["index"], "--truth", held_out])
+
+    runner.run("calibrate", {}, ("export",), lambda: (paths["index"] / "calibration.json").is_file(), calibrate)
+    with_cal = "calibrate" in runner.prints
+
+    # 4c. The training photos as a gallery inside the index: answers then come from the nearest
     # training photo inside the best cells (`geosurge gallery`).
     def gallery():
         geosurge(["gallery", "add", paths["index"], paths["train"] / "manifest.csv", "--name", "train"])
@@ -483,7 +494,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         geosurge(["locate", paths["index"], paths["test"] / "manifest.csv", "--out", paths["predictions"],
                   "--save-embeddings", *(["--galleries", "train"] if with_gallery else ["--galleries", "none"])])
 
-    runner.run("locate", {"gallery": with_gallery}, ("export", "world-test", *(("gallery",) if with_gallery else ())),
+    runner.run("locate", {"gallery": with_gallery},
+               ("export", "world-test", *(("gallery",) if with_gallery else ()), *(("calibrate",) if with_cal else ())),
                lambda: any(paths["predictions"].glob("part-*.parquet")), locate)
 
     # The same test photos without their class-map files (what bytes, uploads and new photos are):
@@ -503,7 +515,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         paths["eval"].mkdir(parents=True, exist_ok=True)
         if "locate" in runner.prints:  # the full report of the model (cell accuracy per level too)
             geosurge(["eval", paths["predictions"], "--truth", paths["test"] / "manifest.csv",
-                      "--index", paths["index"], "--json", paths["eval"] / "model.json"])
+                      "--index", paths["index"], "--json", paths["eval"] / "model.json",
+                      "--plot", paths["eval"] / "confidence.png"])
         result.table = _evaluate(paths, s, runner)
         (paths["eval"] / "accuracy.json").write_text(json.dumps(
             {m: {str(int(t)): v for t, v in acc.items()} for m, acc in result.table.items()}, indent=2) + "\n")
@@ -722,6 +735,20 @@ def _clean(out: Path) -> None:
             p.unlink()
 
 
+def _say_confidence(model_json: Path) -> None:
+    """The confidence figures of `geosurge eval` (ECE, radius coverage, selective accuracy)."""
+    from geosurge_index.reliability import summary_rows
+
+    try:
+        conf = json.loads(model_json.read_text()).get("confidence")
+    except (OSError, ValueError):
+        return
+    if conf:
+        _say("\nconfidence of the model's answers (eval/confidence.png):")
+        for k, v in summary_rows(conf):
+            _say(f"  {k:<44} {v}")
+
+
 def _finish(result: DemoResult, s: DemoSettings) -> None:
     out = s.out_dir
     _say("\n" + "=" * 78)
@@ -729,6 +756,7 @@ def _finish(result: DemoResult, s: DemoSettings) -> None:
         _say(format_table(result.table, s.n_test))
     else:
         _say("no accuracy table: the evaluation did not run (see the stages below)")
+    _say_confidence(out / "eval" / "model.json")
     if result.archive_table:
         _say("\npersonal archive: trips of photos within a few km, half of each trip geotagged (EXIF GPS) and "
              "added as a gallery;\nthe other half located with and without it")
@@ -745,13 +773,13 @@ def _finish(result: DemoResult, s: DemoSettings) -> None:
         ("cells/", "the 7-level partition (cells.parquet, assignments.parquet, partition.json)"),
         ("recipe.toml, run/", "the training recipe and the run (epoch checkpoints, metrics.jsonl)"),
         ("segmenter/", "the small segmenter trained on the training photos' class maps"),
-        ("index/", "the exported index (FAISS levels, cells.duckdb, encoder with that segmenter, gallery)"),
+        ("index/", "the exported index (FAISS levels, cells.duckdb, encoder with that segmenter, gallery, calibration.json)"),
         ("predictions/", "bulk-locate shards of the test photos (Parquet; lat/lon refined by the training "
                          "gallery, cell_lat/cell_lon the cell means)"),
         ("world/archive", "a personal archive: tagged/ (EXIF GPS), untagged/, truth.csv"),
         ("archive-predictions/", "its untagged photos located with its tagged ones as a gallery"),
         ("predictions-no-maps/", "the same photos without class maps (world/test-no-maps)"),
-        ("eval/", "accuracy.txt and accuracy.json (the table above)"),
+        ("eval/", "accuracy.txt and accuracy.json (the table above); confidence.png, model.json"),
         ("sql/", "the SQL recipes' results (CSV)"),
         ("map/", "predictions.png: predicted vs true points"),
     ]

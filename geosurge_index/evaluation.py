@@ -40,6 +40,7 @@ def evaluate_predictions(pred_dir, truth, index_dir=None, *, skip_missing: bool 
         levels = [int(c.rsplit("_l", 1)[1]) for c in truth_cols if c.startswith("true_cell_l")]
         levels = [lv for lv in levels if f"cell_l{lv}" in pred_cols]
         cell_sel = "".join(f", p.cell_l{lv} AS p{lv}, t.true_cell_l{lv} AS t{lv}" for lv in levels)
+        cell_sel += confidence_columns(pred_cols)
         # one row per truth image; a prediction id seen twice counts once
         rows = con.sql(f"""
             SELECT t.lat AS true_lat, t.lon AS true_lon, p.{lat_col} AS pred_lat, p.{lon_col} AS pred_lon,
@@ -70,9 +71,70 @@ def evaluate_predictions(pred_dir, truth, index_dir=None, *, skip_missing: bool 
         pred_cells=pred_cells, true_cells=true_cells,
     )
     report.n_predictions = n_predictions
+    report.confidence = confidence_of(rows, keep, levels)
     return report
 
 
+def confidence_columns(pred_cols: set) -> str:
+    """The SELECT list (after the cell columns) of what `confidence_of` reads: the confidence
+    columns when the predictions have them, else `probability` (an older PRED_DIR: uncalibrated)."""
+    if "confidence" in pred_cols:
+        return (", p.confidence AS conf, p.r50_km AS r50, p.r90_km AS r90, p.calibrated AS calibrated"
+                ", p.level_confidence AS level_conf"
+                + (", p.point_source AS point_source" if "point_source" in pred_cols else ""))
+    return ", p.probability AS conf" if "probability" in pred_cols else ""
+
+
+def _ranking_signals(rows: dict, num, level_conf) -> dict:
+    """Candidate rankings for the selective-accuracy comparison: the smallest radii first, and each
+    level's calibrated probability (`reliability.confidence_report(signals=...)`)."""
+    out = {f"-{r}": -num(r) for r in ("r50", "r90") if r in rows}
+    if level_conf is not None:
+        out.update({f"level {j + 1} confidence": level_conf[:, j] for j in range(level_conf.shape[1])})
+    return out
+
+
+def confidence_of(rows: dict, keep: np.ndarray, levels: list[int]) -> dict | None:
+    """`reliability.confidence_report` of the joined rows (missing predictions: no confidence)."""
+    from geosurge_index.metrics import haversine_km
+    from geosurge_index.reliability import confidence_report
+
+    if "conf" not in rows:
+        return None
+
+    def num(name):
+        a = rows[name]
+        if np.ma.isMaskedArray(a):
+            return np.ma.asarray(a).astype(np.float64).filled(np.nan)[keep]
+        return np.asarray(a, dtype=np.float64)[keep]
+
+    d = haversine_km(num("pred_lat"), num("pred_lon"), num("true_lat"), num("true_lon"))
+    hit = level_conf = level_hits = None
+    if levels:
+        fin = max(levels)
+        hit = (num(f"t{fin}") == num(f"p{fin}")) & np.isfinite(num(f"t{fin}"))
+    cal_col = rows.get("calibrated")
+    calibrated = False
+    if cal_col is not None:
+        flags = {bool(v) for v in np.ma.asarray(cal_col)[keep].compressed().tolist() if v is not None}
+        calibrated = flags == {True} if flags else None
+    if "level_conf" in rows and levels:
+        raw = rows["level_conf"]
+        raw = np.asarray(raw.astype(object).filled(None) if np.ma.isMaskedArray(raw) else raw, dtype=object)[keep]
+        width = max(levels)
+        level_conf = np.array([list(v) if v is not None and len(v) == width else [np.nan] * width for v in raw],
+                              dtype=np.float64).reshape(-1, width)
+        level_hits = np.stack([(num(f"t{lv}") == num(f"p{lv}")) if lv in levels else np.zeros(len(d), bool)
+                               for lv in range(1, width + 1)], axis=1)
+    groups = None
+    if "point_source" in rows:  # coverage per how the point was made (galleries)
+        src = rows["point_source"]
+        src = np.asarray(src.astype(object).filled(None) if np.ma.isMaskedArray(src) else src, dtype=object)[keep]
+        groups = np.array(["none" if v is None else str(v) for v in src], dtype=object)
+    return confidence_report(num("conf"), d, hit, num("r50") if "r50" in rows else None,
+                             num("r90") if "r90" in rows else None, level_confidence=level_conf,
+                             level_hits=level_hits, calibrated=calibrated, groups=groups,
+                             signals=_ranking_signals(rows, num, level_conf))
 EXIF_TRUTH = "exif"  # `geosurge eval PRED_DIR --truth exif`
 
 

@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 
 from geosurge_index import machine
+from geosurge_index.calibration import CALIBRATION_FILE  # optional: `geosurge calibrate` writes it
 from geosurge_index.cells import CELL_COLUMN_TYPES, cells_to_arrow
 from geosurge_index.devices import resolve_device
 from geosurge_index.errors import FormatError, UserError
@@ -211,7 +212,7 @@ def export_index(
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out} exists and is not empty (use --overwrite to replace its index)")
-        for name in [MANIFEST, CELLS_DB, CELLS_DB + ".wal", *ENCODER_FILES,
+        for name in [MANIFEST, CELLS_DB, CELLS_DB + ".wal", *ENCODER_FILES, CALIBRATION_FILE,
                      *(p.name for p in out.glob("level_*.faiss")), *(p.name for p in out.glob("gallery-*"))]:
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -343,6 +344,7 @@ def reader_files(manifest: dict, *, encoder: bool = True, galleries: Sequence[st
     from geosurge_index.gallery.store import manifest_galleries
 
     names = [e["file"] for e in sorted(manifest["levels"], key=lambda e: e["level"])] + [CELLS_DB]
+    names += [CALIBRATION_FILE] if CALIBRATION_FILE in manifest["files"] else []  # read when listed
     names += list(ENCODER_FILES) if encoder and manifest.get("encoder") else []
     for g in manifest_galleries(manifest):
         if galleries is None or g.name in galleries:
@@ -371,6 +373,22 @@ def file_entry(index_dir: Path, name: str) -> dict:
     """{sha256, bytes} of INDEX_DIR/name, as manifest.json lists files."""
     path = Path(index_dir) / name
     return {"sha256": _sha256(path), "bytes": path.stat().st_size}
+
+
+def add_listed_file(index_dir: str | os.PathLike, name: str, entry: dict | None = None) -> dict:
+    """List INDEX_DIR/name (already written) in the manifest with its sha256 and size, and set the
+    manifest's `entry` keys (e.g. {"calibration": summary}), in one atomic manifest rewrite
+    (`update_manifest`). Returns the new manifest."""
+    d = Path(index_dir)
+    if name != Path(name).name or not (d / name).is_file():
+        raise UserError(f"{d}: {name} is not a file inside the index folder")
+
+    def change(manifest: dict) -> dict:
+        manifest["files"][name] = file_entry(d, name)
+        manifest.update(entry or {})
+        return manifest
+
+    return update_manifest(d, change)
 
 
 def verify_index(index_dir: str | os.PathLike, *, checksums: bool = True,
@@ -860,6 +878,6 @@ class GeoIndex:
         return refine(result, emb, self.galleries(), settings).head(top_k)
 
     def to_arrow(self, result: SearchResult | None, ids, paths=None, errors=None,
-                 embeddings=None) -> pa.Table:
+                 embeddings=None, confidence=None) -> pa.Table:
         """Prediction rows in the PRED_DIR schema: see search.result_to_arrow."""
-        return result_to_arrow(result, self.tree, ids, paths, errors, embeddings)
+        return result_to_arrow(result, self.tree, ids, paths, errors, embeddings, confidence=confidence)

@@ -69,6 +69,7 @@ class EvalReport:
     cell_accuracy_pct: dict[int, float] = field(default_factory=dict)  # level -> % predicted cell == true cell
     truth_in_cell_pct: dict[int, float] = field(default_factory=dict)  # level -> % of true points inside a cell
     n_predictions: int | None = None  # prediction rows in the run, matched or not
+    confidence: dict | None = None  # `reliability.confidence_report`: ECE, radius coverage, selective accuracy
 
     def to_dict(self) -> dict:
         out = asdict(self)

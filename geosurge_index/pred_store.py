@@ -74,7 +74,12 @@ def pred_schema(save_embeddings: bool = False) -> pa.Schema:
     """The PRED_DIR schema (ARCHITECTURE.md), plus the image's width and height; then the columns
     added later, at the end so that readers by position keep working: `topk_tokens` (the S2
     tokens of `topk_cells`, finest level) and `geometry` (the predicted point as WKB, GeoParquet
-    1.1: the schema carries the `geo` metadata), then the gallery columns (`REFINEMENT_FIELDS`)."""
+    1.1: the schema carries the `geo` metadata), then the archive columns (`ARCHIVE_FIELDS`: EXIF GPS,
+    the precision cap), the gallery columns (`REFINEMENT_FIELDS`), then the confidence
+    (`confidence.py`, `CONFIDENCE_FIELDS`): `confidence` (the calibrated P(true point in the
+    reported finest cell)), `level_confidence` (the same per level, level 1 first), `r50_km` /
+    `r90_km` (error radii) and `calibrated` (whether the index's calibration made them; false: the
+    model's own probabilities)."""
     fields = [
         ("id", pa.string()),
         ("path", pa.string()),
@@ -92,6 +97,7 @@ def pred_schema(save_embeddings: bool = False) -> pa.Schema:
                ("topk_tokens", pa.list_(pa.string())), (GEOMETRY_COLUMN, pa.binary())]
     fields += ARCHIVE_FIELDS
     fields += REFINEMENT_FIELDS
+    fields += CONFIDENCE_FIELDS
     return with_geo_metadata(pa.schema(fields))
 
 
@@ -111,6 +117,11 @@ ARCHIVE_FIELDS = [("exif_lat", pa.float64()), ("exif_lon", pa.float64()), ("exif
 REFINEMENT_FIELDS = [("point_source", pa.string()), ("neighbour_gallery", pa.string()),
                      ("neighbour_id", pa.string()), ("neighbour_similarity", pa.float32()),
                      ("cell_lat", pa.float64()), ("cell_lon", pa.float64())]
+
+# Added with the confidence (`confidence.py`), after the gallery columns: the calibrated probability
+# of the reported finest cell, per level, the error radii around lat/lon, whether calibrated.
+CONFIDENCE_FIELDS = [("confidence", pa.float64()), ("level_confidence", pa.list_(pa.float32())),
+                     ("r50_km", pa.float64()), ("r90_km", pa.float64()), ("calibrated", pa.bool_())]
 
 
 @dataclass(frozen=True)

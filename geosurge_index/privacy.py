@@ -20,7 +20,14 @@ What is reported under a cap:
 - alternatives (the Locator/HTTP answer): the top-k finest cells grouped into their own capped
   cells, probabilities summed; in Parquet rows the `topk_*` lists are withheld (null);
 - place names: the answered cell's, less the names finer than it (`PLACE_DETAIL_KM`);
-- radii (`r50_km`, `r90_km`, any `r<NN>_km` column): never below the answered cell's extent;
+- radii (`r50_km`, `r90_km`, any `r<NN>_km` column): never below the answered cell's extent (so
+  never below the cap's km): max(r, extent), measured from the answered point. The radius of the
+  uncapped answer is kept when it is larger: it says how far the truth may be from the path, which
+  a coarser cell does not narrow;
+- the calibrated confidence (`confidence`, `level_confidence`; `confidence.py`): `confidence` becomes
+  the calibrated probability of the answered cell, `level_confidence[answered level]` (level 1's at
+  `cap_level` 0, a lower bound of the larger S2 cell's); `level_confidence` keeps the answered levels
+  only; `calibrated` is kept;
 - nothing else: embeddings, and any column this module does not know (e.g. gallery neighbours,
   their ids and similarities, a refined point), are withheld (null). A new column that carries
   no location goes into `KEEP_COLUMNS`.
@@ -54,6 +61,7 @@ KEEP_COLUMNS = frozenset({
     "id", "path", "width", "height", "error",
     "exif_lat", "exif_lon", "exif_gps_present", "exif_gps_valid", "exif_gps_note",  # the photo's own
     "source", "row", "bytes", "sha256",  # input bookkeeping
+    "calibrated",  # whether the index's calibration made the confidence (`confidence.py`)
 })
 _RADIUS = re.compile(r"^r\d+(_km)?$")  # r50_km, r90_km: uncertainty radii, floored at the extent
 _CAP_COLUMNS = ("cap_km", "cap_level", "cap_token")
@@ -294,6 +302,10 @@ def _cap_table(table: pa.Table, tree, cap: Cap) -> pa.Table:
             out[name] = spread(ans.lon, pa.float64())
         elif name == "probability":
             out[name] = spread(prob.astype(np.float64), col.type)
+        elif name == "level_confidence":
+            out[name] = _capped_level_lists(col, rows, ans.level, n)
+        elif name == "confidence" and "level_confidence" in table.column_names:
+            out[name] = _capped_confidence(table.column("level_confidence"), rows, ans.level, n, col.type)
         elif name.startswith(("cell_l", "token_l")) and name.rsplit("l", 1)[1].isdigit():
             lv = int(name.rsplit("l", 1)[1])
             keep = np.zeros(n, dtype=bool)
@@ -334,6 +346,29 @@ def _cap_table(table: pa.Table, tree, cap: Cap) -> pa.Table:
     arrays = [out[name] if isinstance(out[name], pa.ChunkedArray) else out[name].cast(typ)
               for name, typ in zip(names, [f.type for f in fields], strict=True)]
     return pa.table(arrays, schema=pa.schema(fields, metadata=table.schema.metadata))
+
+
+def _level_lists(col, rows: np.ndarray) -> list:
+    return col.take(pa.array(rows)).to_pylist() if len(rows) else []
+
+
+def _capped_level_lists(col, rows: np.ndarray, level: np.ndarray, n: int) -> pa.Array:
+    """A per-level list column (level 1 first) cut to each row's answered levels (null elsewhere)."""
+    full: list = [None] * n
+    for r, v, lv in zip(rows, _level_lists(col, rows), level, strict=True):
+        full[r] = None if v is None else v[:max(int(lv), 1)]
+    return pa.array(full, col.type)
+
+
+def _capped_confidence(level_col, rows: np.ndarray, level: np.ndarray, n: int, typ) -> pa.Array:
+    """The calibrated probability of each row's answered cell: `level_confidence` at the answered
+    level (level 1's above it, a lower bound); null where unknown. A row capped before keeps only
+    its answered levels, so the last entry is taken there."""
+    full: list = [None] * n
+    for r, v, lv in zip(rows, _level_lists(level_col, rows), level, strict=True):
+        if v:
+            full[r] = v[min(max(int(lv), 1), len(v)) - 1]
+    return pa.array(full, typ)
 
 
 def _earlier_s2_answers(table: pa.Table, n: int) -> np.ndarray:
@@ -422,9 +457,15 @@ def _cap_predictions(preds: list, tree, cap: Cap, places) -> list:
         if places is not None:
             own = places(lv, int(ans.cell[r])) if lv > 0 else dict.fromkeys(PLACE_FIELDS)
         place = capped_places(own, float(ans.extent_km[r]))
+        ext = float(ans.extent_km[r])
+        conf = {}
+        if getattr(p, "confidence", None) is not None:  # `confidence.py`: see the module docstring
+            level_conf = [getattr(c, "confidence", None) for c in p.cells[:max(lv, 1)]]
+            conf = {"confidence": level_conf[-1] if level_conf and level_conf[-1] is not None else None,
+                    **{k: max(float(getattr(p, k)), ext) for k in ("r50_km", "r90_km") if getattr(p, k) is not None}}
         out[i] = replace(
             p, lat=float(ans.lat[r]), lon=float(ans.lon[r]), probability=float(prob[r]),
-            cells=list(p.cells[:lv]), embedding=None,
+            cells=list(p.cells[:lv]), embedding=None, **conf,
             alternatives=[replace(g[5], cell_index=g[1], s2_token=t, probability=g[2], lat=g[3], lon=g[4],
                                   level=g[0]) for t, g in alts],
             cap=CapInfo(cap.km, cap.level, lv, str(tokens[r]), float(ans.extent_km[r])),

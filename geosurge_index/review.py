@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from geosurge_index.confidence import row_probability
 from geosurge_index.errors import UserError
 from geosurge_index.privacy import Cap, cap_cells, capped_places
 
@@ -76,7 +77,9 @@ def _place_text(place: dict) -> str:
 
 def review_records(table, places_of, tree, cap_km: float | None = None) -> list[list]:
     """Prediction rows (capped already) -> the page's rows: [id, name, place, probability, lat,
-    lon, [[alternative place, probability]...], EXIF GPS text or 0, thumbnail slot]."""
+    lon, [[alternative place, probability]...], EXIF GPS text or 0, thumbnail slot]. The
+    probability shown, sorted and filtered on is the calibrated `confidence` when the rows have it
+    (`confidence.row_probability`); the alternatives' are the model's own."""
     cc = cap_cells(tree) if tree is not None else None
     cols = table.to_pydict()
     n = table.num_rows
@@ -104,7 +107,8 @@ def review_records(table, places_of, tree, cap_km: float | None = None) -> list[
             tagged = f"{cols['exif_lat'][i]:.5f}, {cols['exif_lon'][i]:.5f}"
         path = cols["path"][i] or ""
         out.append([cols["id"][i], os.path.basename(path) or cols["id"][i], _place_text(place),
-                    round(float(cols["probability"][i] or 0.0), 4), round(float(cols["lat"][i]), 4),
+                    round(row_probability({k: cols[k][i] for k in ("confidence", "probability") if k in cols}), 4),
+                    round(float(cols["lat"][i]), 4),
                     round(float(cols["lon"][i]), 4), alts, tagged, path])
     return out
 

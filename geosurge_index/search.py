@@ -591,7 +591,8 @@ def result_to_arrow(result: SearchResult | None, tree: CellTree, ids: Sequence[s
                     embeddings: np.ndarray | None = None,
                     widths: Sequence[int | None] | None = None,
                     heights: Sequence[int | None] | None = None,
-                    gps: Sequence | None = None) -> pa.Table:
+                    gps: Sequence | None = None,
+                    confidence=None) -> pa.Table:
     """Prediction rows in the PRED_DIR schema (`pred_store.pred_schema`), one per input.
 
     `ids` (and `paths`, `errors`, `widths`, `heights` when given) have one entry per input.
@@ -600,6 +601,7 @@ def result_to_arrow(result: SearchResult | None, tree: CellTree, ids: Sequence[s
     row and fills the `embedding` column (the schema then includes it). `tree` is the index's
     CellTree (`GeoIndex.tree`), for the S2 tokens (`token_l*`, and `topk_tokens` of the finest
     level's `topk_cells`). `geometry` is the predicted point as WKB (null for error rows).
+    `confidence`: a `confidence.Confidence` of the result rows (None: those columns are null).
     """
     from geosurge_index.geoparquet import points_wkb
     from geosurge_index.pred_store import pred_schema
@@ -672,6 +674,15 @@ def result_to_arrow(result: SearchResult | None, tree: CellTree, ids: Sequence[s
     for name in ("cap_km", "cap_level", "cap_token"):
         cols[name] = pa.nulls(n, schema.field(name).type)
     cols.update(_refinement_columns(result, rows, mask, n, spread))
+    if confidence is not None:
+        cols["confidence"] = spread(confidence.probability.astype(np.float64), pa.float64())
+        cols["level_confidence"] = spread_list(confidence.level_probability.astype(np.float32), pa.float32())
+        cols["r50_km"] = spread(confidence.r50_km.astype(np.float64), pa.float64())
+        cols["r90_km"] = spread(confidence.r90_km.astype(np.float64), pa.float64())
+        cols["calibrated"] = spread(np.full(n_ok, confidence.calibrated), pa.bool_())
+    else:
+        for name in ("confidence", "level_confidence", "r50_km", "r90_km", "calibrated"):
+            cols[name] = pa.nulls(n, schema.field(name).type)
     return pa.table([cols[f.name] for f in schema], schema=schema)
 
 

@@ -10,7 +10,8 @@ exiftool) and PhotoPrism read them. Beside it, this project's namespace (`NS_GEO
 Rules:
 - an original photo is never opened for writing; only `.xmp` files are written;
 - a photo whose EXIF carries valid GPS is skipped (`tagged`), so is a row without a prediction
-  (`error`), below `--min-probability` (`low_probability`), not in `--only` (`not_selected`), or
+  (`error`), below `--min-probability` (`low_probability`: the calibrated `confidence` when the
+  rows have it, `row_probability`), not in `--only` (`not_selected`), or
   from inside a tar shard (`no_file`), or whose sidecar another photo of the run already takes
   (`name_clash`: photo.jpg and photo.png with --naming photo.xmp);
 - an existing sidecar (either naming, beside the photo; the target with `--dest`) is merged into:
@@ -37,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from geosurge_index.confidence import row_probability
 from geosurge_index.errors import UserError
 from geosurge_index.privacy import Cap, apply_cap
 
@@ -247,7 +249,8 @@ def read_only_list(path: str | os.PathLike) -> set[str]:
 # -- the run ----------------------------------------------------------------------------------------
 
 PRED_COLUMNS = ("id", "path", "lat", "lon", "probability", "error", "exif_gps_valid", "cap_km", "cap_level",
-                "cap_token")
+                "cap_token", "confidence", "calibrated")
+
 
 
 def read_rows(pred_dir: str | os.PathLike) -> pa.Table:
@@ -340,7 +343,7 @@ def _decide(row: dict, only: set[str] | None, min_probability: float):
         return "tagged", None
     if row["error"] is not None or row["lat"] is None:
         return "error", None
-    if (row["probability"] or 0.0) < min_probability:
+    if row_probability(row) < min_probability:
         return "low_probability", None
     path = row["path"]
     if not path or not os.path.isfile(path):
@@ -355,7 +358,7 @@ def _estimate_props(row: dict, tokens: dict, level_cols: list, i: int, cap: Cap 
         known = [lv for lv in sorted(tokens) if tokens[lv][i] is not None]
         level = known[-1] if known else 0
         token = tokens[level][i] if known else ""
-    props = {"Estimated": "True", "Probability": f"{float(row['probability']):.6f}",
+    props = {"Estimated": "True", "Probability": f"{row_probability(row):.6f}",
              "CellToken": str(token or ""), "CellLevel": str(level), "Date": now,
              "Software": "geosurge-index", "IndexId": str(index_id or "")}
     km = row["cap_km"]

@@ -62,6 +62,8 @@ class DataSettings:
     train: str | list[str] = ""  # manifest(s) (CSV/Parquet: path, lat, lon) or .tar shards / globs / folders
     val: str | list[str] | None = None  # same forms; None: hold out `val_fraction` of train
     val_fraction: float = 0.02
+    # held out of train (after val) for `geosurge calibrate`: written to RUN_DIR/calibration.csv (0: none)
+    calibration_fraction: float = 0.05
     path_column: str = "path"
     class_maps: str = "auto"  # auto: precomputed where present, segmenter otherwise | precomputed | segmenter
     draft: bool = True  # JPEG DCT-scaled decoding (2-6x faster, <2 grey levels off)
@@ -500,6 +502,11 @@ class Trainer:
             self.val_split = read_split("val", data.val, self.cells, path_column=data.path_column)
         else:
             self.train_split, self.val_split = holdout(self.train_split, data.val_fraction, ts.seed)
+        self.calibration_split = None
+        frac = calibration_fraction(data, ckpt_dir)
+        if frac > 0:  # photos the model never trains on, for `geosurge calibrate`
+            self.train_split, self.calibration_split = holdout(self.train_split, frac, ts.seed + 1)
+        self.state_extra = {"calibration_fraction": frac}
         self.parents = parent_tensors(self.cells, self.device)
         finest = self.cells.levels[-1]
         self.finest_latlon = np.stack([finest.mean_lat, finest.mean_lon], axis=1)
@@ -634,7 +641,7 @@ class Trainer:
             extra = {"recipe": self.recipe.source, "global_step": self.state["global_step"]}
             if metrics is not None:
                 extra["metrics"] = metrics
-            state = dict(self.state)
+            state = {**self.state, **getattr(self, "state_extra", {})}
             if self.scaler.is_enabled():
                 state["grad_scaler"] = self.scaler.state_dict()
             path = save_checkpoint(self.run_dir / name, self.model, epoch=epoch_done, cells_dir=self.cells_dir,
@@ -809,6 +816,10 @@ class Trainer:
                      f"on {self.device}, {dtype_name(self.amp_dtype)}; micro-batch {ts.batch_size} x "
                      f"{self.accum} accumulation x {self.dist.world} = {ts.batch_size * self.accum * self.dist.world}; "
                      f"parameters {total[2]:,} trainable / {total[1]:,} total")
+        if self.dist.main and self.calibration_split is not None:
+            path = write_calibration_manifest(self.calibration_split, self.run_dir)
+            self.log(f"{len(self.calibration_split)} photos held out for calibration: {path} "
+                     f"(after export: geosurge calibrate INDEX_DIR --truth {path})")
         metrics_all: list[dict] = []
         last_ckpt, stopped = None, False
         epoch = self.state["epoch"]
@@ -872,6 +883,41 @@ class Trainer:
         for d in ckpts[:-keep]:
             if best is None or d.name != f"epoch-{best:04d}":
                 shutil.rmtree(d, ignore_errors=True)
+
+
+def calibration_fraction(data: DataSettings, ckpt_dir: Path | None) -> float:
+    """The share of the train split held out for calibration: the recipe's, or on --resume the
+    checkpoint's (0 for one written before the option existed), so a resumed run trains on the
+    same photos."""
+    frac = float(data.calibration_fraction)
+    if ckpt_dir is not None:
+        try:
+            frac = float(json.loads((ckpt_dir / "train_state.json").read_text()).get("calibration_fraction", 0.0))
+        except (OSError, ValueError):
+            frac = 0.0
+    if not 0 <= frac < 1:
+        raise UserError(f"recipe [data] calibration_fraction = {frac}: must be in [0, 1)")
+    return frac
+
+
+def write_calibration_manifest(split, run_dir: Path) -> Path:
+    """RUN_DIR/calibration.csv (id, path, lat, lon) of the held-out calibration photos: a manifest
+    `geosurge calibrate` reads as truth and as the photos. Photos inside tar shards get their
+    sample key as id and an empty path (give the shards as INPUT to `geosurge calibrate`)."""
+    import csv
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = split.table
+    ids, files, offsets = (t.column(c).to_pylist() for c in ("id", "file", "offset"))
+    path = run_dir / "calibration.csv"
+    tmp = run_dir / ".calibration.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "path", "lat", "lon"])
+        for i, fl, off, la, lo in zip(ids, files, offsets, split.lat, split.lon, strict=True):
+            w.writerow([i, fl if off is None or off < 0 else "", repr(float(la)), repr(float(lo))])
+    os.replace(tmp, path)
+    return path
 
 
 def _worker_init(_):

@@ -15,7 +15,7 @@ from geosurge_index.metrics import THRESHOLDS_KM
 RECIPE = {
     "out": "unused",  # the demo points it into OUT/run
     "model": {"preset": "tiny"},
-    "data": {"class_maps": "precomputed", "val_fraction": 0.1},
+    "data": {"class_maps": "precomputed", "val_fraction": 0.1, "calibration_fraction": 0.2},  # 27 to calibrate
     "train": {"epochs": 1, "batch_size": 16, "effective_batch": 16, "max_steps_per_epoch": 3,
               "workers": 0, "lr": 1e-3, "seed": 0},
 }
@@ -35,14 +35,14 @@ def test_every_stage_runs_and_writes_its_artefacts(mini_demo, capsys):
     settings, result = mini_demo
     assert [(s.name, s.status) for s in result.stages] == [
         (name, "ran") for name in ("world-train", "world-test", "partition", "train", "segmenter", "export",
-                                   "gallery", "locate", "locate-no-maps", "evaluate", "sql", "map",
+                                   "calibrate", "gallery", "locate", "locate-no-maps", "evaluate", "sql", "map",
                                    "world-archive", "archive")], result.stages
     out = settings.out_dir
     for rel in ("world/train/manifest.csv", "world/test/manifest.csv", "cells/partition.json",
                 "recipe.toml", "run/run.json", "index/manifest.json", "eval/accuracy.txt",
                 "segmenter/segmenter.json", "segmenter/segmenter.safetensors",
                 "eval/accuracy.json", "eval/model.json", "map/predictions.png", "eval/archive.json",
-                "world/archive/truth.csv"):
+                "world/archive/truth.csv", "index/calibration.json", "eval/confidence.png"):
         assert (out / rel).is_file(), rel
     assert list((out / "predictions").glob("part-*.parquet"))
     assert list((out / "predictions-no-maps").glob("part-*.parquet"))

@@ -100,7 +100,8 @@ def test_every_column_kept_and_topk_tokens_added(run_dir):
     archive = [n for n, _ in pred_store.ARCHIVE_FIELDS]
     assert t.schema.names[after + 2:after + 2 + len(archive)] == archive
     gallery = [name for name, _ in pred_store.REFINEMENT_FIELDS]  # added after these, by galleries
-    assert t.schema.names[-len(gallery):] == gallery
+    confidence = [name for name, _ in pred_store.CONFIDENCE_FIELDS]  # then the confidence
+    assert t.schema.names[-len(gallery) - len(confidence):] == gallery + confidence
     for r in t.to_pylist():
         if r["error"] is not None:
             assert r["topk_tokens"] is None and r["geometry"] is None

@@ -113,16 +113,17 @@ def test_rows_withhold_every_finer_column(locator):
     table, _, emb = pred.predict_full(batch, [f"p{i}" for i in range(len(PHOTOS))], [None] * len(PHOTOS))
     n = table.num_rows
     table = table.append_column("embedding_x", pa.array([[0.1, 0.2]] * n, pa.list_(pa.float32())))
+    full_conf = table.column("level_confidence").to_pylist()
     for name, values in (("neighbour_id", pa.array([f"gallery-{i}" for i in range(n)])),
-                         ("neighbour_similarity", pa.array(np.full(n, 0.9), pa.float32()))):
+                         ("neighbour_similarity", pa.array(np.full(n, 0.9), pa.float32())),
+                         ("r50_km", pa.array(np.full(n, 3.0)))):
         # the galleries' columns (pred_store.REFINEMENT_FIELDS), filled as a refined answer has them
         i = table.schema.get_field_index(name)
         table = table.set_column(i, name, values) if i >= 0 else table.append_column(name, values)
     table = table.append_column("refined_lat", pa.array(np.full(n, 48.1)))
-    table = table.append_column("r50_km", pa.array(np.full(n, 3.0)))
     capped = apply_cap(table, locator.index.tree, Cap(200.0))
     direct = locator.locate(PHOTOS, cap=Cap(200.0))
-    for row, p in zip(capped.to_pylist(), direct, strict=True):
+    for i, (row, p) in enumerate(zip(capped.to_pylist(), direct, strict=True)):
         k = p.cap.answered_level
         assert (row["lat"], row["lon"]) == pytest.approx((p.lat, p.lon))
         assert row["probability"] == pytest.approx(p.probability, rel=1e-5)
@@ -133,6 +134,11 @@ def test_rows_withhold_every_finer_column(locator):
                      "neighbour_similarity", "refined_lat"):
             assert row[name] is None, name
         assert row["r50_km"] >= p.cap.extent_km >= 200
+        # the confidence: of the answered cell (level 1's above level 1), radii at least its extent
+        assert row["level_confidence"] == pytest.approx(full_conf[i][:max(k, 1)])
+        assert row["confidence"] == pytest.approx(row["level_confidence"][-1]) == pytest.approx(p.confidence, rel=1e-4)
+        assert row["r90_km"] >= p.cap.extent_km and p.r90_km >= p.cap.extent_km and p.r50_km >= p.cap.extent_km
+        assert row["calibrated"] is False and p.calibrated is False
         assert row["id"] and row["width"]
     assert apply_cap(table, locator.index.tree, None) is table
 

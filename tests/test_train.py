@@ -56,7 +56,9 @@ def recipe(world, **train) -> Recipe:
     root, manifest = world
     settings = dict(epochs=2, batch_size=16, effective_batch=32, lr=3e-3, seed=5, workers=0, patience=100)
     settings.update(train)
-    return Recipe(tiny_config(), DataSettings(cells=str(root / "cells"), train=str(manifest), val=str(manifest)),
+    # validation = the training set; no calibration split (it would be validated on, unseen)
+    return Recipe(tiny_config(), DataSettings(cells=str(root / "cells"), train=str(manifest), val=str(manifest),
+                                              calibration_fraction=0.0),
                   TrainSettings(**settings), source="test")
 
 
@@ -376,3 +378,23 @@ def test_recipe_precision_names(tmp_path):
     p.write_text(body.format("half"))
     with pytest.raises(UserError, match="auto, bf16, fp16 or fp32"):
         load_recipe(p)
+
+
+def test_a_calibration_split_is_kept_aside_and_written_as_a_manifest(world, tmp_path):
+    """`[data] calibration_fraction`: those photos are neither trained nor validated on, and
+    RUN_DIR/calibration.csv lists them (id, path, lat, lon) for `geosurge calibrate`."""
+    import csv
+
+    root, manifest = world
+    r = Recipe(tiny_config(), DataSettings(cells=str(root / "cells"), train=str(manifest), val_fraction=0.1,
+                                           calibration_fraction=0.25),
+               TrainSettings(epochs=1, batch_size=8, effective_batch=8, seed=5, workers=0), source="test")
+    trainer = Trainer(r, tmp_path / "run", progress=False)
+    trainer.run()
+    rows = list(csv.DictReader(open(tmp_path / "run" / "calibration.csv")))
+    held = {row["id"] for row in rows}
+    assert len(rows) == len(trainer.calibration_split) == round(0.25 * (64 - round(0.1 * 64)))
+    seen = set(trainer.train_split.table.column("id").to_pylist()) | set(trainer.val_split.table.column("id").to_pylist())
+    assert not held & seen and all(Path(row["path"]).is_file() for row in rows)
+    state = json.loads((tmp_path / "run" / "epoch-0001" / "train_state.json").read_text())
+    assert state["calibration_fraction"] == 0.25

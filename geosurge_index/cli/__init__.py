@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "export",
     "import_",
     "gallery",
+    "calibrate",
     "verify",
     "search",
     "locate",

@@ -21,6 +21,13 @@ truth id as whole path components (photos/123.jpg matches 123.jpg), with or with
 Truth images without a prediction row and error rows count as wrong (score 0), unless
 --skip-missing leaves the former out.
 
+Confidence (what to read to choose a threshold on `confidence`): the expected calibration error of
+the cell probability (10 equal-width bins; needs --index, for the true cells), the share of true
+points within r50 / r90 of the predicted point, and the selective-accuracy curve: % within 1 / 25 /
+200 / 750 / 2500 km among the 10%, 20%, .., 100% most confident photos (in the JSON; --plot draws
+it beside the reliability diagram). Predictions of an older run without the confidence columns
+are scored on `probability`.
+
 Truth files: any CSV/Parquet with an id column (id, IMG_ID, name, ...) and lat/lon columns
 (LAT/lat/latitude, LON/lon/lng/longitude), e.g. the benchmark files: Im2GPS3k and YFCC26k
 (IMG_ID, ..., LAT, LON), YFCC4k (name, ..., lon, lat). A WebDataset shard (.tar) works too:
@@ -47,6 +54,7 @@ Example:
   geosurge eval preds-paper/ --truth im2gps3k_places365.csv --index index/ --json im2gps3k.json
   geosurge eval preds/ --truth exif
   geosurge eval preds/ --truth shard-00000.tar
+  geosurge eval preds/ --truth test.csv --index index/ --plot confidence.png
   geosurge eval preds/ --truth shards/
 """
 
@@ -77,6 +85,8 @@ def register(subparsers) -> None:
                         "when it has any); cell = the best cell's mean point (cell_lat/cell_lon). With "
                         "galleries both are printed; this one goes to --json (default: %(default)s)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the figures as JSON to FILE")
+    p.add_argument("--plot", metavar="FILE", default=None,
+                   help="also draw the reliability diagram and the selective-accuracy curve to this PNG")
     p.set_defaults(func=run_eval)
 
 
@@ -96,6 +106,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from geosurge_index.evaluation import EXIF_TRUTH, evaluate_predictions, exif_truth
 
     check_output_folder(args.json, "--json")
+    check_output_folder(getattr(args, "plot", None), "--plot")
     if args.truth == EXIF_TRUTH:
         truth = exif_truth(args.pred_dir)
     else:
@@ -107,7 +118,15 @@ def run_eval(args: argparse.Namespace) -> int:
     report = evaluate_predictions(args.pred_dir, truth, args.index, skip_missing=args.skip_missing, point=point)
     print(f"predictions {args.pred_dir} against {args.truth}"
           + (f" ({truth.n_skipped_invalid} invalid truth rows skipped)" if truth.n_skipped_invalid else ""))
-    print(format_rows(report.rows()))
+    rows = report.rows()
+    if report.confidence is not None:
+        from geosurge_index.reliability import plot_confidence, summary_rows
+
+        rows += summary_rows(report.confidence)
+        if getattr(args, "plot", None):
+            plot_confidence(report.confidence, args.plot, title=f"{args.pred_dir} against {args.truth}")
+            print(f"geosurge eval: wrote {args.plot}", file=sys.stderr)
+    print(format_rows(rows))
     sources = point_sources(args.pred_dir)
     other = None
     if set(sources) - {"cell_mean"}:  # galleries refined some points: the other answer, for comparison

@@ -90,6 +90,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import pyarrow.parquet as pq
 
+    from geosurge_index import confidence
     from geosurge_index.embeddings import read_embedding_batches
     from geosurge_index.errors import UserError
     from geosurge_index.index import GeoIndex
@@ -111,6 +112,7 @@ def run(args) -> int:
     from geosurge_index.gallery.refine import RefineSettings
 
     index.use_galleries(args.galleries, RefineSettings(cells=args.refine_cells))
+    conf_model = confidence.ConfidenceModel.for_index(index)  # the index's calibration, if any
     batches, total = read_embedding_batches(args.embeddings, index.dim, args.batch_size,
                                             id_column=args.id_column,
                                             embedding_column=args.embedding_column)
@@ -122,11 +124,12 @@ def run(args) -> int:
     try:
         with bar(total=total, desc="search", unit="emb") as progress:
             for b in batches:
-                result = None
+                result = conf = None
                 if b.embeddings.shape[0]:
-                    result = index.search(b.embeddings, top_k=args.top_k, beam=beam,
-                                          exhaustive=args.exhaustive, batch_size=args.batch_size)
-                table = apply_cap(index.to_arrow(result, b.ids, b.paths, b.errors), index.tree, cap)
+                    result, conf = confidence.search(index, conf_model, b.embeddings, args.top_k, beam=beam,
+                                                     exhaustive=args.exhaustive, batch_size=args.batch_size)
+                table = apply_cap(index.to_arrow(result, b.ids, b.paths, b.errors, confidence=conf),
+                                  index.tree, cap)
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema)
                 writer.write_table(table)

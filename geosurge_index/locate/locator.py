@@ -38,6 +38,7 @@ class CellPrediction:
     s2_token: str
     probability: float | None  # the level's softmax over all its cells, at this cell; None when
     #                             `locate(..., cell_probabilities=False)` skipped computing it
+    confidence: float | None = None  # P(true point in this cell): calibrated when `Prediction.calibrated`
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,12 @@ class Prediction:
     error: str | None = None
     id: str | None = None
     embedding: list[float] | None = None
+    # `confidence.py`: P(true point in the reported finest cell), the error radii (km around lat/lon
+    # holding 50% / 90% of the posterior), and whether the index's calibration made them
+    confidence: float | None = None
+    r50_km: float | None = None
+    r90_km: float | None = None
+    calibrated: bool | None = None
     cap: CapInfo | None = None  # the precision cap this answer was cut to (`privacy.apply_cap`)
     # how lat/lon were made (PRED_DIR's columns of the same names): "cell_mean", or with galleries
     # "neighbour" / "neighbours"; the nearest reference's gallery, id and cosine; the cell's mean point
@@ -248,12 +255,14 @@ class Locator:
         base = self.predictor
         with self._lock:
             pred = base if top_k in (None, base.settings.top_k) else Predictor(
-                base.encoder, base.index, base.device, replace(base.settings, top_k=top_k, save_embeddings=False))
-            _, result, emb = pred.predict_full(batch, [i or "" for i in ids], [i for i in ids])
+                base.encoder, base.index, base.device, replace(base.settings, top_k=top_k, save_embeddings=False),
+                confidence=base.confidence)
+            table, result, emb = pred.predict_full(batch, [i or "" for i in ids], [i for i in ids])
             level_probs = None
             if result is not None and cell_probabilities:
                 level_probs = self.index.engine.level_probabilities(emb, result.best_cells)
-        preds = self._predictions(batch, ids, result, level_probs, emb if return_embeddings else None)
+        conf = _confidence_columns(table, batch.ok)
+        preds = self._predictions(batch, ids, result, level_probs, emb if return_embeddings else None, conf)
         return self._capped(preds, cap)
 
     def _capped(self, preds: list[Prediction], cap) -> list[Prediction]:
@@ -284,7 +293,7 @@ class Locator:
             table = self._level_places[level]
         return {c: table[c][cell] for c in PLACE_COLUMNS}
 
-    def _predictions(self, batch, ids, result, level_probs, emb) -> list[Prediction]:
+    def _predictions(self, batch, ids, result, level_probs, emb, conf=None) -> list[Prediction]:
         tree = self.index.tree
         finest = tree.levels - 1
         out, r = [], 0
@@ -296,7 +305,8 @@ class Locator:
             path = result.best_cells[r]
             # Scalar look-ups: converting every level's tokens per call costs more than the search.
             cells = [CellPrediction(lv + 1, int(c), tree.tokens[lv][int(c)].as_py(),
-                                   None if level_probs is None else float(level_probs[r, lv]))
+                                   None if level_probs is None else float(level_probs[r, lv]),
+                                   conf["level_confidence"][r][lv] if conf else None)
                      for lv, c in enumerate(path)]
             alts = [Alternative(int(c), tree.tokens[finest][int(c)].as_py(), float(p), float(tree.mean_lat[finest][c]),
                                 float(tree.mean_lon[finest][c]))
@@ -307,9 +317,21 @@ class Locator:
                 float(result.lat[r]), float(result.lon[r]), float(result.probability[r]), cells, alts,
                 *place, int(batch.width[i]), int(batch.height[i]), None, ids[i],
                 emb[r].tolist() if emb is not None else None, **_point_fields(result, r),
+                **({k: conf[k][r] for k in ("confidence", "r50_km", "r90_km", "calibrated")} if conf else {}),
             ))
             r += 1
         return out
+
+
+def _confidence_columns(table, ok) -> dict | None:
+    """The confidence columns of the predictor's rows (`search.result_to_arrow`), for the rows
+    without error, as Python values: the API answers the numbers the Parquet rows hold."""
+    if table is None or "confidence" not in table.column_names:
+        return None
+    keep = np.flatnonzero(np.asarray(ok, dtype=bool))
+    t = table.select(["confidence", "level_confidence", "r50_km", "r90_km", "calibrated"]).take(keep)
+    out = {c: t.column(c).to_pylist() for c in t.column_names}
+    return None if any(v is None for v in out["confidence"]) else out
 
 
 def _point_fields(result, r: int) -> dict:

@@ -48,7 +48,7 @@ class Predictor:
     """Encoder + index on one device: DecodedBatch -> PRED_DIR rows (a pyarrow Table)."""
 
     def __init__(self, encoder, index, device, settings: SearchSettings = SearchSettings(),
-                 precision: str = "auto"):
+                 precision: str = "auto", confidence=None):
         import torch
 
         self.encoder = encoder.eval()
@@ -62,6 +62,10 @@ class Predictor:
             from geosurge_index.gallery.refine import RefineSettings
 
             index.use_galleries(settings.galleries, RefineSettings(cells=settings.refine_cells))
+        from geosurge_index.confidence import ConfidenceModel
+
+        # `confidence.ConfidenceModel`: calibrated when the index carries a calibration
+        self.confidence = confidence or (ConfidenceModel.for_index(index) if hasattr(index, "tree") else None)
 
     @classmethod
     def open(cls, index_dir, device="auto", settings: SearchSettings = SearchSettings(),
@@ -131,13 +135,17 @@ class Predictor:
 
     def predict_full(self, batch: DecodedBatch, ids, paths):
         """-> (PRED_DIR rows, SearchResult of the decoded rows or None, their embeddings or None)."""
+        from geosurge_index.confidence import search
         from geosurge_index.search import result_to_arrow
 
-        emb = result = None
+        emb = result = conf = None
         if batch.ok.any():
             emb = self.encode(batch.pixels, batch.class_maps, batch.has_map)
             kwargs = {} if self.settings.beam is None else {"beam": self.settings.beam}
-            result = self.index.search(emb, top_k=self.settings.top_k, **kwargs)
+            if self.confidence is not None:
+                result, conf = search(self.index, self.confidence, emb, self.settings.top_k, **kwargs)
+            else:
+                result = self.index.search(emb, top_k=self.settings.top_k, **kwargs)
         saved = None
         if self.settings.save_embeddings:  # the column exists even when every input failed
             saved = emb if emb is not None else np.zeros((0, self.embed_dim), np.float32)
@@ -146,6 +154,7 @@ class Predictor:
             result, self.index.tree, ids, paths, batch.errors, saved,
             widths=[int(w) if o else None for w, o in zip(batch.width, ok, strict=True)],
             heights=[int(h) if o else None for h, o in zip(batch.height, ok, strict=True)],
+            confidence=conf,
             gps=batch.gps,
         )
         table = apply_cap(table, self.index.tree, self.settings.cap)

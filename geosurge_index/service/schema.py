@@ -31,6 +31,8 @@ class CellAnswer(BaseModel):
     cell_index: int
     s2_token: str
     probability: float | None = Field(None, description="the level's softmax at this cell")
+    confidence: float | None = Field(None, description="probability that the true point lies in this cell "
+                                     "(calibrated when the answer's `calibrated` is true)")
 
 
 class AlternativeAnswer(BaseModel):
@@ -81,6 +83,12 @@ class LocateResult(BaseModel):
     error_kind: str | None = Field(None, description="e.g. zero_bytes, not_an_image, truncated, too_many_pixels")
     cells: list[CellAnswer] | None = Field(None, description="the best cell at every level (include_cells)")
     alternatives: list[AlternativeAnswer] = Field(default_factory=list)
+    confidence: float | None = Field(None, description="probability that the true point lies in the reported "
+                                     "finest cell (calibrated when `calibrated` is true)")
+    r50_km: float | None = Field(None, description="km around lat/lon holding 50% of the posterior")
+    r90_km: float | None = Field(None, description="km around lat/lon holding 90% of the posterior")
+    calibrated: bool | None = Field(None, description="false: the index has no calibration, the "
+                                    "probabilities are the model's own")
     cap: CapAnswer | None = Field(None, description="set when a precision cap cut this answer: lat/lon are the "
                                   "mean point of the cell answered, nothing finer is given")
     point_source: str | None = Field(None, description="how lat/lon were made: cell_mean, or with the index's "
@@ -106,6 +114,9 @@ class IndexAnswer(BaseModel):
     manifest: dict[str, Any] | None
     segmenter: dict[str, Any] | None = Field(
         None, description="`trained` false and a `warning` when the index's segmenter was never trained")
+    calibration: dict[str, Any] | None = Field(
+        None, description="`calibrated` false when the index has no calibration (its probabilities are the "
+                          "model's own); else the methods per level, photos fitted on, radius factors")
     cap: dict[str, Any] | None = Field(None, description="the service-wide precision cap (km, level)")
 
 

@@ -232,6 +232,7 @@ def prediction_json(pred: Any, image: DecodedImage | ApiError, *, top_k: int, in
         "place": {k: getattr(pred, k) for k in PLACE_FIELDS},
         "error": pred.error,
         "error_kind": None if pred.error is None else pred.error.split(":", 1)[0],
+        **confidence_json(pred),
     }
     info = getattr(pred, "cap", None)
     if info is not None:
@@ -245,7 +246,7 @@ def prediction_json(pred: Any, image: DecodedImage | ApiError, *, top_k: int, in
     if include_cells:
         out["cells"] = [
             {"level": int(c.level), "cell_index": int(c.cell_index), "s2_token": c.s2_token,
-             "probability": _num(c.probability)}
+             "probability": _num(c.probability), "confidence": _num(getattr(c, "confidence", None))}
             for c in pred.cells
         ]
     out["alternatives"] = [
@@ -257,10 +258,19 @@ def prediction_json(pred: Any, image: DecodedImage | ApiError, *, top_k: int, in
     return out
 
 
+def confidence_json(pred: Any) -> dict:
+    """The confidence fields of an answer (`confidence.py`): the probability that the true point is
+    in the reported finest cell, the error radii, and whether the index's calibration made them."""
+    cal = getattr(pred, "calibrated", None)
+    return {"confidence": _num(getattr(pred, "confidence", None)), "r50_km": _num(getattr(pred, "r50_km", None)),
+            "r90_km": _num(getattr(pred, "r90_km", None)), "calibrated": None if cal is None else bool(cal)}
+
+
 def error_json(name: str, message: str, kind: str, include_cells: bool) -> dict:
     out: dict[str, Any] = {
         "name": name, "width": None, "height": None, "lat": None, "lon": None, "probability": None,
         "place": dict.fromkeys(PLACE_FIELDS), "error": message, "error_kind": kind,
+        **confidence_json(None),
     }
     if include_cells:
         out["cells"] = []
@@ -289,13 +299,17 @@ def cap_json(settings: ServiceSettings) -> dict:
 def manifest_summary(index_dir: Path) -> dict:
     """manifest.json without its per-file checksums (what a client wants to know about the index),
     and whether its segmenter was trained (`locate.locator.segmenter_warning`)."""
+    from geosurge_index.calibration import CALIBRATION_FILE
     from geosurge_index.index import read_manifest
     from geosurge_index.locate.locator import segmenter_warning
 
     manifest = read_manifest(index_dir)
     note = segmenter_warning(index_dir)
+    calibration = manifest.get("calibration") if CALIBRATION_FILE in manifest["files"] else None
     return {"index_dir": str(index_dir), "manifest": {k: v for k, v in manifest.items() if k != "files"},
-            "segmenter": {"trained": note is None, "warning": note}}
+            "segmenter": {"trained": note is None, "warning": note},
+            "calibration": calibration or {"calibrated": False, "note": "probabilities are the model's own "
+                                           "(uncalibrated): fit a calibration with `geosurge calibrate`"}}
 
 
 def open_locator(settings: ServiceSettings, *, warn_untrained: bool = True) -> LocatorLike:
