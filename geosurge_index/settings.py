@@ -100,8 +100,9 @@ class InferenceSettings(BaseSettings):
         "auto", "how the encoder runs: torch (the reference), onnx (the fastest ONNX Runtime encoder the "
         "index carries: `geosurge export-onnx`), onnx-fp32, onnx-int8; an explicit ONNX choice refuses "
         "when its file is missing or fails its checksum", metavar="RUNTIME",
-        default_help="auto: on the CPU fp32 ONNX when the index carries it (int8 only when asked: its "
-        "top-1 agreement was under 99%), else torch, with a warning when a listed file is unusable; "
+        default_help="auto: on the CPU int8 ONNX where its top-1 agreement with torch, measured at export "
+        "(export-onnx --calibration-images), is >= 99%, else fp32 ONNX, else torch, with a warning when a "
+        "listed file is unusable; "
         "on CUDA torch")
     ten_crop: bool = setting(
         False, "test-time ten-crop averaging (the paper's evaluation setting): embed the 4 corner crops and "

@@ -95,7 +95,7 @@ def test_locator_gives_the_same_rows_with_either_runtime(index_dir, photos):
         assert [c.cell_index for c in a.cells] == [c.cell_index for c in b.cells]
         assert a.probability == pytest.approx(b.probability, abs=1e-4)
     loc, auto = _locate(index_dir, "auto", photos)
-    assert loc.predictor.encoder.runtime == "onnx-fp32"  # auto: fp32 ONNX (int8 is below 99% top-1)
+    assert loc.predictor.encoder.runtime == "onnx-fp32"  # auto: fp32 (int8's top-1 agreement not measured)
     loc, int8 = _locate(index_dir, "onnx", photos)
     assert loc.predictor.encoder.runtime == "onnx-int8"  # onnx: the fastest whose export check held
     cos = [float(np.dot(a.embedding, b.embedding)) for a, b in zip(ref, int8, strict=True)]
@@ -193,6 +193,26 @@ def test_auto_skips_an_int8_file_whose_export_check_failed(index_dir, tmp_path):
     m["onnx"]["files"]["encoder_int8"]["check"]["cosine_min"] = 0.5
     assert choose_runtime(d, m, "auto", "cpu").name == "onnx-fp32"
     assert choose_runtime(d, m, "onnx-int8", "cpu").name == "onnx-int8"  # asked for: it runs
+
+
+def test_dynamic_int8_without_photos_and_static_refused_without_them(index_dir, plain_index, tmp_path):
+    check = onnx_entries(read_manifest(index_dir))["encoder_int8"]["check"]
+    assert check["method"] == "dynamic" and "top1_agreement" not in check
+    d = tmp_path / "index"
+    shutil.copytree(plain_index, d)
+    with pytest.raises(UserError, match="static int8 needs calibration photos"):
+        cli_main_raising(["export-onnx", str(d), "--int8-method", "static"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty"):  # the error names the input
+        cli_main_raising(["export-onnx", str(d), "--calibration-images", str(tmp_path / "empty")])
+    assert "onnx" not in read_manifest(d)
+
+
+def cli_main_raising(argv):
+    from geosurge_index.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    return args.func(args)
 
 
 def test_runtime_setting_from_the_environment_and_bad_values():

@@ -11,12 +11,16 @@ Convert the visual encoder of INDEX_DIR to ONNX for ONNX Runtime on CPU-only hos
 INDEX_DIR beside encoder.safetensors:
 
   encoder.onnx        fp32 (ONNX Runtime optimises the graph when it loads it)
-  encoder.int8.onnx   dynamic int8 weights, per output channel (--no-int8: skip)
+  encoder.int8.onnx   CLIP's weight MatMuls in int8, per output channel (--no-int8: skip):
+                      static int8 calibrated on --calibration-images, else dynamic int8
   segmenter.onnx      the segmenter, fp32, where it exports (--no-segmenter: skip)
 
 Each file is run once against torch on seeded random inputs: an fp32 graph further than 1e-4
-(max abs) from torch is refused; the int8 one is listed with its cosine and `--runtime auto`
-uses it only when that is >= 0.99. The files are listed with their sha256 in manifest.json
+(max abs) from torch is refused. With --calibration-images (photos like those to be located,
+e.g. the training photos; class maps beside them are used, else the segmenter's), a random
+--calibration-count of them calibrate static int8 and up to --agreement-count others measure its
+top-1 finest-cell agreement with torch fp32 through this index; `--runtime auto` runs int8 only
+when that agreement is >= 99% (else fp32 ONNX). The files are listed with their sha256 in manifest.json
 (section `onnx`); `geosurge locate`, `geosurge serve` and `Locator.open` then run the fastest
 one on the CPU (setting `runtime`, see docs/cpu-inference.md). Needs `onnxruntime` and `onnx`:
 pip install 'geosurge-index[onnx]'.
@@ -26,6 +30,16 @@ pip install 'geosurge-index[onnx]'.
 def add_export_arguments(p, *, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}no-int8", dest="onnx_int8", action="store_false",
                    help="do not write the int8 encoder (default: write it)")
+    p.add_argument(f"--{prefix}calibration-images", dest="onnx_calibration", default=None, metavar="INPUT",
+                   help="photos (folder or manifest) to calibrate static int8 on and to measure its "
+                        "agreement with; without them int8 is dynamic and `--runtime auto` keeps to fp32")
+    p.add_argument(f"--{prefix}calibration-count", dest="onnx_calibration_count", type=int, default=64,
+                   help="photos calibrating static int8 (default: %(default)s)")
+    p.add_argument(f"--{prefix}agreement-count", dest="onnx_agreement_count", type=int, default=200,
+                   help="further photos measuring int8's top-1 agreement (default: %(default)s)")
+    p.add_argument(f"--{prefix}int8-method", dest="onnx_int8_method", default="auto",
+                   choices=("auto", "static", "dynamic"),
+                   help="auto (default): static with --calibration-images, else dynamic")
     p.add_argument(f"--{prefix}per-tensor", dest="onnx_per_channel", action="store_false",
                    help="int8 scales per weight tensor instead of per output channel")
     p.add_argument(f"--{prefix}optimize", dest="onnx_optimize", action="store_true",
@@ -39,7 +53,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "export-onnx", help="add ONNX Runtime encoders (fp32, int8) to an INDEX_DIR for fast CPU inference",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  geosurge export-onnx demo-out/index\n  geosurge locate demo-out/index photos/ --out preds/ --runtime onnx-fp32")
+        epilog="example:\n  geosurge export-onnx demo-out/index --calibration-images demo-out/world/train\n  geosurge locate demo-out/index photos/ --out preds/ --runtime onnx-fp32")
     p.add_argument("index_dir", metavar="INDEX_DIR", help="index folder written by `geosurge export`")
     add_export_arguments(p)
     p.set_defaults(func=run)
@@ -49,7 +63,10 @@ def settings_of(args):
     from geosurge_index.model.onnx_export import OnnxExportSettings
 
     return OnnxExportSettings(int8=args.onnx_int8, per_channel=args.onnx_per_channel,
-                              optimize=args.onnx_optimize, segmenter=args.onnx_segmenter)
+                              optimize=args.onnx_optimize, segmenter=args.onnx_segmenter,
+                              int8_method=args.onnx_int8_method, calibration=args.onnx_calibration,
+                              calibration_count=args.onnx_calibration_count,
+                              agreement_count=args.onnx_agreement_count)
 
 
 def export(index_dir, args) -> None:
@@ -94,6 +111,8 @@ def register_bench(bench_subparsers) -> None:
                    help="a trained index (e.g. demo-out/index) for top-1 agreement on real weights")
     p.add_argument("--demo-images", default=d.demo_images, metavar="FOLDER",
                    help="its test photos (with class maps), e.g. demo-out/world/test")
+    p.add_argument("--demo-calibration", default=d.demo_calibration, metavar="FOLDER",
+                   help="photos calibrating static int8 (default: world/train beside the demo index)")
     p.add_argument("--no-segmenters", dest="segmenters", action="store_false",
                    help="skip the segmenter table")
     p.add_argument("--no-full", dest="full", action="store_false", help="skip the full-size architecture")

@@ -9,8 +9,11 @@ measured at export, in the manifest's `onnx` section (`index_onnx`):
                       the offline transformer optimizer: SkipLayerNormalization and QuickGelu
                       fusions, no attention fusion for this graph; it was no faster in
                       `geosurge bench cpu`, so it is off by default.)
-  encoder.int8.onnx   the same graph with dynamic int8 weights (ONNX Runtime `quantize_dynamic`,
-                      per output channel); activations are quantised per call.
+  encoder.int8.onnx   CLIP's weight MatMuls in int8 (`model.onnx_quantize`): static QDQ int8
+                      calibrated on photos when `calibration` names some, else dynamic int8.
+                      With photos, the top-1 finest cell of the index is compared with torch
+                      fp32 on held-out ones and recorded (`top1_agreement`): `runtime auto`
+                      runs int8 only where that is >= 99%.
   segmenter.onnx      fp32: pixel_values -> class_map (B,S,S) int64, where the segmenter exports.
 
 The graph starts from the class map's patch histograms (`fusion.patch_histograms`, computed in
@@ -38,7 +41,8 @@ OPSET = 17
 ENCODER_ONNX = {"fp32": "encoder.onnx", "int8": "encoder.int8.onnx"}
 SEGMENTER_ONNX = "segmenter.onnx"
 FP32_MAX_ABS = 1e-4  # an fp32 export further than this from torch on the check inputs is refused
-INT8_MIN_COSINE = 0.99  # an int8 export below this is written but `runtime auto` does not pick it
+INT8_MIN_COSINE = 0.99  # an int8 export below this is written but `runtime onnx` does not pick it
+INT8_MIN_TOP1 = 0.99  # `runtime auto` runs int8 only when its measured top-1 agreement reaches this
 
 
 def role(kind: str, precision: str) -> str:
@@ -48,7 +52,11 @@ def role(kind: str, precision: str) -> str:
 
 @dataclass(frozen=True)
 class OnnxExportSettings:
-    int8: bool = True  # also write the dynamically quantised encoder
+    int8: bool = True  # also write the int8 encoder
+    int8_method: str = "auto"  # static | dynamic | auto: static when `calibration` is given, else dynamic
+    calibration: str | None = None  # photos (folder, manifest; class maps beside them or computed)
+    calibration_count: int = 64  # photos calibrating static int8 ...
+    agreement_count: int = 200  # ... and further ones for its top-1 agreement with torch fp32
     per_channel: bool = True  # int8 scales per output channel (finer than one per tensor)
     optimize: bool = False  # the offline transformer optimizer on the fp32 graph (measured: no faster)
     segmenter: bool = True  # export the segmenter too (when the encoder has one)
@@ -123,15 +131,6 @@ def _optimize(src: Path, dst: Path, encoder) -> None:
     model.save_model_to_file(str(dst))
 
 
-def _quantize(src: Path, dst: Path, per_channel: bool) -> None:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # DefaultTensorType: shape inference does not type every intermediate of the traced graph
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-
-
 def session(path: str | os.PathLike, threads: int | None = None, providers=None):
     """An ONNX Runtime session with every graph optimisation on, `threads` intra-op threads."""
     import onnxruntime as ort
@@ -152,12 +151,28 @@ def embedding_agreement(a: np.ndarray, b: np.ndarray) -> dict:
             "cosine_mean": float(cos.mean())}
 
 
+def int8_method(settings: OnnxExportSettings, calibrated: bool) -> str:
+    from geosurge_index.model.onnx_quantize import INT8_METHODS
+
+    method = settings.int8_method
+    if method == "auto":
+        return "static" if calibrated else "dynamic"
+    if method not in INT8_METHODS:
+        raise UserError(f"int8 method {method!r}: choose auto, {', '.join(INT8_METHODS)}")
+    if method == "static" and not calibrated:
+        raise UserError("static int8 needs calibration photos (--calibration-images FOLDER)")
+    return method
+
+
 def export_encoder_onnx(encoder, directory: str | os.PathLike,
-                        settings: OnnxExportSettings = OnnxExportSettings()) -> OnnxExportResult:
+                        settings: OnnxExportSettings = OnnxExportSettings(),
+                        calibration: dict[str, np.ndarray] | None = None) -> OnnxExportResult:
     """Write the ONNX files of a torch `VisualEncoder` into `directory` (files replaced atomically);
     each is run once on seeded random inputs and compared with torch. UserError when the fp32
-    graph disagrees with torch beyond FP32_MAX_ABS (nothing is written then)."""
+    graph disagrees with torch beyond FP32_MAX_ABS (nothing is written then). `calibration`: the
+    graph's inputs (`graph_feed`) of representative photos, for static int8."""
     directory = Path(directory)
+    method = int8_method(settings, bool(calibration)) if settings.int8 else None  # bad settings: refused first
     encoder = encoder.float().eval().cpu()
     result = OnnxExportResult()
     fused = encoder.fusion is not None
@@ -185,11 +200,14 @@ def export_encoder_onnx(encoder, directory: str | os.PathLike,
                             f"on the check inputs, more than {FP32_MAX_ABS:g}: not written")
         staged[role("encoder", "fp32")] = (fp32, check)
         if settings.int8:
+            from geosurge_index.model.onnx_quantize import quantize_int8
+
             t = time.perf_counter()
-            _quantize(tmp / "plain.onnx", tmp / "int8.onnx", settings.per_channel)
+            recipe = quantize_int8(tmp / "plain.onnx", tmp / "int8.onnx", method, calibration=calibration,
+                                   per_channel=settings.per_channel)
             result.seconds["quantize"] = time.perf_counter() - t
             check = embedding_agreement(session(tmp / "int8.onnx").run(None, feed)[0], ref)
-            check["per_channel"] = settings.per_channel
+            check.update(recipe)
             staged[role("encoder", "int8")] = (tmp / "int8.onnx", check)
         if settings.segmenter and encoder.segmenter is not None:
             try:
@@ -212,25 +230,97 @@ def export_encoder_onnx(encoder, directory: str | os.PathLike,
     return result
 
 
+BATCH = 16  # photos per call when calibrating and measuring agreement
+
+
+def photo_inputs(encoder, sources: list[str], progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Photo files -> (CLIP-normalised pixels (n,3,S,S), class maps (n,S,S) int64), decoded as
+    `locate` decodes them; a photo without a stored class map gets the encoder's segmenter's.
+    Photos that do not decode are left out (UserError when none does)."""
+    from geosurge_index.geometry import clip_normalise
+    from geosurge_index.locate.decode import DecodeSpec, collate, decode_any
+    from geosurge_index.progress import bar
+
+    spec = DecodeSpec(image_size=encoder.image_size)
+    decoded = [decode_any(p, spec) for p in (bar(sources, desc=progress, unit="photo") if progress else sources)]
+    batch = collate(range(len(decoded)), decoded, encoder.image_size)
+    if not batch.ok.any():
+        raise UserError(f"none of the {len(sources)} photos decodes (first: {batch.errors[0]})")
+    x = clip_normalise(batch.pixels)
+    maps = batch.class_maps.long()
+    missing = torch.nonzero(~torch.as_tensor(batch.has_map)).flatten()
+    if len(missing) and encoder.fusion is not None:
+        with torch.inference_mode():
+            for i in range(0, len(missing), BATCH):
+                idx = missing[i:i + BATCH]
+                maps[idx] = encoder.segment(x[idx]).long()
+    return x, maps
+
+
+def calibration_photos(folder: str, calibration: int, agreement: int, seed: int = 0) -> tuple[list, list]:
+    """The photos of `folder` (an INPUT: folder, manifest, image) in a seeded random order: the
+    first `calibration` calibrate, the next `agreement` measure the top-1 agreement."""
+    from geosurge_index.sources import image_files
+
+    paths = [p for p in image_files([folder]) if not str(p).endswith(".classmap.png")]
+    if not paths:
+        raise UserError(f"--calibration-images {folder}: no photos there")
+    order = np.random.default_rng(seed).permutation(len(paths))
+    paths = [paths[i] for i in order]
+    return paths[:calibration], paths[calibration:calibration + agreement]
+
+
+def top1_agreement(index, encoder, onnx_path: str | os.PathLike, x: torch.Tensor, maps: torch.Tensor) -> dict:
+    """The finest cell that `index` (a GeoIndex) finds first for each photo, with the ONNX graph
+    against the torch encoder: {top1_agreement, top1_photos, cosine_min}."""
+    fused = encoder.fusion is not None
+    sess = session(onnx_path)
+    ref, got = [], []
+    with torch.inference_mode():
+        for i in range(0, len(x), BATCH):
+            xb, mb = x[i:i + BATCH], maps[i:i + BATCH] if fused else None
+            ref.append(encoder(xb, mb).float().numpy())
+            got.append(sess.run(None, graph_feed(xb, mb, encoder.grid, encoder.config.num_classes))[0])
+    ref, got = np.concatenate(ref), np.concatenate(got)
+    a = index.search(ref, top_k=1).best_cells[:, -1]
+    b = index.search(got, top_k=1).best_cells[:, -1]
+    return {"top1_agreement": float(np.mean(a == b)), "top1_photos": len(a),
+            "top1_cosine_min": embedding_agreement(got, ref)["cosine_min"]}
+
+
 def export_index_onnx(index_dir: str | os.PathLike, settings: OnnxExportSettings = OnnxExportSettings()
                       ) -> OnnxExportResult:
     """`geosurge export-onnx INDEX_DIR`: the index's encoder -> ONNX files in INDEX_DIR, listed with
     their checksums in manifest.json (`index_onnx.record_onnx`). A pretrained backbone or
-    segmenter must be loadable here (local folder or Hugging Face cache), as for `locate`."""
+    segmenter must be loadable here (local folder or Hugging Face cache), as for `locate`.
+    With `settings.calibration` photos: static int8 calibrated on some, and the int8 encoder's
+    top-1 finest-cell agreement with torch fp32 measured on others through this index."""
     import onnxruntime
 
-    from geosurge_index.index import read_manifest
+    from geosurge_index.index import GeoIndex, read_manifest
     from geosurge_index.index_onnx import file_entry, record_onnx
     from geosurge_index.model.encoder_io import load_encoder
 
     d = Path(index_dir)
     if not read_manifest(d).get("encoder"):
         raise UserError(f"INDEX_DIR {d} was exported without a visual encoder: nothing to convert")
-    encoder = load_encoder(d, "cpu")
-    result = export_encoder_onnx(encoder, d, settings)
-    files = {key: file_entry(d, name, result.checks[key]) for key, name in result.files.items()}
+    encoder = load_encoder(d, "cpu").float().eval()
+    feed = check = None
+    if settings.int8 and settings.calibration:
+        cal, check = calibration_photos(settings.calibration, settings.calibration_count, settings.agreement_count)
+        x, maps = photo_inputs(encoder, cal, progress="calibration photos")
+        feed = graph_feed(x, maps if encoder.fusion is not None else None, encoder.grid, encoder.config.num_classes)
+    result = export_encoder_onnx(encoder, d, settings, calibration=feed)
+    key = role("encoder", "int8")
+    if check and key in result.files:
+        t = time.perf_counter()
+        x, maps = photo_inputs(encoder, check, progress="agreement photos")
+        result.checks[key].update(top1_agreement(GeoIndex.open(d, device="cpu"), encoder, d / result.files[key],
+                                                 x, maps))
+        result.seconds["agreement"] = time.perf_counter() - t
+    files = {k: file_entry(d, name, result.checks[k]) for k, name in result.files.items()}
     record_onnx(d, files, opset=OPSET, onnxruntime=onnxruntime.__version__, skipped=result.skipped)
-    for key in set(ENCODER_ONNX.values()) | {SEGMENTER_ONNX}:
-        if key not in result.files.values():  # a stale file of an earlier export, no longer listed
-            (d / key).unlink(missing_ok=True)
+    for name in set(ENCODER_ONNX.values()) | {SEGMENTER_ONNX}:
+        if name not in result.files.values():  # a stale file of an earlier export, no longer listed
+            (d / name).unlink(missing_ok=True)
     return result

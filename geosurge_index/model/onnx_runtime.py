@@ -1,8 +1,10 @@
 """Which encoder runs (`runtime`), and `OnnxEncoder`: the exported graphs behind `VisualEncoder`'s call.
 
 Runtimes (the `runtime` setting; `--runtime`, `GEOSURGE_RUNTIME`):
-  auto       on the CPU the fastest encoder the index carries: int8 ONNX when its agreement
-             measured at export holds (cosine >= 0.99), else fp32 ONNX, else torch; on CUDA torch
+  auto       on the CPU the fastest encoder the index carries whose answers agree with torch:
+             int8 ONNX when its top-1 finest-cell agreement with torch fp32, measured through the
+             index at export (`export-onnx --calibration-images`), is >= 99% (and its cosine >=
+             0.99), else fp32 ONNX, else torch; on CUDA torch
              (bf16 autocast on the GPU is the fast path there). A listed ONNX file that is missing,
              fails its checksum or does not load falls back to the next, with an `OnnxFallbackWarning`.
   torch      the reference: `VisualEncoder` in torch.
@@ -52,7 +54,7 @@ def choose_runtime(index_dir: str | os.PathLike, manifest: dict, runtime: str = 
     """The encoder to run for `runtime` (see the module doc). Checks the chosen ONNX file's size and
     sha256 against the manifest; warns on an auto fallback, raises UserError on an explicit one."""
     from geosurge_index.index_onnx import onnx_entries, onnx_file_problem
-    from geosurge_index.model.onnx_export import INT8_MIN_COSINE, role
+    from geosurge_index.model.onnx_export import INT8_MIN_COSINE, INT8_MIN_TOP1, role
 
     if runtime not in RUNTIMES:
         raise UserError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
@@ -61,14 +63,14 @@ def choose_runtime(index_dir: str | os.PathLike, manifest: dict, runtime: str = 
     entries = onnx_entries(manifest)
     if runtime == "auto" and (_cuda(device) or not entries):
         return RuntimeChoice("torch")
+    int8 = (entries.get(role("encoder", "int8")) or {}).get("check") or {}
     if runtime == "auto":
-        # fp32 only: int8 agreed with torch fp32 on 98.4% of the demo index's top-1 cells, under the
-        # 99% that an automatic choice must keep (docs/cpu-inference.md); int8 is asked for by name.
-        wanted = ["fp32"]
-    elif runtime == "onnx":
-        int8 = entries.get(role("encoder", "int8"), {})
-        good = (int8.get("check") or {}).get("cosine_min", 0.0) >= INT8_MIN_COSINE
+        # int8 only where its top-1 finest-cell agreement with torch fp32, measured on photos
+        # through this index at export (`export-onnx --calibration-images`), is >= 99%
+        good = int8.get("top1_agreement", 0.0) >= INT8_MIN_TOP1 and int8.get("cosine_min", 0.0) >= INT8_MIN_COSINE
         wanted = ["int8", "fp32"] if good else ["fp32"]
+    elif runtime == "onnx":
+        wanted = ["int8", "fp32"] if int8.get("cosine_min", 0.0) >= INT8_MIN_COSINE else ["fp32"]
     else:
         wanted = [runtime.split("-", 1)[1]]
     problems: list[str] = []
