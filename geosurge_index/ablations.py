@@ -12,7 +12,9 @@ The groups (the default model is the first row of each group that names it):
 - levels trained: 7 / 5 / 3 / 1 levels, i.e. partitions from 7, 5, 3 and 1 of the tau_max
   values (always ending with the finest, so the prediction space is the same cells);
 - fusion read-out: the fused CLS alone ("cls"), fused CLS + CLIP's CLS ("cls+clip"), that without
-  the self-attention among semantic tokens, and no fusion (CLIP alone);
+  the self-attention among semantic tokens, CLIP's CLS attending to semantic and CLIP tokens
+  jointly ("joint"), CLIP's CLS + a zero-initialised gate times the fused CLS ("gated"), and no
+  fusion (CLIP alone);
 - head: geographic embeddings (7 levels) vs a plain classification head over the finest cells;
 - search: the narrow beam (`beam`) vs exhaustive;
 - test crops: centre crop vs ten-crop;
@@ -67,6 +69,8 @@ TRAININGS = {t.key: t for t in [
     Training("readout-cls", readout="cls"),
     Training("readout-cls+clip", readout="cls+clip"),
     Training("readout-cls+clip-no-self-attention", readout="cls+clip", self_attention=False),
+    Training("readout-joint", readout="joint"),
+    Training("readout-gated", readout="gated"),
     Training("no-fusion", fusion=False),
     Training("classifier", levels=1, head="classifier"),
     Training("in-batch", negatives="in_batch"),
@@ -82,6 +86,8 @@ def rows(beam: int) -> list[Row]:
         Row("fusion read-out", "fused CLS (cls)", "readout-cls"),
         Row("fusion read-out", "fused CLS + CLIP CLS (cls+clip)", "readout-cls+clip"),
         Row("fusion read-out", "cls+clip, no self-attention", "readout-cls+clip-no-self-attention"),
+        Row("fusion read-out", "joint attention (joint)", "readout-joint"),
+        Row("fusion read-out", "gated, gate from 0 (gated)", "readout-gated"),
         Row("fusion read-out", "no fusion (CLIP alone)", "no-fusion"),
         Row("head", "geographic embeddings (default)", "default"),
         Row("head", "classifier over finest cells", "classifier"),
@@ -118,6 +124,7 @@ class AblationSettings:
     world_seed: int = 0
     recipe: Path = Path("build/demo.toml")  # the model preset and training hyper-parameters
     only: tuple[str, ...] = ()  # row groups to run (empty: all)
+    trainings: tuple[str, ...] = ()  # of those rows, the ones of these trainings (TRAININGS keys; empty: all)
     quick: bool = False  # a tiny world, one seed, one optimizer step per training (tests, smoke runs)
     progress: bool = True
 
@@ -161,9 +168,13 @@ def run_ablations(settings: AblationSettings) -> AblationResult:
     out.mkdir(parents=True, exist_ok=True)
     raw = _load_toml(repo_path(s.recipe))
     base_config = model_config_from(raw.get("model", {}))
-    table_rows = [r for r in rows(s.beam) if not s.only or r.group in s.only]
+    unknown = [t for t in s.trainings if t not in TRAININGS]
+    if unknown:
+        raise UserError(f"--trainings {','.join(unknown)}: no such training (trainings: {', '.join(TRAININGS)})")
+    table_rows = [r for r in rows(s.beam) if (not s.only or r.group in s.only)
+                  and (not s.trainings or r.training in s.trainings)]
     if not table_rows:
-        raise UserError(f"--only {','.join(s.only)}: no such group (groups: "
+        raise UserError(f"--only {','.join(s.only)} --trainings {','.join(s.trainings)}: no row left (groups: "
                         f"{', '.join(dict.fromkeys(r.group for r in rows(s.beam)))})")
     needed = list(dict.fromkeys(r.training for r in table_rows))
     tau_min, tau_max = scaled_taus(s.n_train)

@@ -59,3 +59,14 @@ def test_demo_has_an_ablations_flag(capsys):
         cli_main(["demo", "--help"])
     help_text = capsys.readouterr().out
     assert "--ablations" in help_text and "--seeds" in help_text and "--json" in help_text
+
+
+def test_trainings_filter_names_a_bad_key_and_keeps_the_rows_of_the_others(tmp_path):
+    from geosurge_index.ablations import AblationSettings, run_ablations
+    from geosurge_index.errors import UserError
+
+    with pytest.raises(UserError, match="readout-nope"):
+        run_ablations(AblationSettings(out_dir=tmp_path, trainings=("readout-gated", "readout-nope"), progress=False))
+    with pytest.raises(UserError, match="no row left"):  # a training outside the chosen groups
+        run_ablations(AblationSettings(out_dir=tmp_path, only=("head",), trainings=("readout-gated",),
+                                       progress=False))

@@ -365,23 +365,33 @@ def test_in_batch_info_nce_equals_a_hand_computed_value():
 
 
 def test_fusion_readouts_and_old_configs_keep_their_readout(tmp_path):
-    """`fusion.readout`: 'cls' (the fused CLS alone) or 'cls+clip' (with CLIP's CLS beside it);
+    """`fusion.readout`: 'cls' (the fused CLS alone), 'cls+clip' (with CLIP's CLS beside it), 'joint'
+    (CLIP's CLS attending to semantic + CLIP tokens) or 'gated' (CLIP's CLS + gate * fused CLS); each
+    builds, embeds, gives `forward_histograms` (the ONNX graph) the same answer and saves / loads;
     an encoder.json written before the option existed loads with the read-out it was trained with."""
-    from geosurge_index.model.config import DEFAULT_READOUT, LEGACY_READOUT, ModelConfig
+    from geosurge_index.model.config import DEFAULT_READOUT, LEGACY_READOUT, READOUTS, ModelConfig
 
-    assert LEGACY_READOUT == "cls"
+    assert LEGACY_READOUT == "cls" and set(READOUTS) == {"cls", "cls+clip", "joint", "gated"}
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)
     cm = torch.randint(0, 150, (2, 64, 64))
-    for readout in ("cls", "cls+clip"):
+    for readout in READOUTS:
         cfg = tiny_config()
         cfg.fusion.readout = readout
         enc = VisualEncoder(cfg).eval()
         assert (enc.clip_norm is not None) == (readout == "cls+clip")
-        assert enc.head.in_features == 32 + (64 if readout == "cls+clip" else 0)
+        assert (enc.readout is not None) == (readout in ("joint", "gated"))
+        assert enc.head.in_features == {"cls": 32, "cls+clip": 32 + 64, "joint": 64, "gated": 64}[readout]
         with torch.no_grad():
             out = enc(x, cm)
+            via_hist = enc.forward_histograms(x, patch_histograms(cm, enc.grid, 150))
         assert out.shape == (2, 768) and torch.allclose(out.norm(dim=-1), torch.ones(2), atol=1e-5)
+        assert torch.allclose(out, via_hist, atol=1e-6)
+        save_encoder(enc, tmp_path / readout)
+        back = load_encoder(tmp_path / readout)
+        assert back.config.fusion.readout == readout
+        with torch.no_grad():
+            assert torch.allclose(back(x, cm), out, atol=1e-6)
     # an old encoder.json: no `readout` key -> "cls", and its weights load
     cfg = tiny_config()
     cfg.fusion.readout = "cls"
@@ -399,6 +409,47 @@ def test_fusion_readouts_and_old_configs_keep_their_readout(tmp_path):
     bad["fusion"]["readout"] = "mean"
     with pytest.raises(UserError, match="readout"):
         ModelConfig.from_dict(bad).validate()
+
+
+def test_gated_readout_starts_as_no_fusion_and_learns_to_use_the_class_map():
+    """'gated' with its gate at 0 is the no-fusion model exactly (same backbone and head weights);
+    one optimizer step opens the gate, after which the class map changes the embedding."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 64, 64)
+    cm = torch.randint(0, 150, (4, 64, 64))
+    cfg = tiny_config()
+    cfg.fusion.readout = "gated"
+    gated = VisualEncoder(cfg)
+    off_cfg = tiny_config()
+    off_cfg.fusion.enabled = False
+    off = VisualEncoder(off_cfg)
+    missing, unexpected = off.load_state_dict(gated.state_dict(), strict=False)
+    assert not missing and all(k.startswith(("fusion.", "readout.", "segmenter.")) for k in unexpected)
+    gated.eval()
+    off.eval()
+    with torch.no_grad():
+        assert torch.equal(gated(x, cm), off(x))
+        assert torch.equal(gated(x, cm), gated(x, torch.zeros_like(cm)))  # gate 0: the map is unused
+    gated.train()
+    opt = torch.optim.SGD(gated.parameters(), lr=0.5)
+    target = torch.nn.functional.normalize(torch.randn(4, 768), dim=-1)
+    (-(gated(x, cm) * target).sum()).backward()
+    assert gated.readout.gate.grad.abs().sum() > 0  # the gradient reaches the closed gate
+    opt.step()
+    gated.eval()
+    with torch.no_grad():
+        assert not torch.allclose(gated(x, cm), gated(x, torch.zeros_like(cm)), atol=1e-6)
+
+
+def test_joint_readout_uses_the_class_map():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cfg.fusion.readout = "joint"
+    enc = VisualEncoder(cfg).eval()
+    x = torch.randn(2, 3, 64, 64)
+    cm = torch.randint(0, 150, (2, 64, 64))
+    with torch.no_grad():
+        assert not torch.allclose(enc(x, cm), enc(x, torch.zeros_like(cm)), atol=1e-4)
 
 
 def test_classifier_head_trains_on_one_level_and_cannot_be_exported(tmp_path):

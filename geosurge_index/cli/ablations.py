@@ -14,7 +14,8 @@ leaves open:
   levels trained   7, 5, 3, 1 levels (partitions from that many of the tau_max values, always
                    ending with the finest: the prediction space stays the same)
   fusion read-out  fused CLS alone, fused CLS + CLIP's CLS, the latter without self-attention
-                   among the semantic tokens, and no fusion (CLIP alone)
+                   among the semantic tokens, CLIP's CLS attending to semantic and CLIP tokens
+                   jointly, CLIP's CLS + a gated fused CLS (gate from 0), and no fusion
   head             geographic embeddings vs a plain classification head over the finest cells
   search           exhaustive vs a narrow beam (--beam)
   test crops       centre crop vs ten-crop (the paper's test protocol)
@@ -30,6 +31,7 @@ The demo world is synthetic: the table says which design choices pay off on it, 
 Examples:
   geosurge ablations                                   # the whole table, 3 seeds
   geosurge ablations --only "fusion read-out" --seeds 5 --json fusion.json
+  geosurge ablations --trainings readout-gated,no-fusion --epochs 6   # two variants, longer
   geosurge ablations --quick                           # a minute: every variant runs
   geosurge demo --ablations --json ablations.json      # the same, from the demo command
 """
@@ -38,7 +40,7 @@ Examples:
 def add_arguments(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
     """The ablation flags (`prefix` "ablation-" under `geosurge demo`, where --train/--test/--seed
     mean the demo's own)."""
-    from geosurge_index.ablations import AblationSettings
+    from geosurge_index.ablations import TRAININGS, AblationSettings
 
     d = AblationSettings()
     p.add_argument(f"--{prefix}out", type=Path, default=d.out_dir, metavar="OUT", dest="ablation_out",
@@ -54,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
                    help="cells kept per level in the beam row (default: %(default)s; the demo's trees are small)")
     p.add_argument("--only", default="", metavar="GROUP[,GROUP]",
                    help="run only these row groups (e.g. 'fusion read-out,test crops'; default: all)")
+    p.add_argument("--trainings", default="", metavar="KEY[,KEY]",
+                   help="of those rows, only the ones of these trainings (e.g. 'readout-gated,no-fusion'; "
+                        "keys: " + ", ".join(TRAININGS).replace("%", "%%") + "; default: all)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: a tiny world, 1 seed, 1 optimizer step per training")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the table as JSON")
@@ -79,8 +84,10 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "no_progress", False):
         os.environ["GEOSURGE_NO_PROGRESS"] = "1"
     only = tuple(g.strip() for g in str(args.only or "").split(",") if g.strip())
+    trainings = tuple(t.strip() for t in str(getattr(args, "trainings", "") or "").split(",") if t.strip())
     settings = AblationSettings(out_dir=args.ablation_out, n_train=args.ablation_train, n_test=args.ablation_test,
                                 seeds=args.seeds, epochs=args.ablation_epochs, beam=args.beam, only=only,
+                                trainings=trainings,
                                 quick=args.quick, progress=not getattr(args, "no_progress", False))
     result = run_ablations(settings)
     print(format_table(result), flush=True)

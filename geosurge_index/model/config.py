@@ -25,8 +25,12 @@ SEGMENTER_INPUT_SIZE = {"oneformer": 640, "segformer": 512}
 # The fusion read-outs (`FusionConfig.readout`): "cls" = the fused semantic CLS token alone (the
 # read-out of checkpoints written before the option existed); "cls+clip" = the fused CLS
 # concatenated with CLIP's own CLS token before the LayerNorm + Linear (a residual path from CLIP
-# to the embedding). The default is the measured better one (ARCHITECTURE.md, "paper unclear, measured").
-READOUTS = ("cls", "cls+clip")
+# to the embedding); "joint" = CLIP's CLS as the query of one attention over the fused semantic
+# tokens (projected to CLIP's width) and CLIP's tokens together, added to CLIP's CLS; "gated" = CLIP's
+# CLS + g * Linear(fused CLS) with a per-channel gate g starting at 0 (the model starts as no fusion).
+# "joint" and "gated" then take CLIP's path: LayerNorm + Linear (model/fusion.py, model/encoder.py).
+# The default is the measured choice (ARCHITECTURE.md, "paper unclear, measured").
+READOUTS = ("cls", "cls+clip", "joint", "gated")
 LEGACY_READOUT = "cls"
 HEADS = ("geo", "classifier")
 DEFAULT_READOUT = "cls+clip"

@@ -9,7 +9,7 @@ from torch import nn
 from geosurge_index.errors import UserError
 from geosurge_index.model.backbone import Backbone
 from geosurge_index.model.config import ModelConfig
-from geosurge_index.model.fusion import SemanticFusion
+from geosurge_index.model.fusion import GatedReadout, JointReadout, SemanticFusion, patch_histograms
 from geosurge_index.model.segmenter import build_segmenter
 
 
@@ -31,17 +31,23 @@ class VisualEncoder(nn.Module):
         width = self.backbone.width
         self.segmenter = None
         self.clip_norm = None
+        self.readout = None  # JointReadout / GatedReadout for the CLIP-width read-outs
         if config.fusion.enabled:
             seg_arch = config.segmenter_arch() if config.segmenter.kind != "none" else None
             self.segmenter = build_segmenter(config.segmenter, seg_arch, weights=weights)
             self.fusion = SemanticFusion(config.fusion, config.num_classes, self.grid, width)
+            kind = config.fusion.readout
             head_in = config.fusion.query_dim
-            if config.fusion.readout == "cls+clip":
+            if kind == "cls+clip":
                 # CLIP's CLS gets its own LayerNorm and joins the fused CLS before the projection:
                 # the embedding is W_f LN(fused) + W_c LN(clip) + b, a residual path from CLIP (the
                 # no-fusion model is the special case W_f = 0).
                 self.clip_norm = nn.LayerNorm(width)
                 head_in += width
+            elif kind in ("joint", "gated"):
+                # a CLIP-width vector (CLIP's CLS plus a fused term) -> LayerNorm -> Linear, as without fusion
+                self.readout = (JointReadout if kind == "joint" else GatedReadout)(config.fusion, width)
+                head_in = width
         else:
             self.fusion = None
             head_in = width
@@ -72,24 +78,32 @@ class VisualEncoder(nn.Module):
             raise ValueError(f"pixel_values must be (B, 3, {self.image_size}, {self.image_size}), got {tuple(pixel_values.shape)}")
         tokens = self.backbone(pixel_values)
         if self.fusion is None:
-            x = tokens[:, 0]
-        else:
-            if class_map is None:
-                class_map = self.segment(pixel_values)
-            if tuple(class_map.shape) != (b, h, w):
-                raise ValueError(f"class_map must be (B, {h}, {w}), got {tuple(class_map.shape)}")
-            x = self.fusion(class_map, tokens)
-        return self._project(x, tokens)
+            return self._project(tokens[:, 0], tokens)
+        if class_map is None:
+            class_map = self.segment(pixel_values)
+        if tuple(class_map.shape) != (b, h, w):
+            raise ValueError(f"class_map must be (B, {h}, {w}), got {tuple(class_map.shape)}")
+        hist = patch_histograms(class_map, self.grid, self.config.num_classes)
+        return self._read_out(tokens, hist)
 
     def forward_histograms(self, pixel_values: torch.Tensor, histograms: torch.Tensor | None) -> torch.Tensor:
         """As `forward`, given the class map's `fusion.patch_histograms` (B, grid^2, C) instead of
         the map (None when fusion is off): the graph the ONNX export traces."""
         tokens = self.backbone(pixel_values)
-        x = tokens[:, 0] if self.fusion is None else self.fusion.from_histograms(histograms, tokens)
+        return self._project(tokens[:, 0], tokens) if self.fusion is None else self._read_out(tokens, histograms)
+
+    def _read_out(self, tokens: torch.Tensor, histograms: torch.Tensor) -> torch.Tensor:
+        """CLIP tokens + patch histograms -> the embedding, by the configured `fusion.readout`."""
+        if isinstance(self.readout, JointReadout):
+            x = self.readout(self.fusion.from_histograms_tokens(histograms, tokens), tokens)
+        else:
+            x = self.fusion.from_histograms(histograms, tokens)
+            if isinstance(self.readout, GatedReadout):
+                x = self.readout(x, tokens[:, 0])
         return self._project(x, tokens)
 
     def _project(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The read-out: LayerNorm, with `cls+clip` CLIP's own CLS beside it, -> Linear -> unit norm."""
+        """The read-out's last step: LayerNorm, with `cls+clip` CLIP's own CLS beside it, -> Linear -> unit norm."""
         x = self.head_norm(x)
         if self.clip_norm is not None:
             x = torch.cat([x, self.clip_norm(tokens[:, 0]).to(x.dtype)], dim=-1)

@@ -122,9 +122,52 @@ class SemanticFusion(nn.Module):
         """As `forward`, from `patch_histograms` of the class map."""
         return self.fuse(self.tokens.from_histograms(hist), clip_tokens)
 
+    def from_histograms_tokens(self, hist: torch.Tensor, clip_tokens: torch.Tensor) -> torch.Tensor:
+        """As `from_histograms`, every fused token (B, 1 + grid^2, query_dim): the "joint" read-out's input."""
+        return self.fuse_tokens(self.tokens.from_histograms(hist), clip_tokens)
+
     def fuse(self, semantic: torch.Tensor, clip_tokens: torch.Tensor) -> torch.Tensor:
+        return self.fuse_tokens(semantic, clip_tokens)[:, 0]
+
+    def fuse_tokens(self, semantic: torch.Tensor, clip_tokens: torch.Tensor) -> torch.Tensor:
         x = semantic.to(clip_tokens.dtype)
         kv = self.kv_norm(clip_tokens)
         for block in self.blocks:
             x = block(x, kv)
-        return x[:, 0]
+        return x
+
+
+# -- read-outs with a CLIP-width output (`fusion.readout` "joint" and "gated"; see encoder.py) -----
+
+
+class JointReadout(nn.Module):
+    """`readout = "joint"`: CLIP's CLS token as the query of one attention over the concatenation of
+    the fused semantic tokens (projected to CLIP's width) and CLIP's own tokens, added to CLIP's
+    CLS: (B, width). The class map and CLIP's patches compete for the same attention weights, so
+    the read-out chooses per image how much of each reaches the embedding."""
+
+    def __init__(self, cfg: FusionConfig, width: int):
+        super().__init__()
+        self.sem_proj = nn.Linear(cfg.query_dim, width)
+        self.kv_norm = nn.LayerNorm(width)
+        self.attn = LatentCrossAttention(width, width, cfg.latent_dim, cfg.heads, cfg.dropout)
+
+    def forward(self, fused_tokens: torch.Tensor, clip_tokens: torch.Tensor) -> torch.Tensor:
+        clip = self.kv_norm(clip_tokens)
+        kv = torch.cat([self.sem_proj(fused_tokens.to(clip.dtype)), clip], dim=1)
+        return clip_tokens[:, 0] + self.attn(clip[:, :1], kv)[:, 0]
+
+
+class GatedReadout(nn.Module):
+    """`readout = "gated"`: CLIP's CLS + g * Linear(LayerNorm(fused CLS)), with a per-channel gate g
+    initialised at 0: the model starts as the no-fusion model (CLS -> LayerNorm -> Linear) exactly,
+    and the fused path only grows where the gradient says it helps."""
+
+    def __init__(self, cfg: FusionConfig, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.query_dim)
+        self.proj = nn.Linear(cfg.query_dim, width)
+        self.gate = nn.Parameter(torch.zeros(width))
+
+    def forward(self, fused_cls: torch.Tensor, clip_cls: torch.Tensor) -> torch.Tensor:
+        return clip_cls + self.gate.to(clip_cls.dtype) * self.proj(self.norm(fused_cls.to(clip_cls.dtype)))

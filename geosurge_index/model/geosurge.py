@@ -51,6 +51,7 @@ def parameter_report(model: GeoSurgeModel) -> list[tuple[str, int, int]]:
         ("semantic tokens + fusion", enc.fusion),
         ("head (LayerNorm + Linear)", nn.ModuleList([m for m in (enc.head_norm, enc.clip_norm, enc.head)
                                                      if m is not None])),
+        ("fusion read-out", enc.readout),
         ("classification head" if model.config.head == "classifier" else "geographic embeddings + temperatures",
          model.geo),
     ]
