@@ -37,6 +37,10 @@ NEEDS = {
     "manifest.parquet": "a user's manifest with a `key` column (tests/test_sources.py covers manifests)",
     "shards/*.tar": "WebDataset shards (tests/test_sources.py and test_ray.py cover them)",
     "geoclip-index/": "the index `geosurge import geoclip` builds (skipped above: it downloads CLIP)",
+    "tagged.csv": "a few hundred of the user's geotagged photos (calibration needs 20 or more; "
+                  "tests/test_calibration.py fits one)",
+    "runs/mp16/calibration.csv": "a training run's calibration split (training is skipped above; "
+                                 "tests/test_train.py writes one, tests/test_calibration.py fits it)",
 }
 
 
@@ -116,7 +120,7 @@ def world(tmp_path_factory):
             shutil.copy(src, photos / src.name)
         shutil.copy(src.with_name(src.stem + ".classmap.png"), photos / (src.stem + ".classmap.png"))
     truth = [{"id": Path(r["path"]).stem, "lat": r["lat"], "lon": r["lon"]} for r in rows]
-    for name in ("im2gps3k_places365.csv", "yfcc4k.csv", "truth.csv"):
+    for name in ("im2gps3k_places365.csv", "yfcc4k.csv", "truth.csv", "test.csv"):
         with (root / name).open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["id", "lat", "lon"])
             w.writeheader()

@@ -31,7 +31,7 @@ with the index's encoder; or --predictions PRED_DIR, a locate run written with -
 
 Example:
   geosurge calibrate index/ --truth runs/demo/calibration.csv
-  geosurge calibrate index/ --truth tagged.csv photos/
+  geosurge calibrate index/ photos/ --truth tagged.csv
   geosurge calibrate index/ --truth tagged.csv --predictions preds/
 """
 
