@@ -29,16 +29,14 @@ lists it in the manifest with its checksum. pure numpy: reading predictions is t
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from geosurge_index.errors import FormatError, UserError
-from geosurge_index.formats import check_format
+from geosurge_index.formats import check_format, read_json
 
 CALIBRATION_FILE = "calibration.json"
 CALIBRATION_FORMAT = "geosurge-calibration"
@@ -254,13 +252,7 @@ class Calibration:
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> Calibration:
-        try:
-            d = json.loads(Path(path).read_text())
-        except FileNotFoundError as err:
-            raise FormatError(f"{path} is missing") from err
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise FormatError(f"{path} is not valid JSON ({err})") from err
-        return cls.from_json(d, path)
+        return cls.from_json(read_json(path, CALIBRATION_FORMAT, CALIBRATION_VERSION), path)
 
 
 def fit_calibration(masses, hits, *, top_k: int, methods=FIT_METHODS, meta: dict | None = None) -> Calibration:

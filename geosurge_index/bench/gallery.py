@@ -53,14 +53,9 @@ class GalleryBench:
 
 
 def _available_gib() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return 8.0
+    from geosurge_index.devices import free_memory
+
+    return free_memory("cpu") / 2**30 or 8.0  # 8 GiB when /proc/meminfo says nothing
 
 
 def _bytes_per_ref(storage: str, dim: int) -> int:
