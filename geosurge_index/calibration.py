@@ -23,6 +23,15 @@ The error radii (`radius.py`) get one more fitted factor per quantile (`radius_s
 quantile of (true distance / model radius) on the calibration set, a split-conformal correction
 that makes r50 / r90 cover 50% / 90% of held-out photos when the posterior's geometry alone does not.
 
+The probability of being within a distance (`within`): for each evaluation threshold t (1, 25,
+200, 750, 2500 km), the raw score w_t is the posterior's mass within t km of the predicted point
+(`radius.posterior_cdf` from the calibrated P_l and the cells' geometry); a calibrator per
+threshold (chosen as above) maps it to P(true point within t km), fitted on the same photos. Why:
+the finest cell's probability mixes cells of very different sizes (a small cell in a city has a
+low probability and a small error), so it ranks answers poorly by distance; the mass within t
+km is what a user who needs answers within t km should rank and threshold by (measured on the
+demo world: README "Confidence"). Calibrations without it map w_t as it is (`identity`).
+
 INDEX_DIR/calibration.json (format `geosurge-calibration` v1) holds it; `index.add_listed_file`
 lists it in the manifest with its checksum. pure numpy: reading predictions is the caller's job.
 """
@@ -44,6 +53,7 @@ CALIBRATION_VERSION = 1
 METHODS = ("identity", "temperature", "platt", "isotonic")
 FIT_METHODS = ("temperature", "platt", "isotonic")  # what `choose` compares with identity
 QUANTILES = (0.5, 0.9)  # the error radii: r50, r90
+WITHIN_KM = (1.0, 25.0, 200.0, 750.0, 2500.0)  # the distances of `p_within_*`: `metrics.THRESHOLDS_KM`
 _EPS = 1e-6
 
 
@@ -211,6 +221,8 @@ class Calibration:
     top_k: int  # the raw masses are summed over this many top finest cells
     radius_scale: dict[str, float] = field(default_factory=lambda: {"50": 1.0, "90": 1.0})
     meta: dict = field(default_factory=dict)  # n, source, search settings, comparison, created_utc
+    # P(within t km): one calibrator per threshold, keyed by `km_key(t)`; a missing one is `identity`
+    within: dict[str, LevelCalibrator] = field(default_factory=dict)
 
     def probabilities(self, masses) -> np.ndarray:
         """(n, L) raw level masses -> (n, L) calibrated probabilities, non-increasing in level."""
@@ -220,6 +232,16 @@ class Calibration:
         out = np.stack([cal(m[:, j]) for j, cal in enumerate(self.levels)], axis=1) if m.shape[0] else m.copy()
         return np.minimum.accumulate(np.clip(out, 0.0, 1.0), axis=1)
 
+    def within_probabilities(self, raw, km) -> np.ndarray:
+        """(n, T) posterior masses within each of `km` (T,) -> calibrated P(within), non-decreasing in km."""
+        w = np.asarray(raw, dtype=np.float64)
+        if w.ndim != 2 or w.shape[1] != len(km):
+            raise ValueError(f"raw masses must be (n, {len(km)}), got {w.shape}")
+        ident = LevelCalibrator("identity")
+        out = np.stack([self.within.get(km_key(t), ident)(w[:, j]) for j, t in enumerate(km)], axis=1) \
+            if w.shape[0] else w.copy()
+        return np.maximum.accumulate(np.clip(out, 0.0, 1.0), axis=1)
+
     def scale(self, q: float) -> float:
         return float(self.radius_scale.get(f"{round(q * 100)}", 1.0))
 
@@ -227,12 +249,14 @@ class Calibration:
         """What the manifest and `/v1/index` say about it: methods per level, n, the source."""
         return {"calibrated": True, "file": CALIBRATION_FILE,
                 "methods": [c.method for c in self.levels], "radius_scale": self.radius_scale,
+                "within_km_methods": {k: c.method for k, c in self.within.items()},
                 **{k: self.meta[k] for k in ("n", "source", "created_utc") if k in self.meta}}
 
     def to_json(self) -> dict:
         return {"format": CALIBRATION_FORMAT, "format_version": CALIBRATION_VERSION, "top_k": self.top_k,
                 "levels": [{"level": i + 1, **c.to_json()} for i, c in enumerate(self.levels)],
-                "radius_scale": self.radius_scale, **self.meta}
+                "radius_scale": self.radius_scale,
+                "within_km": [{"km": float(k), **c.to_json()} for k, c in self.within.items()], **self.meta}
 
     @classmethod
     def from_json(cls, d: dict, where: str | os.PathLike = CALIBRATION_FILE) -> Calibration:
@@ -244,11 +268,13 @@ class Calibration:
             levels = [LevelCalibrator.from_json({k: v for k, v in e.items() if k != "level"}) for e in entries]
             top_k = int(d["top_k"])
             scale = {str(k): float(v) for k, v in d.get("radius_scale", {}).items()}
+            within = {km_key(e["km"]): LevelCalibrator.from_json({k: v for k, v in e.items() if k != "km"})
+                      for e in d.get("within_km", [])}  # absent in calibrations fitted before it
         except (KeyError, TypeError, ValueError) as err:
             raise FormatError(f"{where}: malformed calibration ({err})") from err
         meta = {k: v for k, v in d.items()
-                if k not in ("format", "format_version", "top_k", "levels", "radius_scale")}
-        return cls(levels, top_k, scale or {"50": 1.0, "90": 1.0}, meta)
+                if k not in ("format", "format_version", "top_k", "levels", "radius_scale", "within_km")}
+        return cls(levels, top_k, scale or {"50": 1.0, "90": 1.0}, meta, within)
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> Calibration:
@@ -273,6 +299,36 @@ def fit_calibration(masses, hits, *, top_k: int, methods=FIT_METHODS, meta: dict
         comparison.append({"level": j + 1, "chosen": cal.method, "hit_rate": float(y[:, j].mean()),
                            "cross_validated": table})
     return Calibration(levels, int(top_k), meta={**(meta or {}), "n": int(m.shape[0]), "comparison": comparison})
+
+
+def km_key(km: float) -> str:
+    """"25" for 25.0 km: the key of a threshold in `Calibration.within` and in column names."""
+    return f"{float(km):g}"
+
+
+def within_column(km: float) -> str:
+    """The prediction column (and API field) of P(true point within `km` of the predicted point)."""
+    return f"p_within_{km_key(km)}km"
+
+
+WITHIN_COLUMNS = tuple(within_column(t) for t in WITHIN_KM)  # p_within_1km .. p_within_2500km
+
+
+def fit_within(raw, distance_km, km, methods=FIT_METHODS) -> tuple[dict[str, LevelCalibrator], list[dict]]:
+    """Per threshold t of `km`, the calibrator (`choose`) of raw posterior masses within t km
+    (n, T) for the outcome distance <= t; and the comparison table. Photos without a point are
+    left out."""
+    w = np.asarray(raw, dtype=np.float64)
+    d = np.asarray(distance_km, dtype=np.float64)
+    ok = np.isfinite(d) & np.isfinite(w).all(axis=1)
+    cals, comparison = {}, []
+    for j, t in enumerate(km):
+        y = d[ok] <= t
+        cal, table = choose(w[ok, j], y, tuple(methods))
+        cals[km_key(t)] = cal
+        comparison.append({"km": float(t), "chosen": cal.method, "hit_rate": float(y.mean()) if len(y) else None,
+                           "cross_validated": table})
+    return cals, comparison
 
 
 def fit_radius_scale(distance_km, radii: dict[float, np.ndarray]) -> dict[str, float]:

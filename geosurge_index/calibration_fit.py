@@ -22,6 +22,8 @@ from geosurge_index.calibration import (
     Calibration,
     fit_calibration,
     fit_radius_scale,
+    fit_within,
+    km_key,
     scores,
 )
 from geosurge_index.errors import UserError
@@ -80,14 +82,19 @@ def calibration_set(index, truth, embeddings: np.ndarray, truth_rows: np.ndarray
 def fit_index_calibration(index, cal_set: CalibrationSet, *, methods=FIT_METHODS, meta: dict | None = None
                           ) -> tuple[Calibration, dict]:
     """-> (the calibration, a report: in-sample scores before and after, radius coverage)."""
-    from geosurge_index.confidence import ConfidenceModel
+    from geosurge_index.confidence import WITHIN_KM, ConfidenceModel
 
     s = cal_set
     top_k = ConfidenceModel(index.tree).top_k
     cal = fit_calibration(s.masses, s.hits, top_k=top_k, methods=methods, meta=meta)
     probs = cal.probabilities(s.masses)
-    raw = ConfidenceModel(index.tree, cal).radii(s.result, probs, scaled=False)
+    model = ConfidenceModel(index.tree, cal)
+    raw = model.radii(s.result, probs, scaled=False)
     cal.radius_scale = fit_radius_scale(s.distance_km, {q: raw[:, i] for i, q in enumerate(QUANTILES)})
+    raw_within = model.within_masses(s.result, probs)
+    cal.within, within_comparison = fit_within(raw_within, s.distance_km, WITHIN_KM, methods)
+    cal.meta["within_comparison"] = within_comparison
+    within = cal.within_probabilities(raw_within, WITHIN_KM)
     report = {
         "n": int(len(s.distance_km)), "n_truth": s.n_truth, "n_unmatched": s.n_unmatched,
         "finest_hit_rate": float(s.hits[:, -1].mean()),
@@ -97,6 +104,11 @@ def fit_index_calibration(index, cal_set: CalibrationSet, *, methods=FIT_METHODS
                                      for i, q in enumerate(QUANTILES)},
         "radius_scale": cal.radius_scale,
         "methods": [c.method for c in cal.levels],
+        "within_km": {km_key(t): {"method": cal.within[km_key(t)].method,
+                                  "rate": float(np.mean(s.distance_km <= t)),
+                                  "before": scores(raw_within[:, j], s.distance_km <= t),
+                                  "after": scores(within[:, j], s.distance_km <= t)}
+                      for j, t in enumerate(WITHIN_KM)},
     }
     cal.meta["fit_report"] = report
     return cal, report

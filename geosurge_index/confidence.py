@@ -1,6 +1,8 @@
 """The one place where an answer's confidence is computed: the calibrated probability that the true
-point lies in the reported cell (finest and per level) and the error radii r50 / r90, from a search
-result, the cell tree's geometry and the index's calibration (`calibration.py`, `radius.py`).
+point lies in the reported cell (finest and per level), the error radii r50 / r90, and the
+probability that the true point lies within each evaluation distance of the predicted point
+(`p_within_1km` .. `p_within_2500km`), from a search result, the cell tree's geometry and the
+index's calibration (`calibration.py`, `radius.py`).
 
 `ConfidenceModel.for_index(index)` reads INDEX_DIR/calibration.json when the manifest lists it
 (checked with the other files when the index is opened); without one the probabilities are the
@@ -19,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from geosurge_index.calibration import CALIBRATION_FILE, QUANTILES, Calibration
-from geosurge_index.radius import cap_radius_km, posterior_cdf, quantile_radii
+from geosurge_index.calibration import CALIBRATION_FILE, QUANTILES, WITHIN_KM, Calibration, within_column
+from geosurge_index.radius import GRID, cap_radius_km, posterior_cdf, quantile_radii
 from geosurge_index.search import CellTree, SearchResult
 
 log = logging.getLogger("geosurge.confidence")
@@ -37,6 +39,8 @@ class Confidence:
     r50_km: np.ndarray  # (n,) radius around the predicted point holding 50% of the posterior
     r90_km: np.ndarray  # (n,) 90%
     calibrated: bool  # False: the model's own probabilities (the index has no calibration)
+    # (n, len(WITHIN_KM)) P(true point within WITHIN_KM[j] km of the predicted point), non-decreasing
+    within: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.probability.shape[0])
@@ -125,7 +129,7 @@ class ConfidenceModel:
         n, levels = len(result), tree.levels
         if n == 0:
             z = np.zeros(0)
-            return Confidence(z, np.zeros((0, levels)), z, z, self.calibrated)
+            return Confidence(z, np.zeros((0, levels)), z, z, self.calibrated, np.zeros((0, len(WITHIN_KM))))
         k = self.calibration.top_k if self.calibration else None
         masses = level_masses(result, tree, k)
         if self.calibration is None:
@@ -133,10 +137,25 @@ class ConfidenceModel:
         else:
             probs = self.calibration.probabilities(masses)
         radii = self.radii(result, probs)
-        return Confidence(probs[:, -1].copy(), probs, radii[:, 0], radii[:, 1], self.calibrated)
+        within = self.within_masses(result, probs)
+        if self.calibration is not None:
+            within = self.calibration.within_probabilities(within, WITHIN_KM)
+        return Confidence(probs[:, -1].copy(), probs, radii[:, 0], radii[:, 1], self.calibrated, within)
 
     def radii(self, result: SearchResult, probs: np.ndarray, *, scaled: bool = True) -> np.ndarray:
         """(n, 2) r50, r90 in km (`radius.py`), times the calibration's factors when `scaled`."""
+        r = quantile_radii(self.posterior(result, probs, GRID), QUANTILES)
+        if scaled and self.calibration is not None:
+            r = r * np.array([self.calibration.scale(q) for q in QUANTILES])[None, :]
+        return r
+
+    def within_masses(self, result: SearchResult, probs: np.ndarray) -> np.ndarray:
+        """(n, len(WITHIN_KM)) the posterior's mass within each distance of the predicted point
+        (the raw score `Calibration.within_probabilities` maps), non-decreasing."""
+        return np.maximum.accumulate(self.posterior(result, probs, np.asarray(WITHIN_KM, dtype=np.float64)), axis=1)
+
+    def posterior(self, result: SearchResult, probs: np.ndarray, grid: np.ndarray) -> np.ndarray:
+        """(n, G) `radius.posterior_cdf` of each answer: its mass within each radius of `grid`."""
         from geosurge_index.metrics import haversine_km
 
         tree, geo = self.tree, self.geometry
@@ -152,11 +171,7 @@ class ConfidenceModel:
         mass = np.where((cells >= 0) & (shared < levels), result.topk_probs.astype(np.float64), 0.0)
         dist = haversine_km(result.lat[:, None], result.lon[:, None],
                             tree.mean_lat[finest][safe], tree.mean_lon[finest][safe])
-        cdf = posterior_cdf(probs, path_radius, dist, geo.radius[finest][safe], mass, ring)
-        r = quantile_radii(cdf, QUANTILES)
-        if scaled and self.calibration is not None:
-            r = r * np.array([self.calibration.scale(q) for q in QUANTILES])[None, :]
-        return r
+        return posterior_cdf(probs, path_radius, dist, geo.radius[finest][safe], mass, ring, grid=grid)
 
 
 def truncate(result: SearchResult, top_k: int) -> SearchResult:
@@ -171,9 +186,14 @@ def search(index, model: ConfidenceModel, emb, top_k: int, **kwargs) -> tuple[Se
     return truncate(result, top_k), model.apply(result)
 
 
-def row_probability(row: dict) -> float:
-    """The probability a user acts on: the calibrated `confidence`  when the row
-    has one, else the model's own `probability` (a PRED_DIR from before the confidence columns)."""
+def row_probability(row: dict, within_km: float | None = None) -> float:
+    """The probability a user acts on: the calibrated `confidence` when the row has one, else the
+    model's own `probability` (a PRED_DIR from before the confidence columns); with `within_km`,
+    the probability that the true point lies within that distance (`p_within_<km>km`; 0 when the
+    row has none: a capped or older row)."""
+    if within_km is not None:
+        value = row.get(within_column(within_km))
+        return 0.0 if value is None else float(value)
     value = row.get("confidence")
     if value is None:
         value = row.get("probability")

@@ -748,7 +748,7 @@ def _say_confidence(model_json: Path) -> None:
     if conf:
         _say("\nconfidence of the model's answers (eval/confidence.png):")
         for k, v in summary_rows(conf):
-            _say(f"  {k:<44} {v}")
+            _say(f"  {k:<58} {v}")
 
 
 def _finish(result: DemoResult, s: DemoSettings) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from geosurge_index import s2, sql
+from geosurge_index.calibration import WITHIN_COLUMNS, WITHIN_KM
 from geosurge_index.cells import assign_points
 from geosurge_index.coords import Coordinates
 from geosurge_index.metrics import EvalReport, evaluate_points
@@ -81,7 +82,8 @@ def confidence_columns(pred_cols: set) -> str:
     if "confidence" in pred_cols:
         return (", p.confidence AS conf, p.r50_km AS r50, p.r90_km AS r90, p.calibrated AS calibrated"
                 ", p.level_confidence AS level_conf"
-                + (", p.point_source AS point_source" if "point_source" in pred_cols else ""))
+                + (", p.point_source AS point_source" if "point_source" in pred_cols else "")
+                + "".join(f", p.{c} AS {c}" for c in WITHIN_COLUMNS if c in pred_cols))
     return ", p.probability AS conf" if "probability" in pred_cols else ""
 
 
@@ -131,10 +133,16 @@ def confidence_of(rows: dict, keep: np.ndarray, levels: list[int]) -> dict | Non
         src = rows["point_source"]
         src = np.asarray(src.astype(object).filled(None) if np.ma.isMaskedArray(src) else src, dtype=object)[keep]
         groups = np.array(["none" if v is None else str(v) for v in src], dtype=object)
+    within = None
+    if all(c in rows for c in WITHIN_COLUMNS):
+        within = np.stack([num(c) for c in WITHIN_COLUMNS], axis=1)
+    signals = _ranking_signals(rows, num, level_conf)
+    if within is not None:
+        signals = {"p_within_25km": within[:, WITHIN_KM.index(25.0)], "confidence (cell)": num("conf"), **signals}
     return confidence_report(num("conf"), d, hit, num("r50") if "r50" in rows else None,
                              num("r90") if "r90" in rows else None, level_confidence=level_conf,
                              level_hits=level_hits, calibrated=calibrated, groups=groups,
-                             signals=_ranking_signals(rows, num, level_conf))
+                             signals=signals, within=within, within_km=WITHIN_KM if within is not None else None)
 EXIF_TRUTH = "exif"  # `geosurge eval PRED_DIR --truth exif`
 
 

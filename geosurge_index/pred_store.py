@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from geosurge_index.calibration import WITHIN_COLUMNS
 from geosurge_index.errors import FormatError, UserError
 from geosurge_index.formats import check_format, read_json
 from geosurge_index.geoparquet import GEOMETRY_COLUMN, with_geo_metadata
@@ -79,7 +80,8 @@ def pred_schema(save_embeddings: bool = False) -> pa.Schema:
     (`confidence.py`, `CONFIDENCE_FIELDS`): `confidence` (the calibrated P(true point in the
     reported finest cell)), `level_confidence` (the same per level, level 1 first), `r50_km` /
     `r90_km` (error radii) and `calibrated` (whether the index's calibration made them; false: the
-    model's own probabilities)."""
+    model's own probabilities), then `p_within_1km` .. `p_within_2500km` (the probability that the
+    true point lies within that distance of lat/lon)."""
     fields = [
         ("id", pa.string()),
         ("path", pa.string()),
@@ -119,9 +121,11 @@ REFINEMENT_FIELDS = [("point_source", pa.string()), ("neighbour_gallery", pa.str
                      ("cell_lat", pa.float64()), ("cell_lon", pa.float64())]
 
 # Added with the confidence (`confidence.py`), after the gallery columns: the calibrated probability
-# of the reported finest cell, per level, the error radii around lat/lon, whether calibrated.
+# of the reported finest cell, per level, the error radii around lat/lon, whether calibrated; then
+# (added after them) P(true point within 1 / 25 / 200 / 750 / 2500 km of lat/lon).
 CONFIDENCE_FIELDS = [("confidence", pa.float64()), ("level_confidence", pa.list_(pa.float32())),
-                     ("r50_km", pa.float64()), ("r90_km", pa.float64()), ("calibrated", pa.bool_())]
+                     ("r50_km", pa.float64()), ("r90_km", pa.float64()), ("calibrated", pa.bool_()),
+                     *((name, pa.float64()) for name in WITHIN_COLUMNS)]
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ What is reported under a cap:
 - the calibrated confidence (`confidence`, `level_confidence`; `confidence.py`): `confidence` becomes
   the calibrated probability of the answered cell, `level_confidence[answered level]` (level 1's at
   `cap_level` 0, a lower bound of the larger S2 cell's); `level_confidence` keeps the answered levels
-  only; `calibrated` is kept;
+  only; `calibrated` is kept; `p_within_*km` (the probability of being within a distance of the
+  uncapped point, which the capped point is not) are withheld;
 - nothing else: embeddings, and any column this module does not know (e.g. gallery neighbours,
   their ids and similarities, a refined point), are withheld (null). A new column that carries
   no location goes into `KEEP_COLUMNS`.
@@ -48,6 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from geosurge_index import s2
+from geosurge_index.calibration import WITHIN_COLUMNS
 from geosurge_index.errors import UserError
 
 # The caps a user usually means (README "For photo archives"); km, as the evaluation thresholds.
@@ -462,7 +464,8 @@ def _cap_predictions(preds: list, tree, cap: Cap, places) -> list:
         if getattr(p, "confidence", None) is not None:  # `confidence.py`: see the module docstring
             level_conf = [getattr(c, "confidence", None) for c in p.cells[:max(lv, 1)]]
             conf = {"confidence": level_conf[-1] if level_conf and level_conf[-1] is not None else None,
-                    **{k: max(float(getattr(p, k)), ext) for k in ("r50_km", "r90_km") if getattr(p, k) is not None}}
+                    **{k: max(float(getattr(p, k)), ext) for k in ("r50_km", "r90_km") if getattr(p, k) is not None},
+                    **{k: None for k in WITHIN_COLUMNS if hasattr(p, k)}}  # of the uncapped point: withheld
         out[i] = replace(
             p, lat=float(ans.lat[r]), lon=float(ans.lon[r]), probability=float(prob[r]),
             cells=list(p.cells[:lv]), embedding=None, **conf,

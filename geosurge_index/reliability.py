@@ -10,7 +10,11 @@ and the selective-accuracy curve (what share is right among the x% most confiden
   point; a calibrated radius covers 50% (90%).
 - Selective accuracy: photos sorted by decreasing probability; for x = 10, 20, .., 100, the share
   of the x% most confident within 1 / 25 / 200 / 750 / 2500 km. Photos without a point (errors,
-  missing) count as wrong and as least confident.
+  missing) count as wrong and as least confident. With the `p_within_*km` columns each distance's
+  curve ranks by the probability of that very outcome (P(within 25 km) for the 25 km curve: what a
+  user who needs answers within 25 km keeps), and the curve ranked by the cell probability
+  `confidence` is reported beside it; without them (older predictions) by `confidence`.
+- The ECE of each `p_within_*km` (outcome: the true point lies within that distance).
 """
 
 from __future__ import annotations
@@ -83,16 +87,26 @@ def _km(t: float) -> str:
     return str(int(t)) if float(t).is_integer() else str(t)
 
 
+def selective_accuracy_by_outcome(within, distance_km, within_km, keep_pct=KEEP_PCT) -> dict:
+    """Like `selective_accuracy`, but the curve of each distance within_km[j] ranks photos by
+    within[:, j], the probability of being within that distance."""
+    w = np.asarray(within, dtype=np.float64)
+    return {_km(t): selective_accuracy(w[:, j], distance_km, keep_pct, (t,))[_km(t)]
+            for j, t in enumerate(within_km)}
+
+
 def confidence_report(confidence, distance_km, hit=None, r50=None, r90=None, *, level_confidence=None,
                       level_hits=None, calibrated: bool | None = None, groups=None,
-                      signals: dict | None = None) -> dict:
+                      signals: dict | None = None, within=None, within_km=None) -> dict:
     """The numbers of `geosurge eval` about confidence (JSON-ready). `confidence` (n,) the cell
     probability; `distance_km` (n,) true error (inf/NaN = no point); `hit` (n,) bool, the true point
     in the reported finest cell (None: unknown without the index, no ECE); `r50`, `r90` (n,) km;
     `level_confidence`, `level_hits` (n, L): per-level ECE. `groups` (n,) labels (e.g. the
     `point_source` of each answer): r50 / r90 coverage per label as well. `signals` {name: (n,)
     scores, higher = more confident}: other candidate rankings, each scored like `confidence` by
-    the share within 25 km of its most confident half over the share of all (`top_half_ratio`)."""
+    the share within 25 km of its most confident half over the share of all (`top_half_ratio`).
+    `within` (n, T): P(within within_km[j] km) per photo (`p_within_*km`): its ECE per distance, and
+    the selective-accuracy curves ranked by it (the cell probability's curves are kept beside)."""
     c = np.asarray(confidence, dtype=np.float64)
     d = np.asarray(distance_km, dtype=np.float64)
     has = np.isfinite(c) & np.isfinite(d)
@@ -123,11 +137,25 @@ def confidence_report(confidence, distance_km, hit=None, r50=None, r90=None, *, 
     if signals:
         out["within_25km_top_half_vs_all_by_signal"] = {
             name: top_half_ratio(np.where(has, np.asarray(v, dtype=np.float64), np.nan), d) for name, v in signals.items()}
-    curve = selective_accuracy(np.where(has, c, np.nan), d)
+    by_cell = selective_accuracy(np.where(has, c, np.nan), d)
+    curve, ranking = by_cell, "confidence"
+    if within is not None and within_km is not None:
+        w = np.asarray(within, dtype=np.float64)
+        w = np.where(has[:, None], w, np.nan)
+        out["within_km"] = [float(t) for t in within_km]
+        out["within_ece"] = {_km(t): (ece(w[ok, j], d[ok] <= t) if ok.any() else None)
+                             for j, t in enumerate(within_km) for ok in [np.isfinite(w[:, j]) & has]}
+        out["within_mean"] = {_km(t): (float(np.nanmean(w[:, j])) if np.isfinite(w[:, j]).any() else None)
+                              for j, t in enumerate(within_km)}
+        if np.isfinite(w).any():
+            curve = {**by_cell, **selective_accuracy_by_outcome(w, d, within_km)}
+            ranking = "p_within"
+            out["selective_accuracy_by_confidence_pct"] = by_cell
     out["selective_accuracy_pct"] = curve
-    if curve.get("25") and curve["25"][-1]:
-        half = curve["25"][KEEP_PCT.index(50)]
-        out["within_25km_top_half_vs_all"] = float(half / curve["25"][-1])
+    out["selective_ranking"] = ranking  # "p_within": each distance's curve by P(within it)
+    for name, cur in (("within_25km_top_half_vs_all", curve), ("within_25km_top_half_vs_all_by_confidence", by_cell)):
+        if cur.get("25") and cur["25"][-1]:
+            out[name] = float(cur["25"][KEEP_PCT.index(50)] / cur["25"][-1])
     return out
 
 
@@ -153,11 +181,17 @@ def summary_rows(rep: dict) -> list[tuple[str, str]]:
     if by_signal:
         best = sorted(by_signal.items(), key=lambda kv: -kv[1])[:4]
         rows.append(("within 25 km, top half / all, by ranking", ", ".join(f"{k} {v:.2f}x" for k, v in best)))
-    curve = rep.get("selective_accuracy_pct", {}).get("25")
-    if curve:
-        pick = {x: curve[KEEP_PCT.index(x)] for x in (10, 50, 100)}
-        rows.append(("% within 25 km, most confident 10/50/100%",
-                     " / ".join("n/a" if v is None else f"{v:.1f}" for v in pick.values())))
+    we = {k: v for k, v in (rep.get("within_ece") or {}).items() if v is not None}
+    if we:
+        rows.append(("ECE of p_within_1/25/200/750/2500km", " / ".join(f"{v:.3f}" for v in we.values())))
+    by = "p_within_25km" if rep.get("selective_ranking") == "p_within" else "confidence"
+    for key, label in (("selective_accuracy_pct", by), ("selective_accuracy_by_confidence_pct", "confidence")):
+        curve = rep.get(key, {}).get("25")
+        if curve:
+            pick = {x: curve[KEEP_PCT.index(x)] for x in (10, 50, 100)}
+            half = f" (top half / all {pick[50] / pick[100]:.2f}x)" if pick[50] is not None and pick[100] else ""
+            rows.append((f"% within 25 km, most confident 10/50/100% by {label}",
+                         " / ".join("n/a" if v is None else f"{v:.1f}" for v in pick.values()) + half))
     return rows
 
 
@@ -194,7 +228,9 @@ def plot_confidence(rep: dict, path, title: str = "") -> None:
     ax2.set_ylim(0, 100)
     cov = [f"{n} covers {100 * rep[f'{n}_coverage']:.0f}%" for n in ("r50", "r90")
            if rep.get(f"{n}_coverage") is not None]
-    ax2.set_title("selective accuracy" + (f" ({', '.join(cov)})" if cov else ""))
+    by = ("each curve by P(within its distance)" if rep.get("selective_ranking") == "p_within"
+          else "by cell probability")
+    ax2.set_title(f"selective accuracy, {by}" + (f"\n({', '.join(cov)})" if cov else ""))
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
     if title:

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from geosurge_index.calibration import WITHIN_COLUMNS
 from geosurge_index.errors import UserError
 
 # Memory budget for one chunk of work, in float32 elements (256 MiB): bounds the (queries x
@@ -680,8 +681,10 @@ def result_to_arrow(result: SearchResult | None, tree: CellTree, ids: Sequence[s
         cols["r50_km"] = spread(confidence.r50_km.astype(np.float64), pa.float64())
         cols["r90_km"] = spread(confidence.r90_km.astype(np.float64), pa.float64())
         cols["calibrated"] = spread(np.full(n_ok, confidence.calibrated), pa.bool_())
+        for j, name in enumerate(WITHIN_COLUMNS):
+            cols[name] = spread(confidence.within[:, j].astype(np.float64), pa.float64())
     else:
-        for name in ("confidence", "level_confidence", "r50_km", "r90_km", "calibrated"):
+        for name in ("confidence", "level_confidence", "r50_km", "r90_km", "calibrated", *WITHIN_COLUMNS):
             cols[name] = pa.nulls(n, schema.field(name).type)
     return pa.table([cols[f.name] for f in schema], schema=schema)
 

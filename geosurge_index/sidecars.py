@@ -11,7 +11,9 @@ Rules:
 - an original photo is never opened for writing; only `.xmp` files are written;
 - a photo whose EXIF carries valid GPS is skipped (`tagged`), so is a row without a prediction
   (`error`), below `--min-probability` (`low_probability`: the calibrated `confidence` when the
-  rows have it, `row_probability`), not in `--only` (`not_selected`), or
+  rows have it, `row_probability`; with `--within-km KM`, the calibrated probability that the true
+  point lies within KM of the estimate, `p_within_<KM>km`, read before any cap), not in `--only`
+  (`not_selected`), or
   from inside a tar shard (`no_file`), or whose sidecar another photo of the run already takes
   (`name_clash`: photo.jpg and photo.png with --naming photo.xmp);
 - an existing sidecar (either naming, beside the photo; the target with `--dest`) is merged into:
@@ -296,8 +298,12 @@ def _relative(photo: Path, roots: list[Path]) -> Path:
 
 def write_sidecars(pred_dir, *, dest=None, min_probability: float = DEFAULT_MIN_PROBABILITY,
                    cap: Cap | None = None, naming: str = NAMINGS[0], dry_run: bool = False,
-                   only: set[str] | None = None, force: bool = False, index_dir=None) -> SidecarReport:
-    """One XMP sidecar per untagged, confidently located photo of PRED_DIR (module docstring)."""
+                   only: set[str] | None = None, force: bool = False, index_dir=None,
+                   within_km: float | None = None) -> SidecarReport:
+    """One XMP sidecar per untagged, confidently located photo of PRED_DIR (module docstring).
+    With `within_km`, `min_probability` applies to P(true point within that distance of the
+    uncapped estimate) (`p_within_<km>km`) instead of the cell probability."""
+    from geosurge_index.calibration import WITHIN_KM, within_column
     from geosurge_index.pred_store import read_run
     from geosurge_index.progress import bar
 
@@ -305,6 +311,8 @@ def write_sidecars(pred_dir, *, dest=None, min_probability: float = DEFAULT_MIN_
         raise UserError(f"--naming {naming!r}: expected one of {', '.join(NAMINGS)}")
     if not 0 <= min_probability <= 1:
         raise UserError(f"--min-probability {min_probability}: must lie in 0..1")
+    if within_km is not None and float(within_km) not in WITHIN_KM:
+        raise UserError(f"--within-km {within_km:g}: expected one of {', '.join(f'{t:g}' for t in WITHIN_KM)}")
     dest_dir = Path(dest) if dest is not None else None
     if dest_dir is not None and not dry_run:
         try:
@@ -312,7 +320,15 @@ def write_sidecars(pred_dir, *, dest=None, min_probability: float = DEFAULT_MIN_
         except OSError as err:
             raise UserError(f"--dest {dest_dir}: cannot create it ({os.strerror(err.errno or 0)})") from None
     index, index_id = run_index(pred_dir, index_dir)
-    table = capped_rows(read_rows(pred_dir), cap, index, pred_dir)
+    rows = read_rows(pred_dir)
+    within = None
+    if within_km is not None:  # read before the cap, which withholds it (the decision is the estimate's)
+        name = within_column(within_km)
+        if name not in rows.column_names:
+            raise UserError(f"--within-km {within_km:g}: {pred_dir} has no {name} column (a run from before "
+                            "it; locate again, or use --min-probability alone)")
+        within = rows.column(name).to_pylist()
+    table = capped_rows(rows, cap, index, pred_dir)
     roots = [Path(p) for p in ((read_run(pred_dir) or {}).get("inputs") or [])]
     report = SidecarReport(dry_run=dry_run)
     now = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
@@ -326,7 +342,9 @@ def write_sidecars(pred_dir, *, dest=None, min_probability: float = DEFAULT_MIN_
         for i in range(table.num_rows):
             pbar.update(1)
             row = {c: cols[c][i] for c in PRED_COLUMNS}
-            outcome, target = _decide(row, only, min_probability)
+            if within is not None:
+                row[within_column(within_km)] = within[i]
+            outcome, target = _decide(row, only, min_probability, within_km)
             if outcome is None:
                 photo = Path(row["path"])
                 target = (dest_dir / _relative(photo, roots)) if dest_dir is not None else photo
@@ -336,14 +354,14 @@ def write_sidecars(pred_dir, *, dest=None, min_probability: float = DEFAULT_MIN_
     return report
 
 
-def _decide(row: dict, only: set[str] | None, min_probability: float):
+def _decide(row: dict, only: set[str] | None, min_probability: float, within_km: float | None = None):
     if only is not None and row["id"] not in only and row["path"] not in only:
         return "not_selected", None
     if row["exif_gps_valid"]:
         return "tagged", None
     if row["error"] is not None or row["lat"] is None:
         return "error", None
-    if row_probability(row) < min_probability:
+    if row_probability(row, within_km) < min_probability:
         return "low_probability", None
     path = row["path"]
     if not path or not os.path.isfile(path):

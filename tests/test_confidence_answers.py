@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from _service_fixtures import class_map_png, jpeg
 
+from geosurge_index.calibration import WITHIN_COLUMNS
 from geosurge_index.cli import main as cli_main
 from geosurge_index.errors import FormatError
 
@@ -144,6 +145,9 @@ def test_the_same_photo_has_the_same_confidence_in_bulk_api_and_http(calibrated,
         assert [c.confidence for c in pred.cells] == row["level_confidence"] == [c["confidence"] for c in ans["cells"]]
         assert pred.cells[-1].confidence == pred.confidence == pytest.approx(row["level_confidence"][-1])
         assert 0 <= row["confidence"] <= 1 and 0 < row["r50_km"] <= row["r90_km"]
+        within = [row[k] for k in WITHIN_COLUMNS]  # P(within 1 .. 2500 km): the same three ways
+        assert within == [getattr(pred, k) for k in WITHIN_COLUMNS] == [ans[k] for k in WITHIN_COLUMNS], name
+        assert all(0 <= a <= b <= 1 for a, b in zip(within, within[1:], strict=False)), name
 
 
 def test_eval_reports_ece_coverage_and_the_selective_curve(calibrated, world, tmp_path):
@@ -159,3 +163,4 @@ def test_eval_reports_ece_coverage_and_the_selective_curve(calibrated, world, tm
     assert set(conf["selective_accuracy_pct"]) == {"1", "25", "200", "750", "2500"}
     assert all(len(v) == 10 for v in conf["selective_accuracy_pct"].values())
     assert len(conf["ece_per_level"]) == 7 and png.read_bytes()[:4] == b"\x89PNG"
+    assert conf["selective_ranking"] == "p_within" and set(conf["within_ece"]) == set(conf["selective_accuracy_pct"])

@@ -14,6 +14,7 @@ import pytest
 from _service_fixtures import jpeg
 
 from geosurge_index import s2
+from geosurge_index.calibration import WITHIN_COLUMNS
 from geosurge_index.cli import main as cli_main
 from geosurge_index.errors import UserError
 from geosurge_index.locate import Locator
@@ -139,6 +140,8 @@ def test_rows_withhold_every_finer_column(locator):
         assert row["confidence"] == pytest.approx(row["level_confidence"][-1]) == pytest.approx(p.confidence, rel=1e-4)
         assert row["r90_km"] >= p.cap.extent_km and p.r90_km >= p.cap.extent_km and p.r50_km >= p.cap.extent_km
         assert row["calibrated"] is False and p.calibrated is False
+        # P(within t km) is of the uncapped point: withheld in both
+        assert all(row[k] is None and getattr(p, k) is None for k in WITHIN_COLUMNS)
         assert row["id"] and row["width"]
     assert apply_cap(table, locator.index.tree, None) is table
 

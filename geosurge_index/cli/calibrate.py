@@ -18,7 +18,10 @@ the split `geosurge train` keeps aside (RUN_DIR/calibration.csv), or your own ta
 
 Per level, temperature scaling, Platt scaling and isotonic regression of the model's raw probability
 are compared by 5-fold cross-validation (Brier score) against the uncalibrated model, and the
-simplest within one standard error of the best is kept; the radii get one factor each so that they cover 50% / 90% of these photos. The result is
+simplest within one standard error of the best is kept; the radii get one factor each so that they
+cover 50% / 90% of these photos; and the probability that the true point lies within 1 / 25 / 200
+/ 750 / 2500 km of the predicted point (`p_within_25km` ..., the posterior's mass within that
+distance) gets its own calibrator per distance, chosen the same way. The result is
 INDEX_DIR/calibration.json, listed with its checksum in manifest.json; `geosurge locate`, the
 Python API and `geosurge serve` then report calibrated values (`calibrated: true`). Without one they
 report the model's own probabilities with `calibrated: false`. A few hundred photos are enough; more
@@ -97,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
         ("r50 / r90 coverage before scaling", " / ".join(f"{100 * v:.1f}%"
                                                          for v in report["radius_coverage_unscaled"].values())),
         ("r50 / r90 factors", " / ".join(f"{v:.3g}" for v in report["radius_scale"].values())),
+        *((f"P(within {km} km): method, ECE before -> after",
+           f"{w['method']}, {w['before']['ece']:.4f} -> {w['after']['ece']:.4f} (true rate {100 * w['rate']:.1f}%)")
+          for km, w in report.get("within_km", {}).items()),
     ]
     print(format_rows(rows))
     where = "not written (--dry-run)" if args.dry_run else f"wrote {Path(args.index_dir) / 'calibration.json'}"

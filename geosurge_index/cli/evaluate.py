@@ -25,8 +25,11 @@ Confidence (what to read to choose a threshold on `confidence`): the expected ca
 the cell probability (10 equal-width bins; needs --index, for the true cells), the share of true
 points within r50 / r90 of the predicted point, and the selective-accuracy curve: % within 1 / 25 /
 200 / 750 / 2500 km among the 10%, 20%, .., 100% most confident photos (in the JSON; --plot draws
-it beside the reliability diagram). Predictions of an older run without the confidence columns
-are scored on `probability`.
+it beside the reliability diagram). Each distance's curve ranks photos by the probability of being
+within that distance (`p_within_25km` for the 25 km curve: what to threshold on when you need
+answers within 25 km), with the ECE of each p_within_*km; the curve ranked by the cell
+probability `confidence` is in the JSON beside it. Predictions of an older run without these
+columns are ranked by `confidence`, or without any confidence column by `probability`.
 
 Truth files: any CSV/Parquet with an id column (id, IMG_ID, name, ...) and lat/lon columns
 (LAT/lat/latitude, LON/lon/lng/longitude), e.g. the benchmark files: Im2GPS3k and YFCC26k

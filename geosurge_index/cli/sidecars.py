@@ -25,6 +25,7 @@ on top of any cap the run had: the sidecar gets the mean point of the capped cel
 Examples:
   geosurge sidecars preds/ --dry-run
   geosurge sidecars preds/ --min-probability 0.6 --cap-km 25
+  geosurge sidecars preds/ --within-km 25 --min-probability 0.5
   geosurge sidecars preds/ --only selected.txt          # the list `geosurge review` exports
   geosurge sidecars preds/ --dest sidecars/ --naming photo.xmp
 """
@@ -42,6 +43,10 @@ def register(subparsers) -> None:
                         "(default: beside each photo)")
     p.add_argument("--min-probability", type=float, default=DEFAULT_MIN_PROBABILITY, metavar="P",
                    help="write only estimates at least this probable (default: %(default)s)")
+    p.add_argument("--within-km", type=float, default=None, metavar="KM",
+                   help="apply --min-probability to the probability that the true point lies within KM "
+                        "(1, 25, 200, 750 or 2500) of the estimate instead of the cell's: e.g. "
+                        "--within-km 25 --min-probability 0.5 keeps estimates likely right to a city")
     p.add_argument("--cap-km", type=float, default=None, metavar="KM",
                    help="precision cap: 1 street, 25 city, 200 region, 750 country (default: the run's own)")
     p.add_argument("--cap-level", type=int, default=None, metavar="LEVEL", help="precision cap by level")
@@ -63,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     only = read_only_list(args.only) if args.only else None
     report = write_sidecars(args.pred_dir, dest=args.dest, min_probability=args.min_probability,
                             cap=Cap.of(args.cap_km, args.cap_level), naming=args.naming, dry_run=args.dry_run,
-                            only=only, force=args.force, index_dir=args.index)
+                            only=only, force=args.force, index_dir=args.index, within_km=args.within_km)
     print(report.summary(), file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from geosurge_index.calibration import WITHIN_COLUMNS
 from geosurge_index.index import PLACE_COLUMNS  # noqa: F401 - re-exported
 from geosurge_index.locate.decode import Decoded, DecodeSpec, collate, decode_any
 from geosurge_index.locate.predictor import Predictor, SearchSettings
@@ -87,6 +88,13 @@ class Prediction:
     neighbour_similarity: float | None = None
     cell_lat: float | None = None
     cell_lon: float | None = None
+    # `confidence.py`: P(true point within 1 / 25 / 200 / 750 / 2500 km of lat/lon), calibrated when
+    # `calibrated` (`calibration.WITHIN_COLUMNS`, the PRED_DIR columns of the same names)
+    p_within_1km: float | None = None
+    p_within_25km: float | None = None
+    p_within_200km: float | None = None
+    p_within_750km: float | None = None
+    p_within_2500km: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -317,7 +325,8 @@ class Locator:
                 float(result.lat[r]), float(result.lon[r]), float(result.probability[r]), cells, alts,
                 *place, int(batch.width[i]), int(batch.height[i]), None, ids[i],
                 emb[r].tolist() if emb is not None else None, **_point_fields(result, r),
-                **({k: conf[k][r] for k in ("confidence", "r50_km", "r90_km", "calibrated")} if conf else {}),
+                **({k: conf[k][r] for k in ("confidence", "r50_km", "r90_km", "calibrated", *WITHIN_COLUMNS)}
+                   if conf else {}),
             ))
             r += 1
         return out
@@ -329,7 +338,7 @@ def _confidence_columns(table, ok) -> dict | None:
     if table is None or "confidence" not in table.column_names:
         return None
     keep = np.flatnonzero(np.asarray(ok, dtype=bool))
-    t = table.select(["confidence", "level_confidence", "r50_km", "r90_km", "calibrated"]).take(keep)
+    t = table.select(["confidence", "level_confidence", "r50_km", "r90_km", "calibrated", *WITHIN_COLUMNS]).take(keep)
     out = {c: t.column(c).to_pylist() for c in t.column_names}
     return None if any(v is None for v in out["confidence"]) else out
 

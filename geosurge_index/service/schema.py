@@ -89,6 +89,12 @@ class LocateResult(BaseModel):
     r90_km: float | None = Field(None, description="km around lat/lon holding 90% of the posterior")
     calibrated: bool | None = Field(None, description="false: the index has no calibration, the "
                                     "probabilities are the model's own")
+    p_within_1km: float | None = Field(None, description="probability that the true point lies within 1 km of "
+                                       "lat/lon (calibrated when `calibrated`; absent under a cap)")
+    p_within_25km: float | None = Field(None, description="the same within 25 km")
+    p_within_200km: float | None = Field(None, description="the same within 200 km")
+    p_within_750km: float | None = Field(None, description="the same within 750 km")
+    p_within_2500km: float | None = Field(None, description="the same within 2500 km")
     cap: CapAnswer | None = Field(None, description="set when a precision cap cut this answer: lat/lon are the "
                                   "mean point of the cell answered, nothing finer is given")
     point_source: str | None = Field(None, description="how lat/lon were made: cell_mean, or with the index's "

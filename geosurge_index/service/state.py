@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from geosurge_index.batcher import BatcherClosed, BatcherFull, MicroBatcher, Submission
+from geosurge_index.calibration import WITHIN_COLUMNS
 from geosurge_index.errors import UserError
 from geosurge_index.index import PLACE_COLUMNS as PLACE_FIELDS  # of the best finest cell
 from geosurge_index.index import IndexCells
@@ -260,10 +261,12 @@ def prediction_json(pred: Any, image: DecodedImage | ApiError, *, top_k: int, in
 
 def confidence_json(pred: Any) -> dict:
     """The confidence fields of an answer (`confidence.py`): the probability that the true point is
-    in the reported finest cell, the error radii, and whether the index's calibration made them."""
+    in the reported finest cell, the error radii, whether the index's calibration made them, and the
+    probability that the true point lies within each distance (`p_within_*km`)."""
     cal = getattr(pred, "calibrated", None)
     return {"confidence": _num(getattr(pred, "confidence", None)), "r50_km": _num(getattr(pred, "r50_km", None)),
-            "r90_km": _num(getattr(pred, "r90_km", None)), "calibrated": None if cal is None else bool(cal)}
+            "r90_km": _num(getattr(pred, "r90_km", None)), "calibrated": None if cal is None else bool(cal),
+            **{k: _num(getattr(pred, k, None)) for k in WITHIN_COLUMNS}}
 
 
 def error_json(name: str, message: str, kind: str, include_cells: bool) -> dict:
