@@ -299,6 +299,41 @@ def test_low_confidence_and_error_recipes(world):  # noqa: F811
     assert rows[0][:2] == ("not_an_image", world.n_errors)
 
 
+def test_likely_within_recipe(world, tmp_path):  # noqa: F811
+    """Rows with the confidence columns (as `geosurge locate` writes them) over the world's index."""
+    import numpy as np
+
+    from geosurge_index.confidence import ConfidenceModel
+    from geosurge_index.confidence import search as confident_search
+    from geosurge_index.index import GeoIndex
+    from geosurge_index.pred_store import PredStore
+
+    index = GeoIndex.open(world.index_dir, device="cpu", encoder=False)
+    emb = np.random.default_rng(0).standard_normal((60, index.dim)).astype(np.float32)
+    result, conf = confident_search(index, ConfidenceModel.for_index(index), emb, 5)
+    store = PredStore(tmp_path / "preds")
+    store.dir.mkdir(parents=True)
+    store.write_chunk(0, index.to_arrow(result, [f"q{i}" for i in range(60)], confidence=conf))
+    preds = pq.read_table(sorted(store.dir.glob("part-*.parquet"))).to_pylist()
+    bar = sorted(p["p_within_2500km"] for p in preds)[len(preds) // 2]  # about half pass
+
+    def run(params):
+        con = sql.connect(world.index_dir, predictions=store.dir, params=params)
+        try:
+            rel = sql.run(con, _recipe("likely_within.sql"))
+            return rel.columns, rel.fetchall()
+        finally:
+            con.close()
+
+    cols, rows = run({"km": 2500, "min_probability": bar})
+    expect = sorted(p["id"] for p in preds if p["p_within_2500km"] >= bar)
+    assert expect and sorted(r[0] for r in rows) == expect
+    got = [r[cols.index("p_within")] for r in rows]
+    assert got == sorted(got, reverse=True)
+    with pytest.raises(Exception, match="km must be one of"):
+        run({"km": 30})
+
+
 # --- the index is opened as every command opens it -------------------------------------------------
 
 def _tree_hash(*folders) -> dict:
