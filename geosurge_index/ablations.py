@@ -12,9 +12,9 @@ The groups (the default model is the first row of each group that names it):
 - levels trained: 7 / 5 / 3 / 1 levels, i.e. partitions from 7, 5, 3 and 1 of the tau_max
   values (always ending with the finest, so the prediction space is the same cells);
 - fusion read-out: the fused CLS alone ("cls"), fused CLS + CLIP's CLS ("cls+clip"), that without
-  the self-attention among semantic tokens, CLIP's CLS attending to semantic and CLIP tokens
-  jointly ("joint"), CLIP's CLS + a zero-initialised gate times the fused CLS ("gated"), and no
-  fusion (CLIP alone);
+  the self-attention among semantic tokens, that without the LayerNorm on the semantic tokens
+  (`fusion.token_norm`), CLIP's CLS attending to semantic and CLIP tokens jointly ("joint"),
+  CLIP's CLS + a zero-initialised gate times the fused CLS ("gated"), and no fusion (CLIP alone);
 - head: geographic embeddings (7 levels) vs a plain classification head over the finest cells;
 - search: the narrow beam (`beam`) vs exhaustive;
 - test crops: centre crop vs ten-crop;
@@ -56,6 +56,7 @@ class Training:
     fusion: bool = True
     head: str = "geo"
     negatives: str = "all"
+    token_norm: bool | None = None  # None: the model config's default
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ TRAININGS = {t.key: t for t in [
     Training("readout-cls+clip-no-self-attention", readout="cls+clip", self_attention=False),
     Training("readout-joint", readout="joint"),
     Training("readout-gated", readout="gated"),
+    Training("readout-cls+clip-no-token-norm", readout="cls+clip", token_norm=False),
     Training("no-fusion", fusion=False),
     Training("classifier", levels=1, head="classifier"),
     Training("in-batch", negatives="in_batch"),
@@ -95,6 +97,7 @@ def rows(beam: int) -> list[Row]:
         Row("fusion read-out", "fused CLS (cls)", "readout-cls"),
         Row("fusion read-out", "fused CLS + CLIP CLS (cls+clip)", "readout-cls+clip"),
         Row("fusion read-out", "cls+clip, no self-attention", "readout-cls+clip-no-self-attention"),
+        Row("fusion read-out", "cls+clip, semantic tokens not normed", "readout-cls+clip-no-token-norm"),
         Row("fusion read-out", "joint attention (joint)", "readout-joint"),
         Row("fusion read-out", "gated, gate from 0 (gated)", "readout-gated"),
         Row("fusion read-out", "no fusion (CLIP alone)", "no-fusion"),
@@ -320,6 +323,8 @@ def _train(out: Path, tr: Training, seed: int, s: AblationSettings, raw: dict, b
     cfg.fusion.self_attention = tr.self_attention
     if tr.readout is not None:
         cfg.fusion.readout = tr.readout
+    if tr.token_norm is not None:
+        cfg.fusion.token_norm = tr.token_norm
     cfg.head = tr.head
     cfg.validate()
     train_raw = dict(raw.get("train", {}))
@@ -427,7 +432,8 @@ def format_table(result: AblationResult) -> str:
             group = r["group"]
             lines.append(f"{group}:")
         cells = "".join(f"{r['mean'][f'{t:g}']:>8.1f} ±{r['std'][f'{t:g}']:>4.1f}" for t in THRESHOLDS_KM)
-        lines.append(f"  {r['name']:<34}{cells}")
+        name = "  maps rolled (probe)" if r.get("rolled_maps") else r["name"]
+        lines.append(f"  {name:<34}{cells}")
         if r.get("delta_mean"):
             delta = "".join(f"{r['delta_mean'][f'{t:g}']:>+8.1f} ±{r['delta_std'][f'{t:g}']:>4.1f}"
                             for t in THRESHOLDS_KM)

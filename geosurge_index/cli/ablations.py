@@ -14,8 +14,9 @@ leaves open:
   levels trained   7, 5, 3, 1 levels (partitions from that many of the tau_max values, always
                    ending with the finest: the prediction space stays the same)
   fusion read-out  fused CLS alone, fused CLS + CLIP's CLS, the latter without self-attention
-                   among the semantic tokens, CLIP's CLS attending to semantic and CLIP tokens
-                   jointly, CLIP's CLS + a gated fused CLS (gate from 0), and no fusion
+                   among the semantic tokens or without the LayerNorm on them, CLIP's CLS
+                   attending to semantic and CLIP tokens jointly, CLIP's CLS + a gated fused
+                   CLS (gate from 0), and no fusion
   head             geographic embeddings vs a plain classification head over the finest cells
   search           exhaustive vs a narrow beam (--beam)
   test crops       centre crop vs ten-crop (the paper's test protocol)
