@@ -21,8 +21,8 @@ The groups (the default model is the first row of each group that names it):
 - loss negatives: a softmax over all cells of each level vs in-batch InfoNCE.
 Rows other than the search group use exhaustive search and the centre crop.
 
-Two worlds (`--world`): "plain", the demo world, whose class maps are rendered from the scene the
-pixels show (a fused model can learn nothing from them that the pixels lack); "map-cues", the same
+Two worlds (`--world`): "plain", the demo world, whose class maps label only what the pixels show
+(a perfect segmenter of the drawn scene, free of the pixels' noise); "map-cues", the same
 photos whose class maps also name a fine-grained kind of vegetation and building per place
 (`demo_world.WorldConfig.map_cue_levels`), as a segmenter trained on another dataset would: there
 the map carries location signal the pixels do not. Each world lives in its own folder under OUT.
@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from geosurge_index.demo_world import MAP_CUE_LEVELS
 from geosurge_index.errors import UserError
 
 # --- what is trained ---------------------------------------------------------------------------
@@ -127,7 +128,7 @@ def level_subset(n_levels: int, k: int) -> list[int]:
 # The worlds `--world` names: WorldConfig fields beyond the image size.
 WORLDS: dict[str, dict] = {
     "plain": {},
-    "map-cues": {"map_cue_levels": (4, 6)},  # demo_world.MAP_CUE_LEVELS
+    "map-cues": {"map_cue_levels": MAP_CUE_LEVELS},
 }
 
 

@@ -33,7 +33,7 @@ The demo world is synthetic: the table says which design choices pay off on it, 
 fine-grained kind of vegetation (tree, palm, plant, flower) and building (building, house,
 skyscraper, hut, tower) per place (S2 level-4 and level-6 cells), drawn the same in the pixels:
 the map then carries location signal that the pixels lack, as a segmenter trained on another
-dataset does on real photos (on the plain world the map only repeats what the pixels show). It
+dataset does on real photos (on the plain world the map labels only what the pixels show). It
 lives in OUT/map-cues/, apart from the plain world. --probe-rolled-maps adds, under every row,
 the same models evaluated with each test photo's class map swapped for another photo's, and the
 change (paired per seed): a model that uses the map loses accuracy, one that ignores it does not.
