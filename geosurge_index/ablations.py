@@ -12,14 +12,22 @@ The groups (the default model is the first row of each group that names it):
 - levels trained: 7 / 5 / 3 / 1 levels, i.e. partitions from 7, 5, 3 and 1 of the tau_max
   values (always ending with the finest, so the prediction space is the same cells);
 - fusion read-out: the fused CLS alone ("cls"), fused CLS + CLIP's CLS ("cls+clip"), that without
-  the self-attention among semantic tokens, CLIP's CLS attending to semantic and CLIP tokens
-  jointly ("joint"), CLIP's CLS + a zero-initialised gate times the fused CLS ("gated"), and no
-  fusion (CLIP alone);
+  the self-attention among semantic tokens, that without the LayerNorm on the semantic tokens
+  (`fusion.token_norm`), CLIP's CLS attending to semantic and CLIP tokens jointly ("joint"),
+  CLIP's CLS + a zero-initialised gate times the fused CLS ("gated"), and no fusion (CLIP alone);
 - head: geographic embeddings (7 levels) vs a plain classification head over the finest cells;
 - search: the narrow beam (`beam`) vs exhaustive;
 - test crops: centre crop vs ten-crop;
 - loss negatives: a softmax over all cells of each level vs in-batch InfoNCE.
 Rows other than the search group use exhaustive search and the centre crop.
+
+Two worlds (`--world`): "plain", the demo world, whose class maps label only what the pixels show
+(a perfect segmenter of the drawn scene, free of the pixels' noise); "map-cues", the same
+photos whose class maps also name a fine-grained kind of vegetation and building per place
+(`demo_world.WorldConfig.map_cue_levels`), as a segmenter trained on another dataset would: there
+the map carries location signal the pixels do not. Each world lives in its own folder under OUT.
+`--probe-rolled-maps` also evaluates every training with each test photo's class map swapped for
+its neighbour's in the batch: a model that uses the map loses accuracy, one that ignores it does not.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from geosurge_index.demo_world import MAP_CUE_LEVELS
 from geosurge_index.errors import UserError
 
 # --- what is trained ---------------------------------------------------------------------------
@@ -48,6 +57,7 @@ class Training:
     fusion: bool = True
     head: str = "geo"
     negatives: str = "all"
+    token_norm: bool | None = None  # None: the model config's default
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,7 @@ class Row:
     training: str
     ten_crop: bool = False
     beam: bool = False  # False: exhaustive search
+    rolled_maps: bool = False  # the rolled-map probe: each test photo gets its batch neighbour's class map
 
 
 TRAININGS = {t.key: t for t in [
@@ -71,6 +82,7 @@ TRAININGS = {t.key: t for t in [
     Training("readout-cls+clip-no-self-attention", readout="cls+clip", self_attention=False),
     Training("readout-joint", readout="joint"),
     Training("readout-gated", readout="gated"),
+    Training("readout-cls+clip-no-token-norm", readout="cls+clip", token_norm=False),
     Training("no-fusion", fusion=False),
     Training("classifier", levels=1, head="classifier"),
     Training("in-batch", negatives="in_batch"),
@@ -86,6 +98,7 @@ def rows(beam: int) -> list[Row]:
         Row("fusion read-out", "fused CLS (cls)", "readout-cls"),
         Row("fusion read-out", "fused CLS + CLIP CLS (cls+clip)", "readout-cls+clip"),
         Row("fusion read-out", "cls+clip, no self-attention", "readout-cls+clip-no-self-attention"),
+        Row("fusion read-out", "cls+clip, semantic tokens not normed", "readout-cls+clip-no-token-norm"),
         Row("fusion read-out", "joint attention (joint)", "readout-joint"),
         Row("fusion read-out", "gated, gate from 0 (gated)", "readout-gated"),
         Row("fusion read-out", "no fusion (CLIP alone)", "no-fusion"),
@@ -112,6 +125,12 @@ def level_subset(n_levels: int, k: int) -> list[int]:
 
 # --- settings and result -----------------------------------------------------------------------
 
+# The worlds `--world` names: WorldConfig fields beyond the image size.
+WORLDS: dict[str, dict] = {
+    "plain": {},
+    "map-cues": {"map_cue_levels": MAP_CUE_LEVELS},
+}
+
 
 @dataclass(frozen=True)
 class AblationSettings:
@@ -122,6 +141,8 @@ class AblationSettings:
     epochs: int = 3
     beam: int = 4  # cells kept per level in the beam row (the demo's trees are small: a narrow beam)
     world_seed: int = 0
+    world: str = "plain"  # a WORLDS key; a world other than "plain" lives in OUT/<world>/
+    probe_rolled_maps: bool = False  # also evaluate every row with the class maps rolled in each batch
     recipe: Path = Path("build/demo.toml")  # the model preset and training hyper-parameters
     only: tuple[str, ...] = ()  # row groups to run (empty: all)
     trainings: tuple[str, ...] = ()  # of those rows, the ones of these trainings (TRAININGS keys; empty: all)
@@ -136,6 +157,14 @@ class AblationSettings:
     def __post_init__(self):
         if self.n_train < 50 or self.n_test < 1 or self.seeds < 1 or self.epochs < 1 or self.beam < 1:
             raise UserError("ablations: need --train >= 50, --test >= 1, --seeds >= 1, --epochs >= 1, --beam >= 1")
+        if self.world not in WORLDS:
+            raise UserError(f"--world {self.world}: choose one of {', '.join(WORLDS)}")
+
+    @property
+    def world_dir(self) -> Path:
+        """Where this world's photos, partitions and runs live: OUT for the plain world (as before
+        the option), OUT/<world> for another, so that the worlds never mix."""
+        return Path(self.out_dir) if self.world == "plain" else Path(self.out_dir) / self.world
 
 
 @dataclass
@@ -164,7 +193,7 @@ def run_ablations(settings: AblationSettings) -> AblationResult:
 
     s = settings.effective()
     t_start = time.perf_counter()
-    out = Path(s.out_dir)
+    out = s.world_dir
     out.mkdir(parents=True, exist_ok=True)
     raw = _load_toml(repo_path(s.recipe))
     base_config = model_config_from(raw.get("model", {}))
@@ -176,12 +205,15 @@ def run_ablations(settings: AblationSettings) -> AblationResult:
     if not table_rows:
         raise UserError(f"--only {','.join(s.only)} --trainings {','.join(s.trainings)}: no row left (groups: "
                         f"{', '.join(dict.fromkeys(r.group for r in rows(s.beam)))})")
+    if s.probe_rolled_maps:
+        table_rows = [x for r in table_rows for x in (r, replace(r, name=f"{r.name}, maps rolled", rolled_maps=True))]
     needed = list(dict.fromkeys(r.training for r in table_rows))
     tau_min, tau_max = scaled_taus(s.n_train)
     world = _make_world(out, s, base_config.image_size)
     cells_dirs = {k: _partition(out, world["train"], tau_min, tau_max, k)
                   for k in sorted({TRAININGS[t].levels for t in needed})}
-    _say(f"ablations: {len(needed)} trainings x {s.seeds} seed(s) on {s.n_train} training / {s.n_test} test "
+    _say(f"ablations ({s.world} world): {len(needed)} trainings x {s.seeds} seed(s) on {s.n_train} training / "
+         f"{s.n_test} test "
          f"photos ({base_config.image_size} px), {s.epochs} epoch(s) each{' (quick: one step each)' if s.quick else ''}")
 
     per_seed: dict[tuple[str, int], dict] = {}
@@ -199,10 +231,10 @@ def run_ablations(settings: AblationSettings) -> AblationResult:
             evals = {}
             for r in table_rows:
                 if r.training == key:
-                    evals[(r.ten_crop, r.beam)] = None
-            for ten, beam in evals:
-                evals[(ten, beam)] = _evaluate(model, cells_dirs[tr.levels], world["test"], ten_crop=ten,
-                                               beam=s.beam if beam else None)
+                    evals[(r.ten_crop, r.beam, r.rolled_maps)] = None
+            for ten, beam, rolled in evals:
+                evals[(ten, beam, rolled)] = _evaluate(model, cells_dirs[tr.levels], world["test"], ten_crop=ten,
+                                                       beam=s.beam if beam else None, roll_maps=rolled)
             per_seed[(key, seed)] = evals
             info = result.trainings.setdefault(key, {"seconds": [], "best_epoch": []})
             info["seconds"].append(round(time.perf_counter() - t0, 1))
@@ -216,23 +248,40 @@ def run_ablations(settings: AblationSettings) -> AblationResult:
     from geosurge_index.metrics import THRESHOLDS_KM
 
     for r in table_rows:
-        accs = [per_seed[(r.training, seed)][(r.ten_crop, r.beam)] for seed in range(s.seeds)]
+        accs = [per_seed[(r.training, seed)][(r.ten_crop, r.beam, r.rolled_maps)] for seed in range(s.seeds)]
         row = {"group": r.group, "name": r.name, "training": r.training, "ten_crop": r.ten_crop,
-               "beam": s.beam if r.beam else None, "per_seed": {}, "mean": {}, "std": {}}
+               "beam": s.beam if r.beam else None, "rolled_maps": r.rolled_maps,
+               "per_seed": {}, "mean": {}, "std": {}}
         for t in THRESHOLDS_KM:
             vals = [a[float(t)] for a in accs]
             row["per_seed"][f"{t:g}"] = [round(v, 2) for v in vals]
             row["mean"][f"{t:g}"] = round(float(np.mean(vals)), 2)
             row["std"][f"{t:g}"] = round(float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, 2)
+        if r.rolled_maps:  # the probe: the change against the same models with their own maps, paired per seed
+            own = [per_seed[(r.training, seed)][(r.ten_crop, r.beam, False)] for seed in range(s.seeds)]
+            row["delta_mean"], row["delta_std"] = {}, {}
+            for t in THRESHOLDS_KM:
+                diff = [a[float(t)] - o[float(t)] for a, o in zip(accs, own, strict=True)]
+                row["delta_mean"][f"{t:g}"] = round(float(np.mean(diff)), 2)
+                row["delta_std"][f"{t:g}"] = round(float(np.std(diff, ddof=1)) if len(diff) > 1 else 0.0, 2)
         result.rows.append(row)
     result.seconds = round(time.perf_counter() - t_start, 1)
     return result
 
 
+def world_config(world: str, image_size: int):
+    """The demo world `--world` names, at this image size."""
+    from geosurge_index import demo_world as dw
+
+    if world not in WORLDS:
+        raise UserError(f"--world {world}: choose one of {', '.join(WORLDS)}")
+    return dw.WorldConfig(image_size=image_size, **WORLDS[world])
+
+
 def _make_world(out: Path, s: AblationSettings, image_size: int) -> dict[str, Path]:
     from geosurge_index import demo_world as dw
 
-    cfg = dw.WorldConfig(image_size=image_size)
+    cfg = world_config(s.world, image_size)
     dirs = {"train": out / "world" / "train", "test": out / "world" / "test"}
     for split, n, seed in (("train", s.n_train, s.world_seed), ("test", s.n_test, s.world_seed + 1000)):
         if dw.existing_split(dirs[split], n, seed, cfg, prefix=split) is None:
@@ -275,6 +324,8 @@ def _train(out: Path, tr: Training, seed: int, s: AblationSettings, raw: dict, b
     cfg.fusion.self_attention = tr.self_attention
     if tr.readout is not None:
         cfg.fusion.readout = tr.readout
+    if tr.token_norm is not None:
+        cfg.fusion.token_norm = tr.token_norm
     cfg.head = tr.head
     cfg.validate()
     train_raw = dict(raw.get("train", {}))
@@ -297,22 +348,20 @@ def _train(out: Path, tr: Training, seed: int, s: AblationSettings, raw: dict, b
     return _Trained(ckpt.model, result.best_epoch)
 
 
-def _evaluate(trained: _Trained, cells_dir: Path, test_manifest: Path, *, ten_crop: bool,
-              beam: int | None) -> dict[float, float]:
-    """% of the test photos within each threshold, for one trained model evaluated one way."""
-    import torch
+def roll_maps_in_batch(class_maps, has_map):
+    """The rolled-map probe's swap: each photo gets the class map (and its has-map flag) of the
+    next photo of the batch (`np.roll` by one), its pixels unchanged."""
+    if class_maps is None:
+        return None, has_map
+    return np.roll(class_maps, 1, axis=0), None if has_map is None else np.roll(has_map, 1, axis=0)
 
-    from geosurge_index.cells import read_cells
-    from geosurge_index.index import GeoIndex
+
+def embed_test(model, test, *, ten_crop: bool, roll_maps: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings of the test split's photos (rows of `train_data.read_split`) and which decoded;
+    `roll_maps` swaps the class maps within each batch of 64 (`roll_maps_in_batch`)."""
     from geosurge_index.locate.decode import DecodeSpec, decode_rows
     from geosurge_index.locate.predictor import Predictor, SearchSettings
-    from geosurge_index.metrics import accuracy_at, haversine_km
-    from geosurge_index.search import CellTree
-    from geosurge_index.train_data import read_split
 
-    model = trained.model
-    cells = read_cells(cells_dir)
-    test = read_split("test", str(test_manifest), cells)
     enc = model.encoder
     predictor = Predictor(enc, None, "cpu", SearchSettings(ten_crop=ten_crop))
     spec = DecodeSpec(enc.image_size, ten_crop=ten_crop)
@@ -322,8 +371,29 @@ def _evaluate(trained: _Trained, cells_dir: Path, test_manifest: Path, *, ten_cr
         idx = np.arange(start, min(start + 64, len(test)))
         batch = decode_rows(test.table, idx, spec)
         if batch.ok.any():
-            emb[idx[batch.ok]] = predictor.encode(batch.pixels, batch.class_maps, batch.has_map)
+            maps, has_map = batch.class_maps, batch.has_map
+            if roll_maps:
+                maps, has_map = roll_maps_in_batch(maps, has_map)
+            emb[idx[batch.ok]] = predictor.encode(batch.pixels, maps, has_map)
         ok[idx] = batch.ok
+    return emb, ok
+
+
+def _evaluate(trained: _Trained, cells_dir: Path, test_manifest: Path, *, ten_crop: bool,
+              beam: int | None, roll_maps: bool = False) -> dict[float, float]:
+    """% of the test photos within each threshold, for one trained model evaluated one way."""
+    import torch
+
+    from geosurge_index.cells import read_cells
+    from geosurge_index.index import GeoIndex
+    from geosurge_index.metrics import accuracy_at, haversine_km
+    from geosurge_index.search import CellTree
+    from geosurge_index.train_data import read_split
+
+    model = trained.model
+    cells = read_cells(cells_dir)
+    test = read_split("test", str(test_manifest), cells)
+    emb, ok = embed_test(model, test, ten_crop=ten_crop, roll_maps=roll_maps)
     finest = cells.levels[-1]
     if getattr(model.geo, "is_classifier", False):
         with torch.no_grad():
@@ -354,7 +424,8 @@ def format_table(result: AblationResult) -> str:
     s = result.settings
     head = f"{'':<36}" + "".join(f"{f'{t:g} km':>14}" for t in THRESHOLDS_KM)
     lines = [f"% of {s['n_test']} test photos within (mean ± spread over {s['seeds']} seed(s)); "
-             f"{s['n_train']} training photos, {s['epochs']} epoch(s); tau_max {s['tau_max']}",
+             f"{s['n_train']} training photos, {s['epochs']} epoch(s); {s.get('world', 'plain')} world; "
+             f"tau_max {s['tau_max']}",
              head, "-" * len(head)]
     group = None
     for r in result.rows:
@@ -362,7 +433,12 @@ def format_table(result: AblationResult) -> str:
             group = r["group"]
             lines.append(f"{group}:")
         cells = "".join(f"{r['mean'][f'{t:g}']:>8.1f} ±{r['std'][f'{t:g}']:>4.1f}" for t in THRESHOLDS_KM)
-        lines.append(f"  {r['name']:<34}{cells}")
+        name = "  maps rolled (probe)" if r.get("rolled_maps") else r["name"]
+        lines.append(f"  {name:<34}{cells}")
+        if r.get("delta_mean"):
+            delta = "".join(f"{r['delta_mean'][f'{t:g}']:>+8.1f} ±{r['delta_std'][f'{t:g}']:>4.1f}"
+                            for t in THRESHOLDS_KM)
+            lines.append(f"  {'  change (paired per seed)':<34}{delta}")
     lines.append(f"({result.seconds:.0f} s in all; rows sharing a training share its numbers)")
     return "\n".join(lines)
 

@@ -440,7 +440,11 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         stamp.write_text(runner.current)
         geosurge(["train", paths["recipe"]])
 
-    runner.run("train", {"recipe": recipe}, ("world-train", "partition"),
+    from geosurge_index.train import model_config_from
+
+    # the resolved model config too: a preset whose defaults changed (e.g. fusion.token_norm) retrains
+    runner.run("train", {"recipe": recipe, "model": model_config_from(recipe.get("model", {})).to_dict()},
+               ("world-train", "partition"),
                lambda: _best_checkpoint(paths["run"]) is not None, train)
 
     # 4. The segmenter the index ships, for photos without class maps: trained on the training

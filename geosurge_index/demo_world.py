@@ -26,6 +26,17 @@ predicts), so that both the RGB path and the fusion path carry signal. ADE20K ha
 class: snow-covered ground is labelled 94 "land, ground, soil" (a segmenter labels snow fields
 as ground), which no other biome uses. See `CLASS_IDS`.
 
+`WorldConfig.map_cue_levels` (off by default; `geosurge ablations --world map-cues`) makes the
+class map carry location signal that the pixels lack, the way a real segmenter trained on
+another dataset does (OneFormer on ADE20K tells palm from tree, hut from house from skyscraper
+where a 64 px geolocation model would have to learn it from pixels). By default the map is
+rendered from the same scene the pixels show, so it tells the model nothing the pixels do not,
+and fusion has nothing to add. With the option on, every vegetation pixel is labelled with one
+of `VEG_KINDS` and every building pixel with one of `BUILDING_KINDS`, chosen by a hash of the
+photo's S2 cell at the two levels named: the "fine-grained kind" of the place's plants and
+houses, drawn exactly as before (same shapes, same colours, same random draws: the JPEG bytes do
+not change, only the class map does).
+
 Rendering is vectorised numpy over batches; per-photo randomness is counter-based (a hash of
 seed, photo index and draw number), so photo i is the same bytes whatever the batch size.
 """
@@ -62,15 +73,23 @@ CLASS_IDS: dict[str, int] = {
     "water": 21,
     "house": 25,
     "sea": 26,
+    "plant": 17,  # "plant, flora, plant life"
     "field": 29,
     "rock": 34,
     "signboard": 43,
+    "flower": 66,
     "sand": 46,
     "skyscraper": 48,
     "palm": 72,
+    "hovel": 79,  # "hovel, hut, hutch, shack, shanty"
+    "tower": 84,
     "snow": 94,  # ADE20K has no snow: 94 is "land, ground, soil"; only snow uses it here
 }
 _C = CLASS_IDS
+# The fine-grained kinds of `WorldConfig.map_cue_levels`: what a segmenter trained elsewhere names
+# where the 64 px pixels show one generic tree or building.
+VEG_KINDS = np.array([_C["tree"], _C["palm"], _C["plant"], _C["flower"]], np.uint8)
+BUILDING_KINDS = np.array([_C["building"], _C["house"], _C["skyscraper"], _C["hovel"], _C["tower"]], np.uint8)
 
 BIOMES = ("snow", "desert", "tropical", "forest", "grassland")
 SNOW, DESERT, TROPICAL, FOREST, GRASSLAND = range(5)
@@ -98,6 +117,11 @@ class WorldConfig:
     p_tile_misread: tuple[float, float] = (0.05, 0.3)
     tile_grid: int = 8  # signboard tiles are 1/tile_grid of the image side, on that grid
     noise_sigma: float = 5.0  # pixel noise, grey levels
+    # () = off (the default world). (a, b): vegetation pixels are labelled with one of VEG_KINDS
+    # by a hash of the S2 level-a cell, building pixels with one of BUILDING_KINDS by the level-b
+    # cell; the pixels stay the same (see the module docstring). In world.json only when set, so
+    # splits of the default world keep their identity.
+    map_cue_levels: tuple[int, ...] = ()
 
     def __post_init__(self):
         if not 16 <= self.image_size <= 1024:
@@ -106,6 +130,13 @@ class WorldConfig:
             raise UserError("the signboard needs tile_grid >= len(signature_levels)")
         if not all(0 <= lv <= 30 for lv in (*self.signature_levels, self.texture_level)):
             raise UserError("signature_levels and texture_level are S2 levels 0..30")
+        if self.map_cue_levels and (len(self.map_cue_levels) != 2
+                                    or not all(0 <= lv <= 30 for lv in self.map_cue_levels)):
+            raise UserError(f"map_cue_levels {self.map_cue_levels}: give () or two S2 levels 0..30 "
+                            "(vegetation, buildings)")
+
+
+MAP_CUE_LEVELS = (4, 6)  # `geosurge ablations --world map-cues`: about 600 km and 150 km cells
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,6 +302,8 @@ class Places:
     tiles: np.ndarray  # (n, len(signature_levels)) tile colour index
     texture_angle: np.ndarray
     texture_period: np.ndarray
+    veg_kind: np.ndarray | None = None  # ADE20K id of the place's vegetation (map_cue_levels only)
+    building_kind: np.ndarray | None = None  # ADE20K id of the place's buildings (map_cue_levels only)
 
 
 def describe_places(lat: np.ndarray, lon: np.ndarray, cfg: WorldConfig) -> Places:
@@ -293,6 +326,11 @@ def describe_places(lat: np.ndarray, lon: np.ndarray, cfg: WorldConfig) -> Place
     tiles = np.stack([place_hash(leaf, lv, 100 + lv) % _U64(len(_TILES)) for lv in cfg.signature_levels],
                      axis=1).astype(np.int64)
     tex = place_hash(leaf, cfg.texture_level, 40)
+    veg_kind = building_kind = None
+    if cfg.map_cue_levels:
+        lv_veg, lv_bld = cfg.map_cue_levels
+        veg_kind = VEG_KINDS[(place_hash(leaf, lv_veg, 50) % _U64(len(VEG_KINDS))).astype(np.int64)]
+        building_kind = BUILDING_KINDS[(place_hash(leaf, lv_bld, 51) % _U64(len(BUILDING_KINDS))).astype(np.int64)]
     return Places(
         lat=lat, lon=lon, leaf=leaf, region=region_of(lat, lon), desert=desert,
         p_snow=np.where(desert, 0.0, np.clip(p_snow, 0, 1)),
@@ -307,6 +345,7 @@ def describe_places(lat: np.ndarray, lon: np.ndarray, cfg: WorldConfig) -> Place
         tiles=tiles,
         texture_angle=(tex % _U64(4)).astype(np.float64) * (np.pi / 4),
         texture_period=np.array([4.0, 6.0, 9.0])[((tex >> _U64(8)) % _U64(3)).astype(np.int64)],
+        veg_kind=veg_kind, building_kind=building_kind,
     )
 
 
@@ -442,6 +481,8 @@ def render(lat: np.ndarray, lon: np.ndarray, keys: np.ndarray, cfg: WorldConfig,
         roof = on & inside_x & (pitched | dome)
         cls = np.where(heights[:, j] > 0.42, _C["skyscraper"],
                        np.where((roof_kind[:, j] == 1) & (heights[:, j] < 0.2), _C["house"], _C["building"]))
+        if p.building_kind is not None:
+            cls = p.building_kind  # the place's kind, whatever the shape (map_cue_levels)
         wp = _col(window_p)
         px, py = (x - x0) * S, (y - top) * S
         window = body & ((px % wp) < wp * 0.5) & ((py % wp) < wp * 0.55) & (px > 1) & (px < w * S - 1)
@@ -478,7 +519,7 @@ def render(lat: np.ndarray, lon: np.ndarray, keys: np.ndarray, cfg: WorldConfig,
             np.abs(x - tx) < (y - (crown_y - 1.6 * r)) * 0.45)
         palm_crown = ((x - tx) / (1.5 * r)) ** 2 + ((y - crown_y) / (0.35 * r)) ** 2 < 1
         crown = np.where(_col(palm), palm_crown, np.where(_col(conifer), cone, round_crown))
-        cls = np.where(palm, _C["palm"], _C["tree"])
+        cls = np.where(palm, _C["palm"], _C["tree"]) if p.veg_kind is None else p.veg_kind
         cv.paint(on & trunk, cls, np.broadcast_to(np.float32((90, 60, 40)), (n, 3)).copy())
         leaf_col = veg + d.normal(3, scale=12.0)
         cv.paint(on & crown, cls, leaf_col)
@@ -547,6 +588,10 @@ def _split_identity(n: int, seed: int, cfg: WorldConfig, prefix: str) -> dict:
     d = asdict(cfg)
     d["signature_levels"] = list(cfg.signature_levels)
     d["p_tile_misread"] = list(cfg.p_tile_misread)
+    if cfg.map_cue_levels:
+        d["map_cue_levels"] = list(cfg.map_cue_levels)
+    else:
+        del d["map_cue_levels"]  # the default world's identity as before the option existed
     return {"format": WORLD_FORMAT, "format_version": WORLD_VERSION, "n": n, "seed": seed,
             "id_prefix": prefix, "config": d}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,3 +71,52 @@ def test_trainings_filter_names_a_bad_key_and_keeps_the_rows_of_the_others(tmp_p
     with pytest.raises(UserError, match="no row left"):  # a training outside the chosen groups
         run_ablations(AblationSettings(out_dir=tmp_path, only=("head",), trainings=("readout-gated",),
                                        progress=False))
+
+
+def test_world_option_names_its_world_and_folder(tmp_path):
+    from geosurge_index.ablations import AblationSettings, roll_maps_in_batch, world_config
+    from geosurge_index.errors import UserError
+
+    assert world_config("plain", 32).map_cue_levels == ()
+    assert world_config("map-cues", 32).map_cue_levels == (4, 6)
+    assert AblationSettings(out_dir=tmp_path).world_dir == tmp_path  # the plain world where it always was
+    assert AblationSettings(out_dir=tmp_path, world="map-cues").world_dir == tmp_path / "map-cues"
+    with pytest.raises(UserError, match="--world nope"):
+        AblationSettings(world="nope")
+    maps = np.arange(3)[:, None, None] * np.ones((3, 2, 2), np.uint8)
+    rolled, has = roll_maps_in_batch(maps, np.array([True, False, True]))
+    assert [int(m[0, 0]) for m in rolled] == [2, 0, 1] and has.tolist() == [True, True, False]
+
+
+@pytest.mark.slow
+def test_map_cue_world_and_rolled_map_probe(tmp_path, capsys, monkeypatch):
+    """`--world map-cues --probe-rolled-maps` on a tiny world: the world has the cues, every row gets
+    a rolled twin with its paired change; no fusion cannot notice the swap, a fused model can."""
+    from geosurge_index.ablations import embed_test
+    from geosurge_index.cells import read_cells
+    from geosurge_index.model.checkpoint import load_checkpoint
+    from geosurge_index.train_data import read_split
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "abl"
+    code = cli_main(["ablations", "--quick", "--out", str(out), "--world", "map-cues", "--probe-rolled-maps",
+                     "--only", "fusion read-out", "--trainings", "readout-cls+clip,no-fusion",
+                     "--json", str(tmp_path / "t.json"), "--no-progress"])
+    assert code == 0
+    assert "map-cues world" in capsys.readouterr().out
+    world = json.loads((out / "map-cues" / "world" / "train" / "world.json").read_text())
+    assert world["config"]["map_cue_levels"] == [4, 6]
+    assert not (out / "world").exists()  # the plain world's folder is left alone
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["settings"]["world"] == "map-cues"
+    rolled = {r["training"]: r for r in data["rows"] if r["rolled_maps"]}
+    assert set(rolled) == {"readout-cls+clip", "no-fusion"} and len(data["rows"]) == 4
+    assert set(rolled["no-fusion"]["delta_mean"].values()) == {0.0}  # CLIP alone never reads the map
+    # a fused model's embeddings do change when the maps are swapped
+    ckpt = next((out / "map-cues" / "runs" / "readout-cls+clip-seed0").glob("epoch-*"))
+    model = load_checkpoint(ckpt, "cpu").model
+    cells_dir = next((out / "map-cues").glob("cells-*"))
+    test = read_split("test", str(out / "map-cues" / "world" / "test" / "manifest.csv"), read_cells(cells_dir))
+    own, ok = embed_test(model, test, ten_crop=False)
+    swapped, _ = embed_test(model, test, ten_crop=False, roll_maps=True)
+    assert ok.all() and not np.allclose(own, swapped, atol=1e-4)

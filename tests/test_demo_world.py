@@ -60,7 +60,8 @@ def test_manifest_and_files_match_the_contract(tmp_path):
 def test_class_ids_are_ade20k_names():
     # 0-based SceneParse150 ids (OneFormer's id2label); snow uses "land" (94), documented.
     expected = {"building": 1, "sky": 2, "tree": 4, "road": 6, "grass": 9, "mountain": 16,
-                "water": 21, "sea": 26, "sand": 46, "palm": 72, "snow": 94}
+                "water": 21, "sea": 26, "sand": 46, "palm": 72, "snow": 94,
+                "plant": 17, "flower": 66, "hovel": 79, "tower": 84, "house": 25, "skyscraper": 48}
     assert {k: dw.CLASS_IDS[k] for k in expected} == expected
     assert all(0 <= v < 150 for v in dw.CLASS_IDS.values())
 
@@ -136,3 +137,38 @@ def test_density_follows_the_shipped_mp16_table(tmp_path, level):
     observed = np.bincount(gi[cell], minlength=len(keys)) / n
     tv = 0.5 * np.abs(observed - expected).sum()  # total variation distance
     assert tv < (0.05 if level == 2 else 0.12), tv
+
+
+def test_map_cues_change_the_class_map_but_not_the_pixels(tmp_path):
+    """`map_cue_levels`: vegetation and building pixels are labelled with the place's fine-grained
+    kind (a hash of its S2 cell), drawn exactly as before: the RGB is identical, the map is not, and
+    the kind is constant within a cell and varies across cells."""
+    lat, lon = dw.sample_locations(300, 5)
+    keys = dw.photo_keys(5, np.arange(300))
+    cued = dw.WorldConfig(image_size=32, map_cue_levels=dw.MAP_CUE_LEVELS)
+    rgb0, cls0 = dw.render(lat, lon, keys, CFG)
+    rgb1, cls1 = dw.render(lat, lon, keys, cued)
+    assert np.array_equal(rgb0, rgb1)  # the pixels cannot tell the kinds apart
+    veg0 = np.isin(cls0, [dw.CLASS_IDS["tree"], dw.CLASS_IDS["palm"]])
+    bld0 = np.isin(cls0, [dw.CLASS_IDS[k] for k in ("building", "house", "skyscraper")])
+    assert np.array_equal(veg0, np.isin(cls1, dw.VEG_KINDS))  # the same regions, relabelled
+    assert np.array_equal(bld0, np.isin(cls1, dw.BUILDING_KINDS))
+    assert np.array_equal(np.where(veg0 | bld0, 0, cls0), np.where(veg0 | bld0, 0, cls1))  # the rest as before
+    assert (cls0 != cls1).any()
+    p = dw.describe_places(lat, lon, cued)
+    for kind, region, lv in ((p.veg_kind, veg0, dw.MAP_CUE_LEVELS[0]), (p.building_kind, bld0, dw.MAP_CUE_LEVELS[1])):
+        has = region.any(axis=(1, 2))
+        # each photo's region carries its place's kind, and only it
+        assert all(set(np.unique(cls1[i][region[i]]).tolist()) == {int(kind[i])} for i in np.flatnonzero(has))
+        cells = s2.parent_ids(p.leaf, lv)
+        for c in np.unique(cells):  # one kind per S2 cell
+            assert len(set(kind[cells == c].tolist())) == 1
+        assert len(set(kind[has].tolist())) >= 3  # and several kinds across the world
+    assert set(dw.VEG_KINDS.tolist()) | set(dw.BUILDING_KINDS.tolist()) <= set(dw.CLASS_IDS.values())
+    # Part of the world's identity (a cued split is not the plain one), absent from the plain one's.
+    split = dw.generate_split(tmp_path / "w", 4, seed=1, cfg=cued, progress=False)
+    assert dw.existing_split(split.directory, 4, 1, cued) == split
+    assert dw.existing_split(split.directory, 4, 1, CFG) is None
+    assert "map_cue_levels" not in dw._split_identity(4, 1, CFG, "img")["config"]
+    with pytest.raises(dw.UserError, match="map_cue_levels"):
+        dw.WorldConfig(map_cue_levels=(4,))

@@ -392,16 +392,18 @@ def test_fusion_readouts_and_old_configs_keep_their_readout(tmp_path):
         assert back.config.fusion.readout == readout
         with torch.no_grad():
             assert torch.allclose(back(x, cm), out, atol=1e-6)
-    # an old encoder.json: no `readout` key -> "cls", and its weights load
+    # an old encoder.json: no `readout` key -> "cls", no `token_norm` key -> off, and its weights load
     cfg = tiny_config()
     cfg.fusion.readout = "cls"
+    cfg.fusion.token_norm = False
     enc = VisualEncoder(cfg).eval()
     save_encoder(enc, tmp_path)
     meta = json.loads((tmp_path / "encoder.json").read_text())
     del meta["model"]["fusion"]["readout"]
     (tmp_path / "encoder.json").write_text(json.dumps(meta))
     back = load_encoder(tmp_path)
-    assert back.config.fusion.readout == "cls" and back.clip_norm is None
+    assert "token_norm" not in meta["model"]["fusion"]
+    assert back.config.fusion.readout == "cls" and back.clip_norm is None and not back.config.fusion.token_norm
     with torch.no_grad():
         assert torch.allclose(enc(x, cm), back(x, cm), atol=1e-6)
     assert ModelConfig().fusion.readout == DEFAULT_READOUT  # new configs: the measured default
@@ -466,3 +468,45 @@ def test_classifier_head_trains_on_one_level_and_cannot_be_exported(tmp_path):
     loss.backward()
     assert float(model.geo.classifier.weight.grad.abs().sum()) > 0
     assert per_level.shape == (1,) and emb.shape == (2, 768)
+
+
+def test_token_norm_is_saved_only_when_on_and_makes_the_map_count(tmp_path):
+    """`fusion.token_norm`: a LayerNorm on the semantic tokens, on for new configs; encoder.json
+    carries the key only when it is on (older readers keep reading files of models without it;
+    files without it load as off, as they were trained), and at initialisation the class map moves
+    the fused CLS more with it than without."""
+    from geosurge_index.model.config import DEFAULT_TOKEN_NORM, LEGACY_TOKEN_NORM, ModelConfig
+
+    assert DEFAULT_TOKEN_NORM is True and LEGACY_TOKEN_NORM is False
+    assert ModelConfig().fusion.token_norm is True and tiny_config().to_dict()["fusion"]["token_norm"] is True
+    off = tiny_config()
+    off.fusion.token_norm = False
+    assert "token_norm" not in off.to_dict()["fusion"]
+    assert ModelConfig.from_dict(off.to_dict()).fusion.token_norm is False
+    assert ModelConfig.from_dict(tiny_config().to_dict()).fusion.token_norm is True
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 64, 64)
+    cm = torch.randint(0, 150, (8, 64, 64)) // 30 * 30  # a few classes in blobs of ids
+    cm = torch.repeat_interleave(torch.repeat_interleave(cm[:, ::16, ::16], 16, 1), 16, 2)
+    moves = {}
+    for norm in (False, True):
+        torch.manual_seed(1)
+        cfg = tiny_config()
+        cfg.fusion.token_norm = norm
+        enc = VisualEncoder(cfg).eval()
+        assert (enc.fusion.tokens.norm is not None) == norm
+        with torch.no_grad():
+            tokens = enc.backbone(x)
+            hist = patch_histograms(cm, enc.grid, 150)
+            own = enc.fusion.from_histograms(hist, tokens)
+            rolled = enc.fusion.from_histograms(torch.roll(hist, 1, 0), tokens)
+            moves[norm] = float(((own - rolled).norm(dim=-1) / own.norm(dim=-1)).mean())
+            out = enc(x, cm)
+            assert torch.allclose(out, enc.forward_histograms(x, hist), atol=1e-6)
+        save_encoder(enc, tmp_path / str(norm))
+        back = load_encoder(tmp_path / str(norm))
+        assert back.config.fusion.token_norm is norm
+        assert ("token_norm" in json.loads((tmp_path / str(norm) / "encoder.json").read_text())["model"]["fusion"]) == norm
+        with torch.no_grad():
+            assert torch.allclose(back(x, cm), out, atol=1e-6)
+    assert moves[True] > 2 * moves[False]

@@ -14,8 +14,9 @@ leaves open:
   levels trained   7, 5, 3, 1 levels (partitions from that many of the tau_max values, always
                    ending with the finest: the prediction space stays the same)
   fusion read-out  fused CLS alone, fused CLS + CLIP's CLS, the latter without self-attention
-                   among the semantic tokens, CLIP's CLS attending to semantic and CLIP tokens
-                   jointly, CLIP's CLS + a gated fused CLS (gate from 0), and no fusion
+                   among the semantic tokens or without the LayerNorm on them, CLIP's CLS
+                   attending to semantic and CLIP tokens jointly, CLIP's CLS + a gated fused
+                   CLS (gate from 0), and no fusion
   head             geographic embeddings vs a plain classification head over the finest cells
   search           exhaustive vs a narrow beam (--beam)
   test crops       centre crop vs ten-crop (the paper's test protocol)
@@ -28,11 +29,22 @@ of minutes; --only runs some groups, --quick a smoke run (tiny world, 1 seed, 1 
 per training: it checks that every variant builds, trains and evaluates; its numbers mean nothing).
 The demo world is synthetic: the table says which design choices pay off on it, not on MP-16.
 
+--world map-cues trains and tests on the same photos with class maps that also name a
+fine-grained kind of vegetation (tree, palm, plant, flower) and building (building, house,
+skyscraper, hut, tower) per place (S2 level-4 and level-6 cells), drawn the same in the pixels:
+the map then carries location signal that the pixels lack, as a segmenter trained on another
+dataset does on real photos (on the plain world the map labels only what the pixels show). It
+lives in OUT/map-cues/, apart from the plain world. --probe-rolled-maps adds, under every row,
+the same models evaluated with each test photo's class map swapped for another photo's, and the
+change (paired per seed): a model that uses the map loses accuracy, one that ignores it does not.
+
 Examples:
   geosurge ablations                                   # the whole table, 3 seeds
   geosurge ablations --only "fusion read-out" --seeds 5 --json fusion.json
   geosurge ablations --trainings readout-gated,no-fusion --epochs 6   # two variants, longer
   geosurge ablations --quick                           # a minute: every variant runs
+  geosurge ablations --world map-cues --only "fusion read-out" --probe-rolled-maps \
+      --trainings readout-cls+clip,readout-gated,readout-joint,no-fusion   # does fusion use the map?
   geosurge demo --ablations --json ablations.json      # the same, from the demo command
 """
 
@@ -40,7 +52,7 @@ Examples:
 def add_arguments(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
     """The ablation flags (`prefix` "ablation-" under `geosurge demo`, where --train/--test/--seed
     mean the demo's own)."""
-    from geosurge_index.ablations import TRAININGS, AblationSettings
+    from geosurge_index.ablations import TRAININGS, WORLDS, AblationSettings
 
     d = AblationSettings()
     p.add_argument(f"--{prefix}out", type=Path, default=d.out_dir, metavar="OUT", dest="ablation_out",
@@ -59,6 +71,13 @@ def add_arguments(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
     p.add_argument("--trainings", default="", metavar="KEY[,KEY]",
                    help="of those rows, only the ones of these trainings (e.g. 'readout-gated,no-fusion'; "
                         "keys: " + ", ".join(TRAININGS).replace("%", "%%") + "; default: all)")
+    p.add_argument(f"--{prefix}world", choices=list(WORLDS), default=d.world, dest="ablation_world",
+                   help="plain: the demo world (default); map-cues: its class maps also name a kind of "
+                        "vegetation and building per place, which the pixels do not show "
+                        "(e.g. --{prefix}world map-cues; kept in OUT/map-cues/)".replace("{prefix}", prefix))
+    p.add_argument("--probe-rolled-maps", action="store_true",
+                   help="also evaluate every row with each test photo's class map swapped for its batch "
+                        "neighbour's, and print the change: does the model use the map?")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: a tiny world, 1 seed, 1 optimizer step per training")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the table as JSON")
@@ -87,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     trainings = tuple(t.strip() for t in str(getattr(args, "trainings", "") or "").split(",") if t.strip())
     settings = AblationSettings(out_dir=args.ablation_out, n_train=args.ablation_train, n_test=args.ablation_test,
                                 seeds=args.seeds, epochs=args.ablation_epochs, beam=args.beam, only=only,
-                                trainings=trainings,
+                                trainings=trainings, world=getattr(args, "ablation_world", "plain"),
+                                probe_rolled_maps=bool(getattr(args, "probe_rolled_maps", False)),
                                 quick=args.quick, progress=not getattr(args, "no_progress", False))
     result = run_ablations(settings)
     print(format_table(result), flush=True)

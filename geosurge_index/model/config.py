@@ -34,6 +34,10 @@ READOUTS = ("cls", "cls+clip", "joint", "gated")
 LEGACY_READOUT = "cls"
 HEADS = ("geo", "classifier")
 DEFAULT_READOUT = "cls+clip"
+# `FusionConfig.token_norm`: on for new configs (measured: ARCHITECTURE.md, "Measured choices");
+# configs and checkpoints written before the option load as LEGACY_TOKEN_NORM, as they were trained.
+DEFAULT_TOKEN_NORM = True
+LEGACY_TOKEN_NORM = False
 EMBED_DIM = 768
 NUM_LEVELS = 7
 SEGMENTER_KINDS = ("oneformer", "segformer", "small", "none")
@@ -128,6 +132,11 @@ class FusionConfig:
     dropout: float = 0.0
     self_attention: bool = True  # mix the semantic tokens after each cross-attention (see fusion.py)
     readout: str = DEFAULT_READOUT  # see READOUTS; configs without the key load as LEGACY_READOUT
+    # LayerNorm on the semantic tokens (Linear(histogram)) before the position is added, so that the
+    # class map enters the fusion blocks at the scale of the CLIP tokens it is mixed with (without
+    # it the map moved the fused CLS by 4% at initialisation, CLIP's tokens by 70%: fusion/SemanticTokens).
+    # On by default; configs without the key load as LEGACY_TOKEN_NORM (their weights have no such norm).
+    token_norm: bool = DEFAULT_TOKEN_NORM
 
 
 @dataclass
@@ -170,6 +179,8 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         if d["segmenter"]["trained_on"] is None:  # absent unless set: older readers keep reading our files
             del d["segmenter"]["trained_on"]
+        if d["fusion"]["token_norm"] == LEGACY_TOKEN_NORM:  # likewise (absent = the legacy value)
+            del d["fusion"]["token_norm"]
         return d
 
     @classmethod
@@ -179,6 +190,7 @@ class ModelConfig:
         if isinstance(fusion, dict):
             # written before the read-out was an option: the read-out those weights were trained with
             fusion.setdefault("readout", LEGACY_READOUT)
+            fusion.setdefault("token_norm", LEGACY_TOKEN_NORM)
         try:
             return cls(
                 backbone=BackboneConfig(**d.pop("backbone", {})),

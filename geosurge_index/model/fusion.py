@@ -33,12 +33,14 @@ def patch_histograms(class_map: torch.Tensor, grid: int, num_classes: int) -> to
 
 
 class SemanticTokens(nn.Module):
-    """Class map -> (B, 1 + grid^2, d): a learned CLS query, then Linear(histogram) + position."""
+    """Class map -> (B, 1 + grid^2, d): a learned CLS query, then Linear(histogram) + position;
+    with `token_norm`, LayerNorm(Linear(histogram)) + position (see `FusionConfig.token_norm`)."""
 
-    def __init__(self, num_classes: int, grid: int, dim: int):
+    def __init__(self, num_classes: int, grid: int, dim: int, token_norm: bool = False):
         super().__init__()
         self.num_classes, self.grid = num_classes, grid
         self.proj = nn.Linear(num_classes, dim)
+        self.norm = nn.LayerNorm(dim) if token_norm else None
         self.pos = nn.Parameter(torch.randn(1, grid * grid, dim) * 0.02)
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
 
@@ -48,7 +50,10 @@ class SemanticTokens(nn.Module):
     def from_histograms(self, hist: torch.Tensor) -> torch.Tensor:
         """(B, grid^2, C) patch histograms -> tokens. The ONNX export starts here: the histogram's
         scatter-add has no exact ONNX form (ScatterElements drops duplicate indices)."""
-        tokens = self.proj(hist.to(self.proj.weight.dtype)) + self.pos
+        tokens = self.proj(hist.to(self.proj.weight.dtype))
+        if self.norm is not None:
+            tokens = self.norm(tokens)
+        tokens = tokens + self.pos
         return torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
 
 
@@ -111,7 +116,7 @@ class SemanticFusion(nn.Module):
 
     def __init__(self, cfg: FusionConfig, num_classes: int, grid: int, kv_dim: int):
         super().__init__()
-        self.tokens = SemanticTokens(num_classes, grid, cfg.query_dim)
+        self.tokens = SemanticTokens(num_classes, grid, cfg.query_dim, cfg.token_norm)
         self.kv_norm = nn.LayerNorm(kv_dim)  # CLIP's last hidden state is not normalised
         self.blocks = nn.ModuleList([FusionBlock(cfg, kv_dim) for _ in range(cfg.blocks)])
 
