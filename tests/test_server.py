@@ -304,6 +304,13 @@ def test_far_too_many_images_is_413_not_a_form_parser_400(client):
     assert r.status_code == 413, r.text
 
 
+def test_too_many_form_fields_is_an_error_in_our_shape(client):
+    # schemathesis found starlette's own 400 ("Too many fields") answered without `kind`
+    r = client.post("/v1/locate", data={f"f{i}": "x" for i in range(60)},
+                    files=[("images", ("a.jpg", b"x", "image/jpeg"))])
+    assert r.status_code == 400 and r.json()["kind"] == "bad_form" and "fields" in r.json()["detail"], r.text
+
+
 def test_one_bad_image_among_good_ones_gets_its_own_error(client):
     """Issue 14: the good images are answered, the bad one gets a per-image error naming it."""
     good, other = jpeg(1), jpeg(2)

@@ -138,7 +138,8 @@ async def read_form(request: Request, settings: ServiceSettings):
         if "Too many files" in str(err.detail):
             raise ApiError(413, "too_many_images",
                            f"more than {settings.max_images_per_request} images in one request") from None
-        raise
+        # any other refusal of the parser (too many fields, a malformed body) in our error shape
+        raise ApiError(400, "bad_form", f"the multipart form could not be read: {err.detail}") from None
     try:
         yield form
     finally:
