@@ -384,7 +384,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         "predictions": out / "predictions", "eval": out / "eval", "sql": out / "sql", "map": out / "map",
         "archive": out / "world" / "archive", "archive_preds": out / "archive-predictions",
         "segmenter": out / "segmenter", "test-no-maps": out / "world" / "test-no-maps",
-        "predictions-no-maps": out / "predictions-no-maps",
+        "predictions-no-maps": out / "predictions-no-maps", "train-maps": out / "world" / "train-segmented",
     }
     result.artefacts = dict(paths)
     _say(f"geosurge demo: {s.n_train} training and {s.n_test} test photos of the demo world "
@@ -421,8 +421,40 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     runner.run("partition", {"tau_min": s.tau_min, "tau_max": list(s.tau_max)}, ("world-train",),
                lambda: (paths["cells"] / "partition.json").is_file(), partition)
 
-    # 3. Train the recipe's model on the training photos.
-    recipe = _concrete_recipe(raw_recipe, paths, s)
+    # 3. The segmenter the index ships, for photos without class maps: trained on the training
+    # photos' class maps.
+    seg_settings = _segmenter_settings(s)
+
+    def segmenter():
+        from geosurge_index.segmenter_train import train_segmenter
+
+        _say(f"  training the small segmenter on the class maps of {paths['train'] / 'manifest.csv'}")
+        res = train_segmenter([paths["train"] / "manifest.csv"], paths["segmenter"], image_size=image_size,
+                              settings=seg_settings)
+        _say("  " + res.line())
+
+    runner.run("segmenter", {"settings": asdict(seg_settings), "image_size": image_size}, ("world-train",),
+               lambda: (paths["segmenter"] / "segmenter.json").is_file(), segmenter)
+
+    with_seg = "segmenter" in runner.prints
+
+    # 3b. The model trains on that segmenter's maps of the training photos, as a real model trains
+    # on the maps `geosurge segment` stores with the segmenter its index ships: photos located
+    # without a map (bytes, uploads, new photos) then get the maps the model learned from. The
+    # world's own maps are a perfect segmenter's, which a model trained on them comes to rely on.
+    def train_maps():
+        _copy_without_maps(paths["train"], paths["train-maps"])
+        geosurge(["segment", paths["train-maps"] / "manifest.csv", "--segmenter", "small",
+                  "--pretrained", paths["segmenter"], "--image-size", image_size])
+
+    if with_seg:
+        runner.run("train-maps", {"image_size": image_size}, ("world-train", "segmenter"),
+                   lambda: (paths["train-maps"] / "manifest.csv").is_file() and not _missing_maps(paths["train-maps"]),
+                   train_maps)
+    train_split = paths["train-maps"] if with_seg and "train-maps" in runner.prints else paths["train"]
+
+    # 4. Train the recipe's model on the training photos.
+    recipe = _concrete_recipe(raw_recipe, paths, s, train_split)
 
     def train():
         from geosurge_index.train import find_resume_checkpoint
@@ -444,26 +476,10 @@ def run_demo(settings: DemoSettings) -> DemoResult:
 
     # the resolved model config too: a preset whose defaults changed (e.g. fusion.token_norm) retrains
     runner.run("train", {"recipe": recipe, "model": model_config_from(recipe.get("model", {})).to_dict()},
-               ("world-train", "partition"),
+               ("world-train", "partition", *(("train-maps",) if train_split != paths["train"] else ())),
                lambda: _best_checkpoint(paths["run"]) is not None, train)
 
-    # 4. The segmenter the index ships, for photos without class maps: trained on the training
-    # photos' class maps.
-    seg_settings = _segmenter_settings(s)
-
-    def segmenter():
-        from geosurge_index.segmenter_train import train_segmenter
-
-        _say(f"  training the small segmenter on the class maps of {paths['train'] / 'manifest.csv'}")
-        res = train_segmenter([paths["train"] / "manifest.csv"], paths["segmenter"], image_size=image_size,
-                              settings=seg_settings)
-        _say("  " + res.line())
-
-    runner.run("segmenter", {"settings": asdict(seg_settings), "image_size": image_size}, ("world-train",),
-               lambda: (paths["segmenter"] / "segmenter.json").is_file(), segmenter)
-
     # 5. Export the index (with the trained segmenter when there is one).
-    with_seg = "segmenter" in runner.prints
 
     def export():
         ckpt = _best_checkpoint(paths["run"])
@@ -487,7 +503,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     # 4c. The training photos as a gallery inside the index: answers then come from the nearest
     # training photo inside the best cells (`geosurge gallery`).
     def gallery():
-        geosurge(["gallery", "add", paths["index"], paths["train"] / "manifest.csv", "--name", "train"])
+        geosurge(["gallery", "add", paths["index"], train_split / "manifest.csv", "--name", "train"])
 
     runner.run("gallery", {}, ("export", "world-train"), lambda: _has_gallery(paths["index"], "train"), gallery)
     with_gallery = "gallery" in runner.prints
@@ -649,12 +665,12 @@ def _archive_accuracy(paths: dict, preds: Path, columns: tuple[str, str]) -> dic
     return accuracy_at(d)
 
 
-def _concrete_recipe(raw: dict, paths: dict, s: DemoSettings) -> dict:
+def _concrete_recipe(raw: dict, paths: dict, s: DemoSettings, train_split: Path | None = None) -> dict:
     recipe = json.loads(json.dumps(raw))  # deep copy
     data = recipe.setdefault("data", {})
     data.pop("synthetic", None)
     data["cells"] = str(paths["cells"].resolve())
-    data["train"] = str((paths["train"] / "manifest.csv").resolve())
+    data["train"] = str(((train_split or paths["train"]) / "manifest.csv").resolve())
     data.setdefault("class_maps", "precomputed")
     recipe["out"] = str(paths["run"].resolve())
     if s.epochs is not None:
@@ -681,6 +697,13 @@ def _copy_without_maps(split: Path, dest: Path) -> None:
         except OSError:
             shutil.copyfile(img, dest / "images" / img.name)
     shutil.copyfile(split / "manifest.csv", dest / "manifest.csv")
+
+
+def _missing_maps(split: Path) -> bool:
+    """Whether some photo of a split has no class map beside it (an interrupted `geosurge segment`)."""
+    from geosurge_index.images import class_map_path
+
+    return any(not class_map_path(img).is_file() for img in (split / "images").glob("*.jpg"))
 
 
 def _best_checkpoint(run_dir: Path) -> Path | None:

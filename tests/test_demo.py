@@ -34,9 +34,9 @@ def mini_demo(tmp_path_factory):
 def test_every_stage_runs_and_writes_its_artefacts(mini_demo, capsys):
     settings, result = mini_demo
     assert [(s.name, s.status) for s in result.stages] == [
-        (name, "ran") for name in ("world-train", "world-test", "partition", "train", "segmenter", "export",
-                                   "calibrate", "gallery", "locate", "locate-no-maps", "evaluate", "sql", "map",
-                                   "world-archive", "archive")], result.stages
+        (name, "ran") for name in ("world-train", "world-test", "partition", "segmenter", "train-maps", "train",
+                                   "export", "calibrate", "gallery", "locate", "locate-no-maps", "evaluate", "sql",
+                                   "map", "world-archive", "archive")], result.stages
     out = settings.out_dir
     for rel in ("world/train/manifest.csv", "world/test/manifest.csv", "cells/partition.json",
                 "recipe.toml", "run/run.json", "index/manifest.json", "eval/accuracy.txt",
@@ -50,6 +50,10 @@ def test_every_stage_runs_and_writes_its_artefacts(mini_demo, capsys):
         (out / "world/test-no-maps/images").glob("*.classmap.png"))
     assert len(list((out / "sql").glob("*.csv"))) == 2
     assert len(list((out / "world/train/images").glob("*.classmap.png"))) == 150
+    # the model trained on the shipped segmenter's maps of the training photos
+    assert len(list((out / "world/train-segmented/images").glob("*.classmap.png"))) == 150
+    recipe = (out / "recipe.toml").read_text()
+    assert "train-segmented" in recipe and str(out / "world/train/manifest.csv") not in recipe
 
 
 def test_the_accuracy_table_has_its_rows(mini_demo):
@@ -97,8 +101,8 @@ def test_a_redone_stage_redoes_the_stages_after_it(mini_demo):
     (settings.out_dir / ".demo" / "locate.json").unlink()  # as if locate had been interrupted
     again = run_demo(settings)
     status = {s.name: s.status for s in again.stages}
-    assert {status[n] for n in ("world-train", "world-test", "partition", "train", "segmenter", "export",
-                                "gallery", "locate-no-maps")} == {"reused"}
+    assert {status[n] for n in ("world-train", "world-test", "partition", "segmenter", "train-maps", "train",
+                                "export", "gallery", "locate-no-maps")} == {"reused"}
     assert {status[n] for n in ("locate", "evaluate", "sql", "map")} == {"ran"}
 
 

@@ -123,3 +123,35 @@ def test_training_needs_class_maps(tmp_path):
     with pytest.raises(UserError, match="0 of the inputs have a class map"):
         train_segmenter([tmp_path], tmp_path / "seg", image_size=32,
                         settings=SegmenterTrainSettings(epochs=1, progress=False))
+
+
+def test_geosurge_segment_stores_the_small_segmenters_maps(trained, tiny_world, tmp_path, capsys):
+    """`geosurge segment --segmenter small --pretrained SEG_DIR` writes the very maps an encoder
+    shipping that segmenter computes on the fly (what `geosurge demo` trains its model on)."""
+    import shutil
+
+    from PIL import Image
+
+    from geosurge_index.cli import main as cli_main
+    from geosurge_index.images import class_map_path
+
+    _, out = trained
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for img in sorted((tiny_world / "images").glob("*.jpg"))[:6]:
+        shutil.copyfile(img, photos / img.name)
+    assert cli_main(["segment", str(photos), "--segmenter", "small", "--pretrained", str(out),
+                     "--image-size", str(SIZE), "--device", "cpu"]) == 0
+    imgs = sorted(photos.glob("*.jpg"))
+    stored = np.stack([np.asarray(Image.open(class_map_path(p))) for p in imgs])
+    pixels = torch.as_tensor(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in imgs]))
+    _, seg = load_segmenter(out)
+    with torch.inference_mode():
+        on_the_fly = seg(clip_normalise(pixels)).numpy()
+    assert stored.shape == on_the_fly.shape and np.mean(stored == on_the_fly) > 0.999
+    capsys.readouterr()
+    assert cli_main(["segment", str(photos), "--segmenter", "small"]) == 2
+    assert "--pretrained SEG_DIR" in capsys.readouterr().err
+    assert cli_main(["segment", str(photos), "--segmenter", "small", "--pretrained", str(tmp_path),
+                     "--overwrite"]) == 2
+    assert "not a trained small segmenter" in capsys.readouterr().err

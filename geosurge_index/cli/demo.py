@@ -12,9 +12,10 @@ Run every stage on the built-in demo world, on this machine's CPU:
                 procedural world whose content depends on location; locations follow MP-16's
                 real photo density
   2. partition  the 7-level adaptive S2 hierarchy of the training locations (tau scaled down)
-  3. train      a tiny model from the recipe (default build/demo.toml)
-  4. segmenter  a small segmenter trained on the training photos' class maps, for photos
-                located without one (bytes, uploads, new photos)
+  3. segmenter  a small segmenter trained on the training photos' class maps, for photos
+                located without one (bytes, uploads, new photos); its maps of the training
+                photos (`geosurge segment --segmenter small`) are what the model trains on
+  4. train      a tiny model from the recipe (default build/demo.toml)
   5. export     the index (FAISS levels, cells.duckdb, encoder with that segmenter)
   6. locate     the test photos, with the bulk pipeline: with their class maps, and again
                 without them (the index's segmenter makes the maps)

@@ -30,12 +30,16 @@ an interrupted run continues where it stopped when run again. A map is written t
 and renamed, so a map on disk is always whole.
 
 Pretrained weights are loaded with from_pretrained from a local folder or the Hugging Face cache:
-nothing is downloaded (whatever HF_HUB_OFFLINE says) unless you pass --download.
+nothing is downloaded (whatever HF_HUB_OFFLINE says) unless you pass --download. --segmenter small
+takes a folder written by the segmenter training as --pretrained (`geosurge demo`'s segmenter/, or
+`segmenter_train.train_segmenter`): the small segmenter an index ships, so that a model trains on
+the very maps the index computes for photos sent without one (what `geosurge demo` does).
 
 Examples:
   geosurge segment photos/                                    # OneFormer Swin-L ADE20K
   geosurge segment mp16.parquet --segmenter segformer         # SegFormer-b0 ADE20K, ~25x faster
   geosurge segment photos/ --pretrained /models/oneformer_ade20k_swin_large --device cuda
+  geosurge segment demo-out/world/train-segmented --segmenter small --pretrained demo-out/segmenter --image-size 64
 """
 
 # The defaults of `model.config` (DEFAULT_ONEFORMER, DEFAULT_SEGFORMER, SEGMENTER_INPUT_SIZE) and
@@ -55,8 +59,9 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("inputs", metavar="INPUT", nargs="+", help="folders or manifests (.csv/.tsv/.parquet) of images")
-    p.add_argument("--segmenter", choices=sorted(PRETRAINED), default="oneformer",
-                   help="which ADE20K segmenter: oneformer (the paper's, Swin-L) or segformer (fast) "
+    p.add_argument("--segmenter", choices=[*sorted(PRETRAINED), "small"], default="oneformer",
+                   help="which ADE20K segmenter: oneformer (the paper's, Swin-L), segformer (fast), or "
+                        "small (a trained small segmenter: give its folder as --pretrained) "
                         "(default: %(default)s)")
     p.add_argument("--pretrained", metavar="PATH_OR_HUB_ID", default=None,
                    help=f"the segmenter's weights: a folder saved with save_pretrained, or a hub id in the "
@@ -90,15 +95,17 @@ def run_segment(args: argparse.Namespace) -> int:
         raise UserError(f"no images found in {', '.join(map(str, args.inputs))}")
     # Existing maps are counted before the (large) segmenter is loaded: a finished run costs nothing.
     todo = paths if args.overwrite else [p for p in paths if not class_map_path(p).exists()]
-    input_size = args.input_size or INPUT_SIZE[args.segmenter]
-    if input_size < 32:
+    if args.segmenter == "small" and not args.pretrained:
+        raise UserError("--segmenter small: give the trained segmenter's folder as --pretrained SEG_DIR")
+    input_size = args.input_size or INPUT_SIZE.get(args.segmenter, 0)  # small: its own (0 = keep)
+    if input_size and input_size < 32:
         raise UserError(f"--input-size {args.input_size}: too small for a segmenter (at least 32)")
     if args.image_size < 8:
         raise UserError(f"--image-size {args.image_size}: too small (the encoder's input side, e.g. 336)")
     if todo:
         from geosurge_index.model.classmaps import load_segmenter, segment_images
 
-        segmenter = load_segmenter(args.segmenter, args.pretrained or PRETRAINED[args.segmenter], input_size,
+        segmenter = load_segmenter(args.segmenter, args.pretrained or PRETRAINED[args.segmenter], input_size or None,
                                    args.device, download=args.download)
         try:
             summary = segment_images(todo, segmenter, overwrite=args.overwrite, image_size=args.image_size)

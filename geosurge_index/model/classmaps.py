@@ -82,18 +82,32 @@ def write_class_maps(paths: list[str | os.PathLike], segmenter: Segmenter, *, ov
     return counts
 
 
-def load_segmenter(kind: str, pretrained: str, input_size: int, device="auto", *,
+def load_segmenter(kind: str, pretrained: str, input_size: int | None, device="auto", *,
                    download: bool = False) -> Segmenter:
     """A pretrained segmenter (`kind` oneformer or segformer) from `from_pretrained` (a folder or
     the Hugging Face cache), on `device` (`devices.resolve_device`). Nothing is downloaded unless
-    `download`: a hub id is first resolved to its folder in the cache (`local_weights`)."""
+    `download`: a hub id is first resolved to its folder in the cache (`local_weights`). `kind`
+    small: a trained small segmenter's folder (`encoder_io.load_segmenter`), at its own input
+    size unless `input_size` is given."""
     from geosurge_index.devices import resolve_device
-    from geosurge_index.errors import UserError
+    from geosurge_index.errors import FormatError, UserError
     from geosurge_index.model.config import SegmenterConfig
     from geosurge_index.model.segmenter import build_segmenter
 
-    if input_size < 32:
+    if input_size is not None and input_size < 32:
         raise UserError(f"input size {input_size}: too small for a segmenter (at least 32)")
+    if kind == "small":
+        from geosurge_index.model.encoder_io import load_segmenter as load_trained
+
+        try:
+            _, seg = load_trained(pretrained, resolve_device(device))
+        except FormatError as err:
+            raise UserError(f"--pretrained {pretrained}: not a trained small segmenter ({err})") from None
+        if input_size is not None:
+            seg.input_size = input_size
+        return seg
+    if input_size is None:
+        raise UserError(f"segmenter {kind}: give its input size")
     local = local_weights(pretrained, download=download)
     cfg = SegmenterConfig(kind=kind, pretrained=local, arch=None, input_size=input_size)
     return build_segmenter(cfg, None).to(resolve_device(device))
