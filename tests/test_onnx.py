@@ -132,6 +132,15 @@ def test_bulk_locate_gives_the_same_rows_with_either_runtime(index_dir, photos, 
     job = LocateJob(index_dir=str(index_dir), inputs=[str(folder)], out_dir=str(tmp_path / "j"),
                     device="cpu", workers=0, runtime="onnx-int8")
     assert run_job(job)["images"] == 6 and opened[0].encoder.runtime == "onnx-int8"
+    # a setting that changes rows: recorded, so a resume under another runtime is refused, naming it
+    from geosurge_index import pred_store
+    from geosurge_index.errors import UserError
+
+    assert pred_store.read_run(tmp_path / "j")["settings"]["runtime"] == "onnx-int8"
+    with pytest.raises(UserError, match="runtime"):
+        run_job(LocateJob(index_dir=str(index_dir), inputs=[str(folder)], out_dir=str(tmp_path / "j"),
+                          device="cpu", workers=0, runtime="torch"))
+    assert "runtime" not in LocateJob(index_dir="i", inputs=["x"], out_dir="o").output_settings()
 
 
 def _damaged(index_dir, tmp_path, *, corrupt=(), remove=()):

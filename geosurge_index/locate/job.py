@@ -109,6 +109,8 @@ class LocateJob:
             out["galleries"] = self.galleries
         if self.refine_cells != _DEFAULTS.refine_cells:
             out["refine_cells"] = self.refine_cells
+        if self.runtime != _DEFAULTS.runtime:  # likewise: int8 rows differ from torch's in the last digits
+            out["runtime"] = self.runtime
         return out
 
 
