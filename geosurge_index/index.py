@@ -391,6 +391,39 @@ def add_listed_file(index_dir: str | os.PathLike, name: str, entry: dict | None 
     return update_manifest(d, change)
 
 
+SEARCH_DEFAULTS_KEY = "search_defaults"  # manifest: the index's own default search settings
+
+
+def set_search_defaults(index_dir: str | os.PathLike, *, beam: int | str | None = None,
+                        refine_cells: int | None = None) -> dict:
+    """Record the index's default search settings in its manifest (`search_defaults`: what a
+    search, `geosurge locate`, the `Locator` and the service use when the caller gives none):
+    `beam` (one value or one per level, as --beam) and `refine_cells` (the best finest cells whose
+    gallery references are searched). An index built for another search (e.g. an imported GeoCLIP
+    index, whose answers equal GeoCLIP's only when far more cells are searched) says so here.
+    None leaves a setting as it is. Returns the new manifest."""
+    from geosurge_index.search import parse_beam
+
+    d = Path(index_dir)
+    values: dict = {}
+    if beam is not None:
+        parse_beam(beam, len(read_manifest(d)["levels"]))  # refused here, not at the first query
+        values["beam"] = beam
+    if refine_cells is not None:
+        if int(refine_cells) < 0:
+            raise UserError(f"refine_cells {refine_cells}: must be >= 0")
+        values["refine_cells"] = int(refine_cells)
+
+    def change(manifest: dict) -> dict:
+        manifest[SEARCH_DEFAULTS_KEY] = {**manifest.get(SEARCH_DEFAULTS_KEY, {}), **values}
+        return manifest
+
+    from geosurge_index.gallery.store import gallery_lock
+
+    with gallery_lock(d):
+        return update_manifest(d, change)
+
+
 def verify_index(index_dir: str | os.PathLike, *, checksums: bool = True,
                  files: Sequence[str] | None = None) -> dict:
     """Check the manifest and the files it lists (presence, size, and sha256 unless
@@ -746,6 +779,11 @@ class GeoIndex:
     def has_encoder(self) -> bool:
         return bool(self.manifest.get("encoder"))
 
+    @property
+    def search_defaults(self) -> dict:
+        """The manifest's `search_defaults` (`set_search_defaults`): {} for most indexes."""
+        return dict(self.manifest.get(SEARCH_DEFAULTS_KEY) or {})
+
     # -- galleries (geosurge_index.gallery) -------------------------------------------------------
 
     def _init_galleries(self) -> None:
@@ -756,7 +794,8 @@ class GeoIndex:
         self._galleries: dict[str, object] = {}  # name -> gallery.store.Gallery, read on first use
         self._gallery_lock = threading.Lock()
         self.selected_galleries: tuple[str, ...] = tuple(self.gallery_entries)
-        self.refine_settings = RefineSettings()
+        cells = self.search_defaults.get("refine_cells", RefineSettings.cells)  # the index's own default
+        self.refine_settings = RefineSettings(cells=int(cells))
 
     def use_galleries(self, names: Sequence[str] | str | None = None, settings=None) -> None:
         """Which galleries refine the answers (None or "all": every gallery of the index; "none"
@@ -865,6 +904,8 @@ class GeoIndex:
         finest candidates. See geosurge_index.search. When galleries are selected (every gallery
         of the index by default; `use_galleries`), the point is refined by the references inside
         the best cells (`gallery.refine`) and `result.refinement` says how."""
+        if beam is None:  # the index's own default (`set_search_defaults`), else the engine's
+            beam = self.search_defaults.get("beam")
         settings = self.refine_settings
         if not self.selected_galleries or settings.cells == 0:
             return self.engine.search(emb, top_k=top_k, beam=beam, exhaustive=exhaustive,

@@ -123,9 +123,10 @@ class InferenceSettings(BaseSettings):
     galleries: str | None = setting(
         None, "the index's galleries (`geosurge gallery`) whose geotagged references refine the point: "
         "names, comma-separated, or all, or none", metavar="NAMES", default_help="all of the index's")
-    refine_cells: int = setting(
-        3, "with galleries: the best finest cells whose references are searched for the nearest one "
-        "(0: no refinement, the cell's mean point)", ge=0)
+    refine_cells: int | None = setting(
+        None, "with galleries: the best finest cells whose references are searched for the nearest one "
+        "(0: no refinement, the cell's mean point)", ge=0,
+        default_help="the index's default: 3, unless the index records its own (an imported GeoCLIP index: 200)")
 
     # -- construction --------------------------------------------------------------------------
 

@@ -279,6 +279,21 @@ def test_gps_gallery_is_a_gallery_of_the_index(index_dir, capsys):
     assert imp.GALLERY_NAME in out and "locations" in out and str(GALLERY_LIMIT) in out
 
 
+
+def test_the_imported_index_searches_wide_by_default(index_dir):
+    """GeoCLIP's answers need the wide setting: the importer records it as the index's default."""
+    from geosurge_index.index import GeoIndex, read_manifest
+
+    assert read_manifest(index_dir)["search_defaults"] == imp.SEARCH_DEFAULTS
+    index = GeoIndex.open(index_dir, device="cpu", encoder=False)
+    assert index.refine_settings.cells == imp.SEARCH_DEFAULTS["refine_cells"]
+    q = np.random.default_rng(1).standard_normal((20, index.dim)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    by_default, explicit = index.search(q, top_k=3), index.search(q, top_k=3, beam=imp.SEARCH_DEFAULTS["beam"])
+    np.testing.assert_array_equal(by_default.topk_cells, explicit.topk_cells)
+    np.testing.assert_array_equal(by_default.lat, explicit.lat)
+
+
 def test_widest_setting_answers_geoclips_point(index_dir, their_geoclip, pkg):
     """Every cell scored and refinement inside the best 50 finest cells: the point is GeoCLIP's
     own top-1 gallery point for >= 95% of queries (all finest cells: GeoCLIP's rule over the whole

@@ -115,7 +115,11 @@ def settings_for(settings: GeoClipBench, n_finest: int, full: bool = True) -> li
     """(label, search kwargs, refine cells) of the settings compared: the cell's mean point, the
     default, then (`full`) `geosurge locate`'s widest (--beam LOCATE_BEAM: every cell at this
     gallery's size), the widest (every cell scored, exactly) and every finest cell refined."""
-    rows = [("cell mean point", {}, 0), (f"default (beam, refine {settings.refine_cells})", {}, settings.refine_cells)]
+    from geosurge_index.search import DEFAULT_BEAM
+
+    # the project's default search, named explicitly: the imported index's own default is the wide one
+    rows = [("cell mean point", {"beam": DEFAULT_BEAM}, 0),
+            (f"project default (beam, refine {settings.refine_cells})", {"beam": DEFAULT_BEAM}, settings.refine_cells)]
     if full:
         rows.append((f"beam {LOCATE_BEAM}, refine {settings.wide_cells[-1]}", {"beam": LOCATE_BEAM},
                      settings.wide_cells[-1]))

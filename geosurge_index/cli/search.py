@@ -60,7 +60,8 @@ def register(subparsers) -> None:
     from geosurge_index.search import DEFAULT_BEAM
 
     p.add_argument("--beam", default=None,
-                   help="B, paths kept at each of levels 1..6: one value, or one per level (default: "
+                   help="B, paths kept at each of levels 1..6: one value, or one per level (default: the "
+                        "index's own when it records one, else "
                         f"{','.join(map(str, DEFAULT_BEAM))}, cut to the index's depth); wide "
                         "at the small coarse levels is cheap and catches paths that win on finer "
                         "levels (`geosurge bench search` measures agreement with --exhaustive)")
@@ -80,9 +81,9 @@ def register(subparsers) -> None:
     p.add_argument("--galleries", default=None, metavar="NAMES",
                    help="the index's galleries whose references refine the point (`geosurge gallery`): names, "
                         "comma-separated, or all, or none (default: all of the index's)")
-    p.add_argument("--refine-cells", type=int, default=3, metavar="N",
+    p.add_argument("--refine-cells", type=int, default=None, metavar="N",
                    help="with galleries: the best finest cells whose references are searched; 0 answers with "
-                        "the cell's mean point (default: %(default)s)")
+                        "the cell's mean point (default: the index's: 3 unless it records its own)")
     _add_engine_flags(p)
     p.set_defaults(func=run)
 
@@ -107,11 +108,11 @@ def run(args) -> int:
     # encoder=False: stored embeddings need no encoder, so its files are neither required nor read
     index = GeoIndex.open(args.index_dir, device=args.device, backend=args.backend, verify=args.verify,
                           encoder=False)
-    beam = parse_beam(args.beam, index.levels)
+    beam = parse_beam(args.beam if args.beam is not None else index.search_defaults.get("beam"), index.levels)
     cap = Cap.from_settings(InferenceSettings.from_env(cap_km=args.cap_km, cap_level=args.cap_level))
     from geosurge_index.gallery.refine import RefineSettings
 
-    index.use_galleries(args.galleries, RefineSettings(cells=args.refine_cells))
+    index.use_galleries(args.galleries, None if args.refine_cells is None else RefineSettings(cells=args.refine_cells))
     conf_model = confidence.ConfidenceModel.for_index(index)  # the index's calibration, if any
     batches, total = read_embedding_batches(args.embeddings, index.dim, args.batch_size,
                                             id_column=args.id_column,

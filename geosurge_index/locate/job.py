@@ -62,7 +62,7 @@ class LocateJob:
     cap_level: int | None = _DEFAULTS.cap_level
     skip_tagged: bool = _DEFAULTS.skip_tagged  # photos with valid EXIF GPS are not located
     galleries: str | None = _DEFAULTS.galleries  # None: every gallery of the index; "none": no refinement
-    refine_cells: int = _DEFAULTS.refine_cells  # best cells whose gallery references are searched
+    refine_cells: int | None = _DEFAULTS.refine_cells  # best cells whose gallery references are searched
 
     def __post_init__(self) -> None:
         for name, value in self.inference_settings().values().items():  # checked and normalised

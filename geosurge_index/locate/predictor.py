@@ -27,7 +27,7 @@ class SearchSettings:
     ten_crop: bool = False  # pixels come as 10 crops per image; the embedding is their normalised mean
     cap: Cap | None = None  # precision cap applied to the rows (`privacy.apply_cap`)
     galleries: str | None = None  # the index's galleries that refine the point: None all, "none", "a,b"
-    refine_cells: int = 3  # best finest cells whose gallery references are searched (0: none)
+    refine_cells: int | None = None  # best finest cells whose references are searched (0: none; None: the index's)
 
 
 def embedding_dim(encoder, index) -> int | None:
@@ -61,7 +61,8 @@ class Predictor:
         if hasattr(index, "use_galleries"):  # galleries: which refine the point, and how (gallery.refine)
             from geosurge_index.gallery.refine import RefineSettings
 
-            index.use_galleries(settings.galleries, RefineSettings(cells=settings.refine_cells))
+            index.use_galleries(settings.galleries, None if settings.refine_cells is None
+                                else RefineSettings(cells=settings.refine_cells))
         from geosurge_index.confidence import ConfidenceModel
 
         # `confidence.ConfidenceModel`: calibrated when the index carries a calibration
