@@ -157,8 +157,7 @@ class AblationSettings:
     def __post_init__(self):
         if self.n_train < 50 or self.n_test < 1 or self.seeds < 1 or self.epochs < 1 or self.beam < 1:
             raise UserError("ablations: need --train >= 50, --test >= 1, --seeds >= 1, --epochs >= 1, --beam >= 1")
-        if self.world not in WORLDS:
-            raise UserError(f"--world {self.world}: choose one of {', '.join(WORLDS)}")
+        _world_fields(self.world)
 
     @property
     def world_dir(self) -> Path:
@@ -273,9 +272,13 @@ def world_config(world: str, image_size: int):
     """The demo world `--world` names, at this image size."""
     from geosurge_index import demo_world as dw
 
+    return dw.WorldConfig(image_size=image_size, **_world_fields(world))
+
+
+def _world_fields(world: str) -> dict:
     if world not in WORLDS:
         raise UserError(f"--world {world}: choose one of {', '.join(WORLDS)}")
-    return dw.WorldConfig(image_size=image_size, **WORLDS[world])
+    return WORLDS[world]
 
 
 def _make_world(out: Path, s: AblationSettings, image_size: int) -> dict[str, Path]:

@@ -46,6 +46,7 @@ import numpy as np
 
 from geosurge_index.errors import FormatError, UserError
 from geosurge_index.formats import check_format, read_json
+from geosurge_index.metrics import THRESHOLDS_KM, km_key
 
 CALIBRATION_FILE = "calibration.json"
 CALIBRATION_FORMAT = "geosurge-calibration"
@@ -53,7 +54,7 @@ CALIBRATION_VERSION = 1
 METHODS = ("identity", "temperature", "platt", "isotonic")
 FIT_METHODS = ("temperature", "platt", "isotonic")  # what `choose` compares with identity
 QUANTILES = (0.5, 0.9)  # the error radii: r50, r90
-WITHIN_KM = (1.0, 25.0, 200.0, 750.0, 2500.0)  # the distances of `p_within_*`: `metrics.THRESHOLDS_KM`
+WITHIN_KM = THRESHOLDS_KM  # the distances of `p_within_*`: those every accuracy table reports
 _EPS = 1e-6
 
 
@@ -237,9 +238,10 @@ class Calibration:
         w = np.asarray(raw, dtype=np.float64)
         if w.ndim != 2 or w.shape[1] != len(km):
             raise ValueError(f"raw masses must be (n, {len(km)}), got {w.shape}")
+        if w.shape[0] == 0:
+            return w.copy()
         ident = LevelCalibrator("identity")
-        out = np.stack([self.within.get(km_key(t), ident)(w[:, j]) for j, t in enumerate(km)], axis=1) \
-            if w.shape[0] else w.copy()
+        out = np.stack([self.within.get(km_key(t), ident)(w[:, j]) for j, t in enumerate(km)], axis=1)
         return np.maximum.accumulate(np.clip(out, 0.0, 1.0), axis=1)
 
     def scale(self, q: float) -> float:
@@ -299,11 +301,6 @@ def fit_calibration(masses, hits, *, top_k: int, methods=FIT_METHODS, meta: dict
         comparison.append({"level": j + 1, "chosen": cal.method, "hit_rate": float(y[:, j].mean()),
                            "cross_validated": table})
     return Calibration(levels, int(top_k), meta={**(meta or {}), "n": int(m.shape[0]), "comparison": comparison})
-
-
-def km_key(km: float) -> str:
-    """"25" for 25.0 km: the key of a threshold in `Calibration.within` and in column names."""
-    return f"{float(km):g}"
 
 
 def within_column(km: float) -> str:

@@ -88,10 +88,8 @@ def fit_index_calibration(index, cal_set: CalibrationSet, *, methods=FIT_METHODS
     top_k = ConfidenceModel(index.tree).top_k
     cal = fit_calibration(s.masses, s.hits, top_k=top_k, methods=methods, meta=meta)
     probs = cal.probabilities(s.masses)
-    model = ConfidenceModel(index.tree, cal)
-    raw = model.radii(s.result, probs, scaled=False)
+    raw, raw_within = ConfidenceModel(index.tree, cal).raw_radii_and_within(s.result, probs)
     cal.radius_scale = fit_radius_scale(s.distance_km, {q: raw[:, i] for i, q in enumerate(QUANTILES)})
-    raw_within = model.within_masses(s.result, probs)
     cal.within, within_comparison = fit_within(raw_within, s.distance_km, WITHIN_KM, methods)
     cal.meta["within_comparison"] = within_comparison
     within = cal.within_probabilities(raw_within, WITHIN_KM)

@@ -40,7 +40,7 @@ class Confidence:
     r90_km: np.ndarray  # (n,) 90%
     calibrated: bool  # False: the model's own probabilities (the index has no calibration)
     # (n, len(WITHIN_KM)) P(true point within WITHIN_KM[j] km of the predicted point), non-decreasing
-    within: np.ndarray | None = None
+    within: np.ndarray
 
     def __len__(self) -> int:
         return int(self.probability.shape[0])
@@ -136,23 +136,31 @@ class ConfidenceModel:
             probs = np.minimum.accumulate(np.clip(masses, 0.0, 1.0), axis=1)
         else:
             probs = self.calibration.probabilities(masses)
-        radii = self.radii(result, probs)
-        within = self.within_masses(result, probs)
+        radii, within = self.raw_radii_and_within(result, probs)
         if self.calibration is not None:
+            radii = radii * self._radius_factors()
             within = self.calibration.within_probabilities(within, WITHIN_KM)
         return Confidence(probs[:, -1].copy(), probs, radii[:, 0], radii[:, 1], self.calibrated, within)
 
+    def raw_radii_and_within(self, result: SearchResult, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """From one evaluation of the posterior: (n, 2) r50, r90 in km before the calibration's
+        factors, and (n, len(WITHIN_KM)) its mass within each distance of the predicted point (the
+        raw score `Calibration.within_probabilities` maps), non-decreasing."""
+        cdf = self.posterior(result, probs, np.concatenate([GRID, np.asarray(WITHIN_KM, dtype=np.float64)]))
+        g = len(GRID)
+        return quantile_radii(cdf[:, :g], QUANTILES), np.maximum.accumulate(cdf[:, g:], axis=1)
+
+    def _radius_factors(self) -> np.ndarray:
+        return np.array([self.calibration.scale(q) for q in QUANTILES])[None, :]
+
     def radii(self, result: SearchResult, probs: np.ndarray, *, scaled: bool = True) -> np.ndarray:
         """(n, 2) r50, r90 in km (`radius.py`), times the calibration's factors when `scaled`."""
-        r = quantile_radii(self.posterior(result, probs, GRID), QUANTILES)
-        if scaled and self.calibration is not None:
-            r = r * np.array([self.calibration.scale(q) for q in QUANTILES])[None, :]
-        return r
+        r = self.raw_radii_and_within(result, probs)[0]
+        return r * self._radius_factors() if scaled and self.calibration is not None else r
 
     def within_masses(self, result: SearchResult, probs: np.ndarray) -> np.ndarray:
-        """(n, len(WITHIN_KM)) the posterior's mass within each distance of the predicted point
-        (the raw score `Calibration.within_probabilities` maps), non-decreasing."""
-        return np.maximum.accumulate(self.posterior(result, probs, np.asarray(WITHIN_KM, dtype=np.float64)), axis=1)
+        """(n, len(WITHIN_KM)) the raw masses of `raw_radii_and_within`."""
+        return self.raw_radii_and_within(result, probs)[1]
 
     def posterior(self, result: SearchResult, probs: np.ndarray, grid: np.ndarray) -> np.ndarray:
         """(n, G) `radius.posterior_cdf` of each answer: its mass within each radius of `grid`."""

@@ -25,6 +25,11 @@ from geosurge_index.s2 import EARTH_RADIUS_KM  # one radius for cell areas and e
 
 THRESHOLDS_KM: tuple[float, ...] = (1.0, 25.0, 200.0, 750.0, 2500.0)
 THRESHOLD_NAMES = {1.0: "street", 25.0: "city", 200.0: "region", 750.0: "country", 2500.0: "continent"}
+
+
+def km_key(km: float) -> str:
+    """"25" for 25.0 km: how a distance is spelled in keys and column names (JSON, `p_within_25km`)."""
+    return f"{float(km):g}"
 GEOGUESSR_MAX = 5000.0
 GEOGUESSR_SCALE_KM = 1492.7
 

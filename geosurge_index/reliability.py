@@ -24,6 +24,7 @@ import math
 import numpy as np
 
 from geosurge_index.metrics import THRESHOLDS_KM
+from geosurge_index.metrics import km_key as _km
 
 ECE_BINS = 10
 KEEP_PCT = tuple(range(10, 101, 10))
@@ -81,10 +82,6 @@ def top_half_ratio(score, distance_km, km: float = 25.0) -> float | None:
     """% within `km` among the half ranked first by `score` over % within `km` of all (None: none within)."""
     curve = selective_accuracy(score, distance_km, keep_pct=(50, 100), thresholds=(km,))[_km(km)]
     return float(curve[0] / curve[1]) if curve[1] else None
-
-
-def _km(t: float) -> str:
-    return str(int(t)) if float(t).is_integer() else str(t)
 
 
 def selective_accuracy_by_outcome(within, distance_km, within_km, keep_pct=KEEP_PCT) -> dict:

@@ -48,7 +48,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from geosurge_index.calibration import WITHIN_COLUMNS
 from geosurge_index.errors import UserError
 
 # Memory budget for one chunk of work, in float32 elements (256 MiB): bounds the (queries x
@@ -604,8 +603,9 @@ def result_to_arrow(result: SearchResult | None, tree: CellTree, ids: Sequence[s
     level's `topk_cells`). `geometry` is the predicted point as WKB (null for error rows).
     `confidence`: a `confidence.Confidence` of the result rows (None: those columns are null).
     """
+    from geosurge_index.calibration import WITHIN_COLUMNS
     from geosurge_index.geoparquet import points_wkb
-    from geosurge_index.pred_store import pred_schema
+    from geosurge_index.pred_store import CONFIDENCE_FIELDS, pred_schema
 
     n = len(ids)
     errors = list(errors) if errors is not None else [None] * n
@@ -684,7 +684,7 @@ def result_to_arrow(result: SearchResult | None, tree: CellTree, ids: Sequence[s
         for j, name in enumerate(WITHIN_COLUMNS):
             cols[name] = spread(confidence.within[:, j].astype(np.float64), pa.float64())
     else:
-        for name in ("confidence", "level_confidence", "r50_km", "r90_km", "calibrated", *WITHIN_COLUMNS):
+        for name, _ in CONFIDENCE_FIELDS:
             cols[name] = pa.nulls(n, schema.field(name).type)
     return pa.table([cols[f.name] for f in schema], schema=schema)
 

@@ -97,15 +97,15 @@ def run_segment(args: argparse.Namespace) -> int:
     todo = paths if args.overwrite else [p for p in paths if not class_map_path(p).exists()]
     if args.segmenter == "small" and not args.pretrained:
         raise UserError("--segmenter small: give the trained segmenter's folder as --pretrained SEG_DIR")
-    input_size = args.input_size or INPUT_SIZE.get(args.segmenter, 0)  # small: its own (0 = keep)
-    if input_size and input_size < 32:
+    input_size = args.input_size or INPUT_SIZE.get(args.segmenter)  # small: None, its own
+    if input_size is not None and input_size < 32:
         raise UserError(f"--input-size {args.input_size}: too small for a segmenter (at least 32)")
     if args.image_size < 8:
         raise UserError(f"--image-size {args.image_size}: too small (the encoder's input side, e.g. 336)")
     if todo:
         from geosurge_index.model.classmaps import load_segmenter, segment_images
 
-        segmenter = load_segmenter(args.segmenter, args.pretrained or PRETRAINED[args.segmenter], input_size or None,
+        segmenter = load_segmenter(args.segmenter, args.pretrained or PRETRAINED[args.segmenter], input_size,
                                    args.device, download=args.download)
         try:
             summary = segment_images(todo, segmenter, overwrite=args.overwrite, image_size=args.image_size)

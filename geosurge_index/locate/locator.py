@@ -338,7 +338,9 @@ def _confidence_columns(table, ok) -> dict | None:
     if table is None or "confidence" not in table.column_names:
         return None
     keep = np.flatnonzero(np.asarray(ok, dtype=bool))
-    t = table.select(["confidence", "level_confidence", "r50_km", "r90_km", "calibrated", *WITHIN_COLUMNS]).take(keep)
+    from geosurge_index.pred_store import CONFIDENCE_FIELDS
+
+    t = table.select([name for name, _ in CONFIDENCE_FIELDS]).take(keep)
     out = {c: t.column(c).to_pylist() for c in t.column_names}
     return None if any(v is None for v in out["confidence"]) else out
 
